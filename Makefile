@@ -1,0 +1,35 @@
+# lmas: `make demo` runs the default experiment, `make test` runs the tests.
+# Both create .venv on first use from the committed lock; a second call skips what is done.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.lmas-installed
+LOCK   := requirements/lock.txt
+export LMAS_CACHE ?= $(HOME)/.cache/lmas
+
+.PHONY: venv demo test test-slow clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): $(LOCK) setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch, transformers, peft, lightning, hydra, avalanche, lmas"
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/lmas-train $(ARGS)
+
+# pytest exit 5 (no test collected) counts as a failure
+test: venv
+	$(PY) -m pytest -m "not slow" $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-slow: venv
+	$(PY) -m pytest -m slow $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Tasks, streams and task builders (see :mod:`lmas.data.sources`)."""

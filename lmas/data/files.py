@@ -1,0 +1,308 @@
+"""Task builders over user data: JSONL files, CSV files and Hugging Face ``datasets``.
+
+Every record goes through :func:`record_to_example`:
+
+* ``classification`` / ``generation``: prompt = ``template`` filled with the record's fields plus
+  ``prompt`` (the ``prompt_field`` value cut to ``max_chars``); answer = ``answer_field`` value,
+  stripped (no leading space; the tokenizer layer adds it).
+* ``lm``: prompt ``""``, answer = the ``answer_field`` value cut to ``max_chars``
+  (``prompt_field`` and ``template`` are not used).
+
+Splits: ``path`` (exact repeats of a prompt/answer pair kept once) is split by ``split_seed`` into
+test, val and train (cut in that order, so growing ``n_train`` keeps the evaluation splits).
+``val_path`` / ``test_path`` give a split its own file instead; then it is the whole file, or a
+seeded sample of ``n_val`` / ``n_test`` records.
+Sizes: an int is a count, a float in (0, 1) a fraction, ``None`` the default (10 % val, 10 % test,
+the rest train). For classification, ``labels`` default to the sorted answers of the train split.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from lmas.data.common import Size, fill_template, resolve_sizes, template_fields, truncate
+from lmas.data.task import METRIC_OF_KIND, Example, Task
+
+# (where, record): ``where`` names the file and line (or row) for error messages.
+Located = tuple[str, Mapping[str, Any]]
+
+
+def _value(record: Mapping[str, Any], field: str, where: str) -> str:
+    if field not in record or record[field] is None:
+        present = sorted(k for k, v in record.items() if k is not None and v is not None)
+        raise ValueError(f"{where}: missing field {field!r}; fields present: {present}")
+    value = record[field]
+    if isinstance(value, (dict, list, tuple)):
+        raise ValueError(f"{where}: field {field!r} must be a string or number, got {type(value).__name__}")
+    return str(value)
+
+
+def record_to_example(
+    record: Mapping[str, Any],
+    where: str,
+    kind: str,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    template: str = "{prompt}",
+    max_chars: int | None = None,
+) -> Example:
+    """One record (a dict of fields) -> :class:`Example`; errors name ``where`` and the field."""
+    answer = _value(record, answer_field, where).strip()
+    if not answer:
+        raise ValueError(f"{where}: field {answer_field!r} is empty")
+    if kind == "lm":
+        return Example("", truncate(answer, max_chars))
+    values = {k: str(v) for k, v in record.items() if isinstance(k, str) and v is not None}
+    if "prompt" in template_fields(template):
+        values["prompt"] = truncate(_value(record, prompt_field, where).strip(), max_chars)
+    return Example(fill_template(template, values, where), answer)
+
+
+def read_jsonl(path: str | Path) -> Iterator[Located]:
+    """Records of a JSON Lines file (blank lines skipped) with ``"<file> line N"`` locations."""
+    with open(path, encoding="utf-8-sig") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def read_csv(path: str | Path, delimiter: str = ",") -> Iterator[Located]:
+    """Records of a CSV file with a header row, with ``"<file> line N"`` locations."""
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        if not reader.fieldnames:
+            return
+        for record in reader:
+            where = f"{path} line {reader.line_num}"
+            if None in record:
+                raise ValueError(
+                    f"{where}: more values than the {len(reader.fieldnames)} header columns "
+                    f"{reader.fieldnames} (wrong delimiter {delimiter!r}?)"
+                )
+            if not any((v or "").strip() for v in record.values()):
+                continue  # a blank row
+            yield where, record
+
+
+def _examples(rows: Iterable[Located], source: str, **conv: Any) -> list[tuple[str, Example]]:
+    out = [(where, record_to_example(record, where, **conv)) for where, record in rows]
+    if not out:
+        raise ValueError(f"{source}: no records (empty file or only a header)")
+    return out
+
+
+def _check_kind(name: str, kind: str) -> None:
+    if kind not in METRIC_OF_KIND:
+        raise ValueError(f"task {name!r}: kind={kind!r} is not one of {sorted(METRIC_OF_KIND)}")
+
+
+def _sample(rows: list, n: Size, seed: int, name: str) -> list:
+    """All of ``rows`` (``None``) or a seeded sample of ``n`` of them, in their original order."""
+    if n is None:
+        return list(rows)
+    count = resolve_sizes(len(rows), 0, 0, n, name)[2]
+    keep = sorted(random.Random(seed).sample(range(len(rows)), count))
+    return [rows[i] for i in keep]
+
+
+def build_file_task(
+    name: str,
+    kind: str,
+    train_rows: list[tuple[str, Example]],
+    source: str,
+    val_rows: list[tuple[str, Example]] | None = None,
+    test_rows: list[tuple[str, Example]] | None = None,
+    val_source: str | None = None,
+    test_source: str | None = None,
+    labels: list[str] | None = None,
+    n_train: Size = None,
+    n_val: Size = None,
+    n_test: Size = None,
+    split_seed: int = 0,
+    meta: dict | None = None,
+) -> Task:
+    """Cut the splits (see module doc), check the labels and build the :class:`Task`."""
+    _check_kind(name, kind)
+    seen: set[Example] = set()
+    pool = []
+    for where, ex in train_rows:  # keep the first of exact repeats, so splits stay disjoint
+        if ex not in seen:
+            seen.add(ex)
+            pool.append((where, ex))
+    duplicates = len(train_rows) - len(pool)
+    random.Random(split_seed).shuffle(pool)
+    sizes = resolve_sizes(
+        len(pool), n_train, 0 if val_rows is not None else n_val, 0 if test_rows is not None else n_test, name
+    )
+    n_tr, n_va, n_te = sizes
+    test = _sample(test_rows, n_test, split_seed, name) if test_rows is not None else pool[:n_te]
+    val = _sample(val_rows, n_val, split_seed + 1, name) if val_rows is not None else pool[n_te : n_te + n_va]
+    train = pool[n_te + n_va : n_te + n_va + n_tr]
+    if not train:
+        raise ValueError(f"task {name!r}: the train split from {source} is empty")
+    if kind == "classification":
+        train_labels = sorted({ex.answer for _, ex in train})
+        if labels is None:
+            labels = train_labels
+            for split, rows, src in (("val", val, val_source or source), ("test", test, test_source or source)):
+                unseen = sorted({ex.answer for _, ex in rows} - set(labels))
+                if unseen:
+                    raise ValueError(
+                        f"task {name!r}: {split} labels {unseen} (from {src}) never appear in the "
+                        f"train split (from {source}); train labels: {labels}"
+                    )
+        else:
+            labels = [str(lab) for lab in labels]
+            for where, ex in train + val + test:
+                if ex.answer not in labels:
+                    raise ValueError(f"{where}: answer {ex.answer!r} is not one of labels {labels}")
+    return Task(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]
+        train=[ex for _, ex in train],
+        val=[ex for _, ex in val],
+        test=[ex for _, ex in test],
+        labels=labels if kind == "classification" else None,
+        source=source,
+        meta={"split_seed": split_seed, "available": len(pool), "duplicates_dropped": duplicates, **(meta or {})},
+    )
+
+
+def _file_task(name: str, kind: str, reader, path, val_path, test_path, conv: dict, **split: Any) -> Task:
+    _check_kind(name, kind)
+    rows = {p: _examples(reader(p), str(p), kind=kind, **conv) for p in (path, val_path, test_path) if p is not None}
+    return build_file_task(
+        name,
+        kind,
+        rows[path],
+        str(path),
+        val_rows=rows.get(val_path),
+        test_rows=rows.get(test_path),
+        val_source=None if val_path is None else str(val_path),
+        test_source=None if test_path is None else str(test_path),
+        **split,
+    )
+
+
+def jsonl_task(
+    name: str,
+    path: str | Path,
+    kind: str,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    labels: list[str] | None = None,
+    template: str = "{prompt}",
+    val_path: str | Path | None = None,
+    test_path: str | Path | None = None,
+    n_train: Size = None,
+    n_val: Size = None,
+    n_test: Size = None,
+    split_seed: int = 0,
+    max_chars: int | None = None,
+) -> Task:
+    """Task from a JSON Lines file (one object per line); see the module doc for fields and splits."""
+    conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
+    split = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test, "split_seed": split_seed}
+    return _file_task(name, kind, read_jsonl, path, val_path, test_path, conv, **split, meta={"format": "jsonl"})
+
+
+def csv_task(
+    name: str,
+    path: str | Path,
+    kind: str,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    labels: list[str] | None = None,
+    template: str = "{prompt}",
+    val_path: str | Path | None = None,
+    test_path: str | Path | None = None,
+    n_train: Size = None,
+    n_val: Size = None,
+    n_test: Size = None,
+    split_seed: int = 0,
+    max_chars: int | None = None,
+    delimiter: str = ",",
+) -> Task:
+    """Task from a CSV file with a header row (``delimiter``: ``","``, ``"\\t"``, ...)."""
+    conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
+    split = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test, "split_seed": split_seed}
+
+    def reader(p: str | Path) -> Iterator[Located]:
+        return read_csv(p, delimiter)
+
+    return _file_task(name, kind, reader, path, val_path, test_path, conv, **split, meta={"format": "csv"})
+
+
+def hf_task(
+    name: str,
+    path: str,
+    kind: str,
+    config_name: str | None = None,
+    data_files: Any = None,
+    split: str = "train",
+    val_split: str | None = None,
+    test_split: str | None = None,
+    prompt_field: str = "prompt",
+    answer_field: str = "answer",
+    labels: list[str] | None = None,
+    template: str = "{prompt}",
+    n_train: Size = None,
+    n_val: Size = None,
+    n_test: Size = None,
+    split_seed: int = 0,
+    max_chars: int | None = None,
+    cache_dir: str | None = None,
+) -> Task:
+    """Task from ``datasets.load_dataset(path, config_name, data_files=..., split=...)``.
+
+    ``split`` is the pool cut into train/val/test; ``val_split`` / ``test_split`` name dataset
+    splits to use instead. Works offline on local files, e.g. ``hf_task(name, "json",
+    "generation", data_files="data.jsonl")``.
+    """
+    _check_kind(name, kind)
+    import datasets  # heavy and optional: imported only here
+
+    label = path if data_files is None else f"{path}:{data_files}"
+
+    def rows(which: str) -> Iterator[Located]:
+        ds = datasets.load_dataset(path, config_name, data_files=data_files, split=which, cache_dir=cache_dir)
+        feature = (ds.features or {}).get(answer_field)
+        names = feature.names if isinstance(feature, datasets.ClassLabel) else None
+        for i, record in enumerate(ds):
+            value = record.get(answer_field)
+            if names is not None and isinstance(value, int) and 0 <= value < len(names):
+                record = {**record, answer_field: names[value]}  # ClassLabel id -> label name
+            yield f"{label} split {which!r} row {i}", record
+
+    conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
+    loaded = {
+        s: _examples(rows(s), f"{label} split {s!r}", kind=kind, **conv) for s in (split, val_split, test_split) if s
+    }
+    return build_file_task(
+        name,
+        kind,
+        loaded[split],
+        f"{label} split {split!r}",
+        val_rows=loaded.get(val_split) if val_split else None,
+        test_rows=loaded.get(test_split) if test_split else None,
+        val_source=val_split and f"{label} split {val_split!r}",
+        test_source=test_split and f"{label} split {test_split!r}",
+        labels=labels,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        split_seed=split_seed,
+        meta={"format": "hf", "config_name": config_name, "split": split},
+    )

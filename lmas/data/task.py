@@ -1,0 +1,170 @@
+"""Tasks: a dataset as prompt -> answer pairs with fixed splits and one metric.
+
+A :class:`Task` is plain data; every source in :mod:`lmas.data.sources` returns one.
+Three kinds exist, each with its own metric:
+
+* ``classification``: the answer is one of ``labels``; scored by rank classification
+  (the label with the highest log-likelihood after the prompt), metric ``accuracy``.
+* ``generation``: free-form answer; scored by exact match after greedy decoding,
+  metric ``exact_match``.
+* ``lm``: raw text for continual pretraining; the prompt is empty and the loss covers
+  the whole text, metric ``perplexity`` (lower is better).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+TaskKind = Literal["classification", "generation", "lm"]
+METRIC_OF_KIND: dict[str, str] = {
+    "classification": "accuracy",
+    "generation": "exact_match",
+    "lm": "perplexity",
+}
+HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "perplexity": False}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt -> answer pair. For ``lm`` tasks the prompt is ``""``."""
+
+    prompt: str
+    answer: str
+
+
+@dataclass
+class Task:
+    """A named task with fixed train/val/test splits.
+
+    Attributes:
+        name: unique name inside a stream (used as key in results and logs).
+        kind: ``classification`` | ``generation`` | ``lm``.
+        train, val, test: the splits.
+        labels: the label set (answers) of a classification task, in a fixed order.
+        source: short free-text provenance (package, file, generator), kept in results.
+    """
+
+    name: str
+    kind: TaskKind
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+    labels: list[str] | None = None
+    source: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in METRIC_OF_KIND:
+            raise ValueError(
+                f"task {self.name!r}: kind={self.kind!r} is not one of {sorted(METRIC_OF_KIND)}"
+            )
+        if self.kind == "classification":
+            if not self.labels:
+                raise ValueError(f"task {self.name!r}: a classification task needs a non-empty `labels` list")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"task {self.name!r}: `labels` has duplicates: {self.labels}")
+            known = set(self.labels)
+            for split, rows in (("train", self.train), ("val", self.val), ("test", self.test)):
+                bad = sorted({ex.answer for ex in rows} - known)
+                if bad:
+                    raise ValueError(
+                        f"task {self.name!r}: {split} answers {bad[:5]} are not in labels {self.labels}"
+                    )
+        for split, rows in (("train", self.train), ("test", self.test)):
+            if not rows:
+                raise ValueError(f"task {self.name!r}: the {split} split is empty")
+
+    @property
+    def metric(self) -> str:
+        return METRIC_OF_KIND[self.kind]
+
+    def limited(self, max_train: int | None = None, max_eval: int | None = None) -> "Task":
+        """A copy with at most ``max_train`` train and ``max_eval`` val/test examples (prefixes)."""
+
+        def cut(rows: list[Example], n: int | None) -> list[Example]:
+            return list(rows) if n is None else list(rows[:n])
+
+        return Task(
+            name=self.name,
+            kind=self.kind,
+            train=cut(self.train, max_train),
+            val=cut(self.val, max_eval),
+            test=cut(self.test, max_eval),
+            labels=self.labels,
+            source=self.source,
+            meta=dict(self.meta),
+        )
+
+
+def split_examples(
+    examples: Sequence[Example],
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+    name: str = "task",
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Shuffle ``examples`` with ``seed`` and cut disjoint train/val/test splits.
+
+    The test split is cut first, then val, then train, so growing ``n_train`` never
+    changes the evaluation splits. Raises if there are too few examples.
+    """
+    need = n_train + n_val + n_test
+    if len(examples) < need:
+        raise ValueError(
+            f"task {name!r}: needs {need} examples (n_train={n_train}, n_val={n_val}, "
+            f"n_test={n_test}) but the source has only {len(examples)}"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    rows = [examples[i] for i in order]
+    test = rows[:n_test]
+    val = rows[n_test : n_test + n_val]
+    train = rows[n_test + n_val : need]
+    return train, val, test
+
+
+def stratified_split(
+    examples: Sequence[Example],
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    seed: int,
+    name: str = "task",
+) -> tuple[list[Example], list[Example], list[Example]]:
+    """Like :func:`split_examples` but balanced over answers (labels), round-robin per label.
+
+    Each split receives examples of every label in turn, so small splits are balanced.
+    """
+    by_label: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(ex.answer, []).append(ex)
+    rng = random.Random(seed)
+    pools = []
+    for label in sorted(by_label):
+        rows = list(by_label[label])
+        rng.shuffle(rows)
+        pools.append(rows)
+    # interleave labels: a, b, c, a, b, c, ... so every prefix is near-balanced
+    interleaved: list[Example] = []
+    depth = max((len(p) for p in pools), default=0)
+    for i in range(depth):
+        for pool in pools:
+            if i < len(pool):
+                interleaved.append(pool[i])
+    need = n_train + n_val + n_test
+    if len(interleaved) < need:
+        raise ValueError(
+            f"task {name!r}: needs {need} examples (n_train={n_train}, n_val={n_val}, "
+            f"n_test={n_test}) but the source has only {len(interleaved)}"
+        )
+    # deal round-robin so each split is itself balanced
+    test, val, train = [], [], []
+    cursor = 0
+    for target, n in ((test, n_test), (val, n_val), (train, n_train)):
+        target.extend(interleaved[cursor : cursor + n])
+        cursor += n
+    rng.shuffle(train)
+    return train, val, test

@@ -1,0 +1,339 @@
+"""The knowledge matrix of a population: ``R[round, agent, task]``.
+
+Every round, each agent (and any extra pseudo-agent such as ``"population"``, the fused answers of
+the whole population) is evaluated on some or all tasks; unevaluated entries stay NaN. Which agent
+trained which task in which round is recorded separately with :meth:`KnowledgeMatrix.mark_trained`,
+so agents may train different tasks in different rounds, several tasks in one round, or nothing
+at all. From this, :meth:`KnowledgeMatrix.task_matrix` extracts the Avalanche-style square matrix of
+one agent and :meth:`KnowledgeMatrix.summary` computes the metrics of :mod:`lmas.metrics.cl`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from lmas.metrics import cl
+
+METRICS: tuple[str, ...] = ("accuracy", "exact_match", "perplexity")
+HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "perplexity": False}
+_FORMAT_VERSION = 1
+
+
+def _to_json(a: np.ndarray) -> Any:
+    """Nested lists of floats with NaN replaced by ``None``."""
+    if a.ndim == 0:
+        v = float(a)
+        return None if math.isnan(v) else v
+    return [_to_json(x) for x in a]
+
+
+def _from_json(x: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`_to_json`, checked against ``shape``."""
+
+    def conv(y: Any) -> Any:
+        if isinstance(y, list):
+            return [conv(z) for z in y]
+        return math.nan if y is None else float(y)
+
+    a = np.array(conv(x), dtype=float)
+    if a.size == 0:
+        a = a.reshape(shape)
+    if a.shape != shape:
+        raise ValueError(f"KnowledgeMatrix.from_dict: expected an array of shape {shape}, got {a.shape}")
+    return a
+
+
+class KnowledgeMatrix:
+    """Metric values per round, agent and task, plus the initial (untrained) values.
+
+    Args:
+        agents: agent names (unique); pseudo-agents such as ``"population"`` are allowed.
+        tasks: task names (unique), in stream order.
+        metrics: task name -> ``accuracy`` | ``exact_match`` | ``perplexity``, for every task.
+    """
+
+    def __init__(self, agents: list[str], tasks: list[str], metrics: dict[str, str]) -> None:
+        self.agents = [str(a) for a in agents]
+        self.tasks = [str(t) for t in tasks]
+        for kind, names in (("agent", self.agents), ("task", self.tasks)):
+            if not names:
+                raise ValueError(f"KnowledgeMatrix: at least one {kind} is needed")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"KnowledgeMatrix: {kind} names must be unique, repeated: {dup}")
+        missing = [t for t in self.tasks if t not in metrics]
+        if missing:
+            raise ValueError(f"KnowledgeMatrix: no metric given for tasks {missing}")
+        extra = sorted(set(metrics) - set(self.tasks))
+        if extra:
+            raise ValueError(f"KnowledgeMatrix: metrics given for unknown tasks {extra}")
+        bad = {t: m for t, m in metrics.items() if m not in METRICS}
+        if bad:
+            raise ValueError(f"KnowledgeMatrix: unknown metrics {bad}, expected one of {METRICS}")
+        self.metrics = {t: metrics[t] for t in self.tasks}
+        self._a = {a: i for i, a in enumerate(self.agents)}
+        self._t = {t: j for j, t in enumerate(self.tasks)}
+        self._initial = np.full((len(self.agents), len(self.tasks)), np.nan)
+        self._values = np.full((0, len(self.agents), len(self.tasks)), np.nan)
+        self._trained: list[tuple[int, str, str]] = []  # (round, agent, task), in call order
+
+    # ----------------------------------------------------------------- recording
+    def _agent(self, agent: str) -> int:
+        if agent not in self._a:
+            raise KeyError(f"KnowledgeMatrix: unknown agent {agent!r}; known: {self.agents}")
+        return self._a[agent]
+
+    def _task(self, task: str) -> int:
+        if task not in self._t:
+            raise KeyError(f"KnowledgeMatrix: unknown task {task!r}; known: {self.tasks}")
+        return self._t[task]
+
+    def _round(self, round: int) -> int:
+        if not isinstance(round, (int, np.integer)) or not 0 <= round < self.n_rounds:
+            raise IndexError(
+                f"KnowledgeMatrix: round {round!r} does not exist ({self.n_rounds} rounds started)"
+            )
+        return int(round)
+
+    @staticmethod
+    def _value(value: float, where: str) -> float:
+        v = float(value)
+        if math.isinf(v):
+            raise ValueError(
+                f"KnowledgeMatrix: value for {where} is {v}; only finite values (or NaN) are stored"
+            )
+        return v
+
+    @property
+    def n_rounds(self) -> int:
+        """Number of rounds started so far."""
+        return int(self._values.shape[0])
+
+    def record_initial(self, agent: str, task: str, value: float) -> None:
+        """Record the value of ``agent`` on ``task`` before any training (``b``)."""
+        v = self._value(value, f"initial {agent}/{task}")
+        self._initial[self._agent(agent), self._task(task)] = v
+
+    def start_round(self) -> int:
+        """Append a NaN row for every agent and task; return the new round's index."""
+        row = np.full((1, len(self.agents), len(self.tasks)), np.nan)
+        self._values = np.concatenate([self._values, row], axis=0)
+        return self.n_rounds - 1
+
+    def record(self, round: int, agent: str, task: str, value: float) -> None:
+        """Record the value of ``agent`` on ``task`` at the end of ``round``."""
+        r = self._round(round)
+        self._values[r, self._agent(agent), self._task(task)] = self._value(
+            value, f"round {r} {agent}/{task}"
+        )
+
+    def mark_trained(self, round: int, agent: str, task: str) -> None:
+        """Note that ``agent`` finished training on ``task`` in ``round`` (idempotent)."""
+        entry = (self._round(round), agent, task)
+        self._agent(agent)
+        self._task(task)
+        if entry not in self._trained:
+            self._trained.append(entry)
+
+    # ----------------------------------------------------------------- access
+    def values(self) -> np.ndarray:
+        """A copy of all values, shape ``(rounds, agents, tasks)``."""
+        return self._values.copy()
+
+    def initial(self) -> np.ndarray:
+        """A copy of the initial values, shape ``(agents, tasks)``."""
+        return self._initial.copy()
+
+    def trained(self, agent: str | None = None) -> list[tuple[int, str, str]]:
+        """Training events ``(round, agent, task)`` sorted by round (ties: call order)."""
+        ev = [e for e in self._trained if agent is None or e[1] == agent]
+        return sorted(ev, key=lambda e: e[0])
+
+    def trained_order(self, agent: str) -> list[tuple[str, int]]:
+        """``(task, round)`` for each task ``agent`` trained, in the order first trained.
+
+        A task trained again later keeps the position and round of its first training, so the
+        square matrix of :meth:`task_matrix` measures forgetting from when it was first learned.
+        """
+        self._agent(agent)
+        seen: dict[str, int] = {}
+        for r, _, t in self.trained(agent):
+            seen.setdefault(t, r)
+        return list(seen.items())
+
+    def task_matrix(self, agent: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The Avalanche-style square matrix of ``agent``.
+
+        Returns ``(R, b, names)``: for the ``k`` tasks the agent trained, in the order trained,
+        ``R[i][j]`` is its value on task ``j`` at the end of the round in which it trained its
+        ``i``-th task, ``b[j]`` its initial value on task ``j``, and ``names`` the task names.
+        An agent that trained nothing gets a ``0 x 0`` matrix.
+        """
+        a = self._agent(agent)
+        order = self.trained_order(agent)
+        cols = [self._t[t] for t, _ in order]
+        rows = [r for _, r in order]
+        R = self._values[np.ix_(rows, [a], cols)][:, 0, :] if order else np.zeros((0, 0))
+        b = self._initial[a, cols] if order else np.zeros(0)
+        return R.copy(), b.copy(), [t for t, _ in order]
+
+    def summary(self, agent: str) -> dict[str, float]:
+        """Continual-learning metrics of ``agent`` over the tasks it trained.
+
+        Tasks scored by ``accuracy`` or ``exact_match`` (in ``[0, 1]``, higher is better) are
+        pooled into ``avg_acc``, ``forgetting``, ``bwt``, ``fwt`` and ``plasticity``; perplexity
+        tasks (lower is better, signs flipped as in :mod:`lmas.metrics.cl`) into ``avg_ppl``,
+        ``ppl_forgetting``, ``ppl_bwt`` and ``ppl_fwt``. Both groups are read from the whole
+        :meth:`task_matrix` (``tasks=`` of :mod:`lmas.metrics.cl`): rows are the agent's training
+        rounds of *all* its tasks, so e.g. forgetting of an accuracy task counts the damage done
+        by later perplexity tasks, exactly as Avalanche run over the whole stream and averaged
+        over the group's experiences; ``avg_acc``/``avg_ppl`` are the values at the end of the
+        round of the agent's last training (rounds after it are ignored). A group is omitted when the agent trained no task of it;
+        ``fwt``/``ppl_fwt`` are given only when the agent trained >= 2 tasks and some task of the
+        group was not its first (with a single group: when the group has >= 2 tasks). An agent
+        that trained nothing (e.g. ``"population"``) gets ``{}``.
+        """
+        R, b, names = self.task_matrix(agent)
+        rounds = [r for _, r in self.trained_order(agent)]
+        out: dict[str, float] = {}
+        groups = (
+            (True, [j for j, t in enumerate(names) if HIGHER_IS_BETTER[self.metrics[t]]]),
+            (False, [j for j, t in enumerate(names) if not HIGHER_IS_BETTER[self.metrics[t]]]),
+        )
+        for hib, idx in groups:
+            if not idx:
+                continue
+            keys = (
+                ("avg_acc", "forgetting", "bwt", "fwt")
+                if hib
+                else ("avg_ppl", "ppl_forgetting", "ppl_bwt", "ppl_fwt")
+            )
+            try:
+                out[keys[0]] = cl.average_accuracy(R, hib, tasks=idx)
+                out[keys[1]] = cl.forgetting(R, hib, tasks=idx)
+                out[keys[2]] = cl.bwt(R, hib, tasks=idx)
+                if any(j >= 1 for j in idx):
+                    out[keys[3]] = cl.forward_transfer(R, b, hib, tasks=idx)
+                if hib:
+                    out["plasticity"] = cl.plasticity(R, hib, tasks=idx)
+            except ValueError as e:
+                raise ValueError(
+                    f"KnowledgeMatrix.summary({agent!r}): {e}; in the agent's task matrix row i is "
+                    f"global round {rounds}[i] and task j is {names}[j]"
+                ) from e
+        return out
+
+    # ----------------------------------------------------------------- I/O
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (NaN -> ``None``); :meth:`from_dict` inverts it exactly."""
+        return {
+            "version": _FORMAT_VERSION,
+            "agents": list(self.agents),
+            "tasks": list(self.tasks),
+            "metrics": dict(self.metrics),
+            "initial": _to_json(self._initial),
+            "values": _to_json(self._values),
+            "trained": [[r, a, t] for r, a, t in self._trained],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KnowledgeMatrix":
+        """Rebuild a matrix written by :meth:`to_dict`."""
+        if d.get("version", _FORMAT_VERSION) != _FORMAT_VERSION:
+            raise ValueError(f"KnowledgeMatrix.from_dict: unsupported version {d.get('version')!r}")
+        km = cls(d["agents"], d["tasks"], d["metrics"])
+        A, T = len(km.agents), len(km.tasks)
+        km._initial = _from_json(d["initial"], (A, T))
+        km._values = _from_json(d["values"], (len(d["values"]), A, T))
+        for r, a, t in d.get("trained", []):
+            km.mark_trained(int(r), a, t)
+        return km
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """Write the recorded (non-NaN) values in long format.
+
+        Columns ``round,agent,task,metric,value``; initial values have ``round = -1``. Rows are
+        ordered by round, then agent, then task (constructor order).
+        """
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["round", "agent", "task", "metric", "value"])
+            planes = [(-1, self._initial)] + [(r, self._values[r]) for r in range(self.n_rounds)]
+            for r, plane in planes:
+                for i, a in enumerate(self.agents):
+                    for j, t in enumerate(self.tasks):
+                        v = float(plane[i, j])
+                        if not math.isnan(v):
+                            w.writerow([r, a, t, self.metrics[t], repr(v)])
+
+    def heatmap(
+        self, path: str | os.PathLike, agent: str | None = None, *, dpi: int = 100
+    ) -> None:
+        """Save a PNG heatmap (matplotlib, Agg): rows = ``initial`` then the rounds, columns = tasks.
+
+        One panel per agent (stacked vertically) when ``agent`` is None. Cells are annotated with
+        their values; the colour shows how good a value is within its task (accuracy and exact
+        match on a fixed ``[0, 1]`` scale, perplexity on a log scale from the column's worst to
+        best), NaN cells are left blank, and cells where the agent trained that task in that
+        round are outlined. The figure is ``figure_size(n_panels)`` inches at ``dpi``.
+        """
+        import matplotlib
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        names = self.agents if agent is None else [self.agents[self._agent(agent)]]
+        # a bare Figure renders with Agg and leaves pyplot's global state and backend alone
+        fig = Figure(figsize=self.figure_size(len(names)), dpi=dpi)
+        axes = fig.subplots(len(names), 1, squeeze=False)
+        cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#eeeeee")
+        for ax, name in zip(axes[:, 0], names):
+            a = self._a[name]
+            data = np.concatenate([self._initial[a][None, :], self._values[:, a, :]], axis=0)
+            score = self._goodness(data)
+            ax.imshow(np.ma.masked_invalid(score), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+            for i in range(data.shape[0]):
+                for j in range(data.shape[1]):
+                    v = data[i, j]
+                    if not math.isnan(v):
+                        text = f"{v:.3g}" if self.metrics[self.tasks[j]] == "perplexity" else f"{v:.2f}"
+                        dark = not math.isnan(score[i, j]) and not 0.15 <= score[i, j] <= 0.85
+                        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                                color="white" if dark else "black")
+            for r, _, t in self.trained(name):
+                ax.add_patch(
+                    Rectangle((self._t[t] - 0.5, r + 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2)
+                )
+            ax.set_xticks(range(len(self.tasks)))
+            ax.set_xticklabels([f"{t}\n({self.metrics[t]})" for t in self.tasks], fontsize=7)
+            ax.set_yticks(range(data.shape[0]))
+            ax.set_yticklabels(["initial"] + [f"round {r}" for r in range(self.n_rounds)], fontsize=7)
+            ax.set_title(name, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi, format="png")
+
+    def figure_size(self, n_panels: int = 1) -> tuple[float, float]:
+        """Size in inches of the :meth:`heatmap` figure with ``n_panels`` panels."""
+        width = max(4.0, 1.2 * len(self.tasks) + 2.0)
+        height = n_panels * (0.4 * (self.n_rounds + 1) + 1.4)
+        return width, height
+
+    def _goodness(self, data: np.ndarray) -> np.ndarray:
+        """Per-column colour score in ``[0, 1]`` (1 = best), NaN kept."""
+        score = np.full(data.shape, np.nan)
+        for j, t in enumerate(self.tasks):
+            col = data[:, j]
+            if HIGHER_IS_BETTER[self.metrics[t]]:
+                score[:, j] = np.clip(col, 0.0, 1.0)
+                continue
+            ok = ~np.isnan(col) & (col > 0)
+            if not ok.any():
+                continue
+            logs = np.log(col[ok])
+            lo, hi = logs.min(), logs.max()
+            score[ok, j] = 1.0 if hi == lo else (hi - logs) / (hi - lo)
+        return score

@@ -1,0 +1,110 @@
+"""The LightningModule that trains one agent's adapter on one task, and its data module."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lmas.data.task import Example
+from lmas.modules.lm import Encoded, Encoder, answer_loss, collate
+
+
+class ExperienceData(L.LightningDataModule):
+    """Training data of one experience (a task, plus whatever the strategy adds, e.g. replay).
+
+    Examples are tokenised once; the loader shuffles with its own seeded generator so the
+    order depends only on ``seed``.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        examples: Sequence[tuple[Example, str]],
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if not examples:
+            raise ValueError("an experience needs at least one training example")
+        if batch_size <= 0:
+            raise ValueError(f"train.batch_size={batch_size}: must be a positive integer")
+        self.encoder = encoder
+        self.items: list[Encoded] = [encoder.encode_example(ex, kind) for ex, kind in examples]
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        pad = self.encoder.pad_id
+        return DataLoader(
+            self.items,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=gen,
+            collate_fn=lambda items: collate(items, pad),
+        )
+
+
+class IncrementalLM(L.LightningModule):
+    """Trains the active agent's LoRA adapter: task loss on answer tokens + the strategy's terms.
+
+    The base model's weights are frozen; only the agent's adapter parameters reach the
+    optimizer. The loss terms come from the strategy (``strategy.loss_terms``), each a
+    scalar tensor that this module adds to the task loss and logs under its name.
+    """
+
+    def __init__(
+        self,
+        population,
+        agent: str,
+        strategy,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"train.lr={lr}: must be positive")
+        self.net = population.model
+        self.population = population
+        self.agent = agent
+        self.strategy = strategy
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_steps = warmup_steps
+        self.losses: list[float] = []  # per-step total loss, read by the loop for curves
+
+    def on_fit_start(self) -> None:
+        self.population.activate(self.agent)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        task_loss = answer_loss(self.net, batch)
+        terms = self.strategy.loss_terms(self, batch)
+        loss = task_loss + sum(terms.values()) if terms else task_loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"agent {self.agent!r}: non-finite loss {loss.item()} at step {self.global_step} "
+                f"(task loss {task_loss.item()}, terms { {k: v.item() for k, v in terms.items()} })"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, batch_size=batch["input_ids"].shape[0])
+        self.losses.append(loss.item())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.strategy.on_before_optimizer_step(self)
+
+    def configure_optimizers(self):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"agent {self.agent!r} has no trainable parameters")
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.warmup_steps <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

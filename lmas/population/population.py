@@ -1,0 +1,158 @@
+"""A population: N agents, each a named LoRA adapter in one peft model over one frozen base."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lmas.models.providers import BaseModel
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+@dataclass
+class Agent:
+    """An agent: a name, the adapter it owns, and what happened to it (its history)."""
+
+    name: str
+    history: list[dict] = field(default_factory=list)
+
+
+def lora_config(
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+    layers_to_transform: list[int] | None = None,
+    fan_in_fan_out: bool = False,
+) -> LoraConfig:
+    """A peft ``LoraConfig`` from the ``population.lora`` options, with checked values."""
+    if r <= 0:
+        raise ValueError(f"population.lora.r={r}: the LoRA rank must be a positive integer")
+    if alpha <= 0:
+        raise ValueError(f"population.lora.alpha={alpha}: must be positive")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"population.lora.dropout={dropout}: must be in [0, 1)")
+    return LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules) if target_modules else ["q_proj", "v_proj"],
+        layers_to_transform=list(layers_to_transform) if layers_to_transform else None,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+class Population:
+    """Agents sharing one frozen base model, held once in memory.
+
+    Args:
+        base: the base model and tokenizer (its weights are frozen and never trained).
+        agents: number of agents (named ``agent0``, ``agent1``, ...) or their names.
+        lora: options of :func:`lora_config`.
+        seed: seeds the LoRA initialisation; agent ``i`` uses ``seed + i``.
+    """
+
+    def __init__(self, base: BaseModel, agents: int | list[str] = 1, lora: dict | None = None, seed: int = 0):
+        names = [f"agent{i}" for i in range(agents)] if isinstance(agents, int) else list(agents)
+        if not names:
+            raise ValueError("population.agents: a population needs at least one agent")
+        for n in names:
+            if not _NAME.match(n):
+                raise ValueError(f"population.agents: agent name {n!r} must match {_NAME.pattern}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"population.agents: names must be unique, got {names}")
+        self.base = base
+        self.tokenizer = base.tokenizer
+        self.lora = lora_config(**(lora or {}))
+        self.seed = seed
+        self.agents: dict[str, Agent] = {}
+        self.model: PeftModel | None = None
+        for name in names:
+            self.add_agent(name)
+
+    # --- agents -------------------------------------------------------------------------
+    def add_agent(self, name: str, config: LoraConfig | None = None) -> Agent:
+        """Add an agent with a fresh adapter (deterministic init from the population seed)."""
+        if name in self.agents:
+            raise ValueError(f"agent {name!r} already exists")
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + len(self.agents))
+            if self.model is None:
+                self.model = get_peft_model(self.base.model, config or self.lora, adapter_name=name)
+            else:
+                self.model.add_adapter(name, config or self.lora)
+        self.agents[name] = Agent(name)
+        self.activate(name)
+        return self.agents[name]
+
+    def delete_agent(self, name: str) -> None:
+        self._check(name)
+        if len(self.agents) == 1:
+            raise ValueError("cannot delete the last agent of a population")
+        self.model.delete_adapter(name)
+        del self.agents[name]
+        self.activate(next(iter(self.agents)))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.agents)
+
+    def _check(self, name: str) -> None:
+        if name not in self.agents:
+            raise KeyError(f"unknown agent {name!r}; the population has {self.names}")
+
+    def activate(self, name: str) -> None:
+        """Make ``name``'s adapter the active one and the only trainable parameters."""
+        self._check(name)
+        self.model.set_adapter(name)
+        for pname, p in self.model.named_parameters():
+            p.requires_grad_(_owned_by(pname, name))
+
+    def parameters_of(self, name: str) -> dict[str, nn.Parameter]:
+        """The adapter parameters of one agent, by their name in the peft model."""
+        self._check(name)
+        return {n: p for n, p in self.model.named_parameters() if _owned_by(n, name)}
+
+    # --- adapter weights ----------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        """A detached copy of the agent's adapter weights (peft's adapter-name-free keys)."""
+        self._check(name)
+        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
+        self._check(name)
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ValueError(f"adapter state for {name!r} has unexpected keys: {unexpected[:5]}")
+
+    def save_adapter(self, name: str, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        """Save an agent's adapter as safetensors (never pickle)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(self.adapter_state(name), str(tmp), metadata=metadata or {})
+        tmp.replace(path)
+        return path
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load an agent's adapter from a safetensors file written by :meth:`save_adapter`."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: adapters load only from .safetensors files")
+        self.load_adapter_state(name, load_file(str(path)))
+
+
+def _owned_by(param_name: str, agent: str) -> bool:
+    """True for LoRA parameters of ``agent`` (peft names them ``...lora_A.<agent>.weight``)."""
+    return f".{agent}." in param_name and "lora_" in param_name

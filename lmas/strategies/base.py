@@ -1,0 +1,56 @@
+"""The strategy interface: what a continual-learning method may change in one experience.
+
+A strategy changes training in three places only, each a small method:
+
+* ``train_examples`` — the data of an experience (replay adds buffer items, joint adds all seen tasks);
+* ``loss_terms`` — extra loss tensors added to the task loss (EWC, LwF, O-LoRA, L2, ...);
+* ``before_task`` / ``after_task`` / ``on_before_optimizer_step`` — state updates (Fisher,
+  buffers, gradient projection for A-GEM).
+
+``Naive`` (SeqLoRA: one adapter keeps training on each new task) is the base class itself.
+Strategies keep their state per agent and expose it through ``state_dict`` for checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from lmas.data.task import Example, Task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmas.modules.incremental import IncrementalLM
+
+
+class Strategy:
+    """Naive sequential fine-tuning of the agent's adapter (no protection against forgetting)."""
+
+    name = "naive"
+
+    def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
+        """(example, task kind) pairs to train on in this experience; ``seen`` excludes ``task``."""
+        return [(ex, task.kind) for ex in task.train]
+
+    def before_task(self, module: "IncrementalLM", task: Task) -> None:
+        """Called before ``Trainer.fit`` of an experience."""
+
+    def loss_terms(self, module: "IncrementalLM", batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra scalar losses for this batch, by name; the module adds them to the task loss."""
+        return {}
+
+    def on_before_optimizer_step(self, module: "IncrementalLM") -> None:
+        """Gradient surgery hook (A-GEM); gradients are populated when this runs."""
+
+    def after_task(self, module: "IncrementalLM", task: Task) -> None:
+        """Called after ``Trainer.fit`` of an experience (consolidation: Fisher, buffers, ...)."""
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume this strategy (tensors and JSON-safe values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+Naive = Strategy

@@ -1,0 +1,68 @@
+"""Run outputs on disk: results.json, the knowledge matrix as CSV and PNG, and the final table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("lmas", "torch", "transformers", "peft", "lightning", "hydra-core", "wandb", "avalanche-lib")
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the packages that shape a result."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write JSON atomically (a temp file renamed into place): readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_json_safe(data), indent=2, sort_keys=False, default=str))
+    tmp.replace(path)
+    return path
+
+
+def metrics_table(results: dict) -> str:
+    """A plain-text table of the per-agent continual-learning metrics."""
+    rows = results["metrics"]
+    keys: list[str] = []
+    for summary in rows.values():
+        keys += [k for k in summary if k not in keys]
+    head = ["agent"] + keys
+    body = [[agent] + [f"{summary[k]:.4f}" if k in summary else "-" for k in keys] for agent, summary in rows.items()]
+    widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r) for r in [head] + body)
+
+
+def write_run(run_dir: str | Path, results: dict, matrix) -> dict[str, Path]:
+    """Write the final results.json, knowledge_matrix.csv and knowledge_matrix.png."""
+    run_dir = Path(run_dir)
+    paths = {
+        "results": write_json(run_dir / "results.json", results),
+        "csv": run_dir / "knowledge_matrix.csv",
+        "heatmap": run_dir / "knowledge_matrix.png",
+    }
+    matrix.to_csv(paths["csv"])
+    matrix.heatmap(paths["heatmap"])
+    return paths

@@ -1,0 +1,88 @@
+"""``lmas-train``: the one Hydra entry point. Compose the config, build everything, run the loop.
+
+    lmas-train                                  # the default experiment on the embedded model
+    lmas-train experiment=bbc_class_incremental seed=1
+    lmas-train -m strategy=naive seed=0,1,2     # a sweep (multirun)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
+from lmas.tracking import report
+
+log = logging.getLogger("lmas")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repo's conf/ (editable install)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Build model, stream, population, strategy and tracker from ``cfg``; run; return results."""
+    import lightning as L
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    L.seed_everything(cfg.seed, verbose=False)
+    stream = instantiate(cfg.stream, _convert_="all")
+    log.info("stream %s (%s-incremental): %s", stream.name, stream.scenario,
+             ", ".join(f"{t.name}[{t.kind}, {len(t.train)}/{len(t.val)}/{len(t.test)}]" for t in stream))
+    base = instantiate(cfg.model)
+    log.info("base model %s (%s parameters)", base.name, f"{base.info.get('parameters', 0):,}")
+    population = instantiate(cfg.population, _partial_=True, _convert_="all")(base=base)
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    tracker = instantiate(cfg.logger, _convert_="all")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker.start(run_dir, config, name=run_dir.name)
+    loop = ContinualLoop(
+        population=population,
+        stream=stream,
+        strategy=strategy,
+        run_dir=run_dir,
+        seed=cfg.seed,
+        train=TrainConfig(**cfg.train),
+        eval=EvalConfig(**cfg.eval),
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_length=cfg.data.max_length,
+        tracker=tracker,
+        config=config,
+        progress=cfg.progress,
+    )
+    results = loop.run()
+    print(summary(results, run_dir))
+    return results
+
+
+def summary(results: dict, run_dir: Path) -> str:
+    """What the run prints at the end: where the outputs are and the metrics table."""
+    tasks = [t["name"] for t in results["tasks"]]
+    lines = [
+        "",
+        f"lmas: stream {results['stream']} ({len(tasks)} tasks: {', '.join(tasks)}), "
+        f"strategy {results['strategy']}, seed {results['seed']}, "
+        f"{results['timings']['wall_s']:.0f} s",
+        report.metrics_table(results),
+        "",
+        f"results:  {run_dir / 'results.json'}",
+        f"matrix:   {run_dir / 'knowledge_matrix.csv'}  {run_dir / 'knowledge_matrix.png'}",
+    ]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; returns the first agent's average accuracy (for sweepers)."""
+    results = run(cfg, HydraConfig.get().runtime.output_dir)
+    first = next(iter(results["metrics"].values()), {})
+    return first.get("avg_acc")
+
+
+if __name__ == "__main__":
+    main()
