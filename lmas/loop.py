@@ -159,8 +159,14 @@ class ContinualLoop:
         fit_seed = self.seed * 1_000_003 + round_idx * 1_009 + agent_idx
         L.seed_everything(fit_seed, workers=True, verbose=False)
         examples = self.strategy.train_examples(agent, task, seen)
+        self.population.activate(agent)
+        external = self.strategy.external_fit(self.population, agent, task, examples, self.encoder, cfg, fit_seed)
+        if external is not None:
+            self.population.model.eval()
+            self._record_fit(agent, task, round_idx, len(external), len(examples))
+            return external
         data = ExperienceData(self.encoder, examples, cfg.batch_size, seed=fit_seed)
-        module = IncrementalLM(self.population, agent, self.strategy, lr=cfg.lr,
+        module = IncrementalLM(self.population, agent, self.strategy, self.encoder, lr=cfg.lr,
                                weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
         self.population.activate(agent)
         self.strategy.before_task(module, task)
@@ -182,11 +188,13 @@ class ContinualLoop:
             trainer.fit(module, datamodule=data)
         self.population.model.eval()
         self.strategy.after_task(module, task)
-        self.step += trainer.global_step
-        self.population.agents[agent].history.append(
-            {"round": round_idx, "event": "trained", "task": task.name, "steps": trainer.global_step,
-             "examples": len(examples)})
+        self._record_fit(agent, task, round_idx, trainer.global_step, len(examples))
         return module.losses
+
+    def _record_fit(self, agent: str, task: Task, round_idx: int, steps: int, n_examples: int) -> None:
+        self.step += steps
+        self.population.agents[agent].history.append(
+            {"round": round_idx, "event": "trained", "task": task.name, "steps": steps, "examples": n_examples})
 
     def score(self, agent: str, j: int, seen: int) -> float:
         """The metric of ``agent`` on task ``j`` (label space per the stream's scenario)."""

@@ -6,11 +6,12 @@ from typing import Sequence
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lmas.data.task import Example
-from lmas.modules.lm import Encoded, Encoder, answer_loss, collate
+from lmas.modules.lm import Encoded, Encoder, answer_logits, collate
 
 
 class ExperienceData(L.LightningDataModule):
@@ -62,6 +63,7 @@ class IncrementalLM(L.LightningModule):
         population,
         agent: str,
         strategy,
+        encoder: Encoder,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -73,17 +75,24 @@ class IncrementalLM(L.LightningModule):
         self.population = population
         self.agent = agent
         self.strategy = strategy
+        self.encoder = encoder  # strategies use it to collate their own examples (replay, A-GEM memory)
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.losses: list[float] = []  # per-step total loss, read by the loop for curves
 
-    def on_fit_start(self) -> None:
-        self.population.activate(self.agent)
+    def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.strategy.on_train_batch_start(self, batch)
+
+    def batch_of(self, examples: Sequence[tuple[Example, str]]) -> dict[str, Tensor]:
+        """Collate (example, kind) pairs into a batch on this module's device."""
+        items = [self.encoder.encode_example(ex, kind) for ex, kind in examples]
+        return {k: v.to(self.device) for k, v in collate(items, self.encoder.pad_id).items()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        task_loss = answer_loss(self.net, batch)
-        terms = self.strategy.loss_terms(self, batch)
+        logits, targets, rows = answer_logits(self.net, batch)  # (N, V), (N,), (N,)
+        task_loss = F.cross_entropy(logits, targets)
+        terms = self.strategy.loss_terms(self, batch, {"logits": logits, "targets": targets, "rows": rows})
         loss = task_loss + sum(terms.values()) if terms else task_loss
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -98,6 +98,22 @@ def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return trunk, base.get_output_embeddings()
 
 
+def answer_logits(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits only at the positions that predict a target (answer) token.
+
+    Returns:
+        logits: (N, V) float logits for the N target positions of the batch.
+        targets: (N,) the target token ids.
+        rows: (N,) the batch row of each target position.
+    """
+    trunk, head = trunk_and_head(model)
+    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    targets = batch["targets"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = targets != IGNORE  # (B, T-1)
+    logits = head(hidden[:, :-1][keep]).float()  # (N, V)
+    return logits, targets[keep], keep.nonzero()[:, 0]
+
+
 def target_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Log-probabilities of the target tokens, computing the head only where needed.
 
@@ -105,15 +121,8 @@ def target_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor,
         logp: (N,) log p(target token) for the N target positions of the batch.
         rows: (N,) the batch row of each target position.
     """
-    trunk, head = trunk_and_head(model)
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    targets = batch["targets"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-    keep = targets != IGNORE  # (B, T-1)
-    h = hidden[:, :-1][keep]  # (N, H)
-    logits = head(h).float()  # (N, V)
-    tgt = targets[keep]  # (N,)
+    logits, tgt, rows = answer_logits(model, batch)  # (N, V), (N,), (N,)
     logp = logits.log_softmax(-1).gather(1, tgt[:, None]).squeeze(1)  # (N,)
-    rows = keep.nonzero()[:, 0]  # (N,)
     return logp, rows
 
 

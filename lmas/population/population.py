@@ -18,10 +18,20 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 @dataclass
 class Agent:
-    """An agent: a name, the adapter it owns, and what happened to it (its history)."""
+    """An agent: a name, the adapters it owns, and what happened to it (its history).
+
+    ``adapters`` are peft adapter names, oldest first. All of them are active together (their
+    LoRA updates add up); only the last one is trainable. Most strategies keep one adapter;
+    IncLoRA and O-LoRA add one per task.
+    """
 
     name: str
+    adapters: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> str:
+        return self.adapters[-1]
 
 
 def lora_config(
@@ -90,15 +100,28 @@ class Population:
                 self.model = get_peft_model(self.base.model, config or self.lora, adapter_name=name)
             else:
                 self.model.add_adapter(name, config or self.lora)
-        self.agents[name] = Agent(name)
+        self.agents[name] = Agent(name, [name])
         self.activate(name)
         return self.agents[name]
+
+    def add_task_adapter(self, name: str) -> str:
+        """Give agent ``name`` a new trainable adapter; its earlier adapters stay active, frozen."""
+        self._check(name)
+        agent = self.agents[name]
+        new = f"{name}-t{len(agent.adapters)}"
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + 7919 * len(agent.adapters) + self.names.index(name))
+            self.model.add_adapter(new, self.lora)
+        agent.adapters.append(new)
+        self.activate(name)
+        return new
 
     def delete_agent(self, name: str) -> None:
         self._check(name)
         if len(self.agents) == 1:
             raise ValueError("cannot delete the last agent of a population")
-        self.model.delete_adapter(name)
+        for adapter in self.agents[name].adapters:
+            self.model.delete_adapter(adapter)
         del self.agents[name]
         self.activate(next(iter(self.agents)))
 
@@ -107,50 +130,76 @@ class Population:
         return list(self.agents)
 
     def _check(self, name: str) -> None:
+        """Raise a KeyError naming the known agents if ``name`` is not one of them."""
         if name not in self.agents:
             raise KeyError(f"unknown agent {name!r}; the population has {self.names}")
 
     def activate(self, name: str) -> None:
-        """Make ``name``'s adapter the active one and the only trainable parameters."""
+        """Make ``name``'s adapters the active ones; its newest adapter is the only trainable part."""
         self._check(name)
-        self.model.set_adapter(name)
+        adapters = self.agents[name].adapters
+        self.model.base_model.set_adapter(adapters if len(adapters) > 1 else adapters[0])
+        trainable = adapters[-1]
         for pname, p in self.model.named_parameters():
-            p.requires_grad_(_owned_by(pname, name))
+            p.requires_grad_(_owned_by(pname, trainable))
 
-    def parameters_of(self, name: str) -> dict[str, nn.Parameter]:
-        """The adapter parameters of one agent, by their name in the peft model."""
+    def parameters_of(self, name: str, adapter: str | None = None) -> dict[str, nn.Parameter]:
+        """Parameters of one adapter of an agent (default: its trainable one), by peft name."""
         self._check(name)
-        return {n: p for n, p in self.model.named_parameters() if _owned_by(n, name)}
+        adapter = adapter or self.agents[name].trainable
+        return {n: p for n, p in self.model.named_parameters() if _owned_by(n, adapter)}
 
     # --- adapter weights ----------------------------------------------------------------
-    def adapter_state(self, name: str) -> dict[str, Tensor]:
-        """A detached copy of the agent's adapter weights (peft's adapter-name-free keys)."""
+    def adapter_state(self, name: str, adapter: str | None = None) -> dict[str, Tensor]:
+        """A detached copy of one adapter's weights (default: the agent's trainable one).
+
+        Keys are peft's adapter-name-free keys, so states of different agents line up.
+        """
         self._check(name)
-        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        state = get_peft_model_state_dict(self.model, adapter_name=adapter or self.agents[name].trainable)
         return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
-    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
+    def load_adapter_state(self, name: str, state: dict[str, Tensor], adapter: str | None = None) -> None:
+        """Load weights into one adapter of an agent (default: its trainable one)."""
         self._check(name)
-        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        adapter = adapter or self.agents[name].trainable
+        result = set_peft_model_state_dict(self.model, state, adapter_name=adapter)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise ValueError(f"adapter state for {name!r} has unexpected keys: {unexpected[:5]}")
+            raise ValueError(f"adapter state for {adapter!r} has unexpected keys: {unexpected[:5]}")
 
     def save_adapter(self, name: str, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        """Save an agent's adapter as safetensors (never pickle)."""
+        """Save all of an agent's adapters into one safetensors file (never pickle), atomically.
+
+        Keys are ``<i>/<peft key>`` for the agent's ``i``-th adapter.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(self.adapter_state(name), str(tmp), metadata=metadata or {})
+        tensors = {}
+        for i, adapter in enumerate(self.agents[name].adapters):
+            tensors.update({f"{i}/{k}": v for k, v in self.adapter_state(name, adapter).items()})
+        meta = {**(metadata or {}), "adapters": str(len(self.agents[name].adapters))}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
         return path
 
     def load_adapter(self, name: str, path: str | Path) -> None:
-        """Load an agent's adapter from a safetensors file written by :meth:`save_adapter`."""
+        """Load an agent's adapters from a file of :meth:`save_adapter` (adds missing task adapters)."""
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: adapters load only from .safetensors files")
-        self.load_adapter_state(name, load_file(str(path)))
+        self._check(name)
+        states: dict[int, dict[str, Tensor]] = {}
+        for key, value in load_file(str(path)).items():
+            index, _, rest = key.partition("/")
+            if not index.isdigit() or not rest:
+                raise ValueError(f"{path}: key {key!r} is not '<adapter index>/<name>' (not an lmas adapter file?)")
+            states.setdefault(int(index), {})[rest] = value
+        while len(self.agents[name].adapters) < len(states):
+            self.add_task_adapter(name)
+        for i, state in sorted(states.items()):
+            self.load_adapter_state(name, state, self.agents[name].adapters[i])
 
 
 def _owned_by(param_name: str, agent: str) -> bool:

@@ -32,11 +32,30 @@ class Strategy:
         """(example, task kind) pairs to train on in this experience; ``seen`` excludes ``task``."""
         return [(ex, task.kind) for ex in task.train]
 
+    def external_fit(
+        self, population, agent: str, task: Task, examples: list[tuple[Example, str]], encoder, train, seed: int
+    ) -> list[float] | None:
+        """Train outside lmas' Lightning path (e.g. with Avalanche's own strategy).
+
+        Return the per-step losses, or ``None`` (the default) to let lmas train with Lightning.
+        ``train`` is the loop's :class:`lmas.loop.TrainConfig`.
+        """
+        return None
+
     def before_task(self, module: "IncrementalLM", task: Task) -> None:
         """Called before ``Trainer.fit`` of an experience."""
 
-    def loss_terms(self, module: "IncrementalLM", batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Extra scalar losses for this batch, by name; the module adds them to the task loss."""
+    def on_train_batch_start(self, module: "IncrementalLM", batch: dict[str, Tensor]) -> None:
+        """Before the forward pass of a training batch (A-GEM computes its reference gradient here)."""
+
+    def loss_terms(
+        self, module: "IncrementalLM", batch: dict[str, Tensor], out: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Extra scalar losses for this batch, by name; the module adds them to the task loss.
+
+        ``out`` holds the student's forward pass: ``logits`` (N, V) at the N answer positions,
+        ``targets`` (N,) and ``rows`` (N,) (the batch row of each position).
+        """
         return {}
 
     def on_before_optimizer_step(self, module: "IncrementalLM") -> None:

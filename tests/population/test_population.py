@@ -66,3 +66,26 @@ def test_bad_population_options_are_named(tiny_base):
         Population(tiny_base, agents=["has.dot"])
     with pytest.raises(KeyError, match="unknown agent"):
         Population(tiny_base, agents=1).activate("nobody")
+
+
+def test_task_adapters_stack_and_only_the_newest_trains(tiny_base, tmp_path):
+    pop = Population(tiny_base, agents=["a", "b"], lora={"r": 2, "alpha": 4})
+    first = pop.adapter_state("a")
+    new = pop.add_task_adapter("a")
+    assert new == "a-t1" and pop.agents["a"].adapters == ["a", "a-t1"]
+    assert pop.model.active_adapters == ["a", "a-t1"]
+    trainable = {n for n, p in pop.model.named_parameters() if p.requires_grad}
+    assert trainable == set(pop.parameters_of("a")) and all(".a-t1." in n for n in trainable)
+    with torch.no_grad():
+        for p in pop.parameters_of("a").values():
+            p.normal_()
+    pop.activate("b")
+    assert pop.model.active_adapters == ["b"]
+    # save both adapters of a, load them into b: b gets a task adapter too and the same weights
+    pop.save_adapter("a", tmp_path / "a.safetensors")
+    pop.load_adapter("b", tmp_path / "a.safetensors")
+    assert pop.agents["b"].adapters == ["b", "b-t1"]
+    for adapter_a, adapter_b in zip(pop.agents["a"].adapters, pop.agents["b"].adapters):
+        sa, sb = pop.adapter_state("a", adapter_a), pop.adapter_state("b", adapter_b)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(v, pop.adapter_state("a", "a")[k]) for k, v in first.items())
