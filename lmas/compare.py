@@ -1,0 +1,163 @@
+"""``lmas-compare DIR...``: aggregate the results.json of runs into one comparison table.
+
+Runs are grouped by the Hydra overrides they differ in (the ``seed`` is what repeats inside a
+group); each group reports mean ± std over its runs of the continual-learning metrics and the
+training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
+
+    lmas-compare outputs/multiruns/2026-11-29_10-00-00
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
+IGNORED_OVERRIDES = ("seed", "paths.", "logger", "hydra.", "progress", "debug")
+
+
+@dataclass
+class Run:
+    path: Path
+    results: dict
+    overrides: list[str]
+
+    @property
+    def group(self) -> str:
+        kept = [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
+        return ",".join(sorted(kept)) or f"strategy={self.results.get('strategy', '?')}"
+
+
+def find_runs(dirs: list[str | Path]) -> list[Run]:
+    """Every complete run (a folder with results.json) under ``dirs``; errors name the folder."""
+    runs: list[Run] = []
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise ValueError(f"{d}: not a directory")
+        found = sorted(d.rglob("results.json"))
+        if not found:
+            raise ValueError(f"{d}: no results.json found under it (expected an lmas run or multirun dir)")
+        for f in found:
+            try:
+                results = json.loads(f.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{f}: not valid JSON ({err})") from err
+            if not results.get("complete"):
+                print(f"lmas-compare: skipping {f.parent} (run not complete)", file=sys.stderr)
+                continue
+            ov_file = f.parent / ".hydra" / "overrides.yaml"
+            overrides = yaml.safe_load(ov_file.read_text()) if ov_file.is_file() else []
+            runs.append(Run(f.parent, results, list(overrides or [])))
+    if not runs:
+        raise ValueError(f"no complete runs under {', '.join(map(str, dirs))}")
+    streams = {}
+    for r in runs:
+        streams.setdefault(r.results["stream"], []).append(str(r.path))
+    if len(streams) > 1:
+        detail = "; ".join(f"{s}: {len(p)} runs, e.g. {p[0]}" for s, p in streams.items())
+        raise ValueError(f"runs on different streams cannot be compared: {detail}")
+    return runs
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
+    """One row per group: ``group``, ``n``, ``<metric>_mean``/``_std``, ``train_s_mean``/``_std``."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    rows = []
+    for name, members in groups.items():
+        row: dict = {"group": name, "n": len(members), "seeds": sorted(m.results.get("seed") for m in members)}
+        for key in METRICS:
+            vals = []
+            for m in members:
+                who = agent or next(iter(m.results["metrics"]))
+                value = m.results["metrics"].get(who, {}).get(key)
+                if value is not None:
+                    vals.append(value)
+            if vals:
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals)
+        row["train_s_mean"], row["train_s_std"] = mean_std([m.results["timings"]["train_s"] for m in members])
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r.get("avg_acc_mean", float("-inf")))
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cols = [k for k in METRICS if any(f"{k}_mean" in r for r in rows)] + ["train_s"]
+    head = "| group | runs | " + " | ".join(cols) + " |"
+    sep = "|---|---|" + "---|" * len(cols)
+    body = []
+    for r in rows:
+        cells = [f"{r[f'{c}_mean']:.3f} ± {r[f'{c}_std']:.3f}" if f"{c}_mean" in r else "-" for c in cols]
+        body.append(f"| {r['group']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
+    """comparison.csv, comparison.md and comparison.png in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "comparison.csv", "md": out / "comparison.md", "png": out / "comparison.png"}
+    keys = ["group", "n", "seeds"] + sorted({k for r in rows for k in r} - {"group", "n", "seeds"})
+    with open(paths["csv"], "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    paths["md"].write_text(to_markdown(rows) + "\n")
+    shown = [k for k in ("avg_acc", "forgetting", "fwt") if any(f"{k}_mean" in r for r in rows)]
+    fig = Figure(figsize=(max(6, 1.2 * len(rows) * len(shown)), 4))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(shown))
+    for i, key in enumerate(shown):
+        xs = [j + i * width for j in range(len(rows))]
+        ax.bar(xs, [r.get(f"{key}_mean", 0) for r in rows], width, yerr=[r.get(f"{key}_std", 0) for r in rows],
+               label=key, capsize=3)
+    ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(rows))])
+    ax.set_xticklabels([r["group"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend()
+    ax.set_title("mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=100)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmas-compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", help="run or multirun directories")
+    parser.add_argument("--out", help="where to write comparison.* (default: the first dir)")
+    parser.add_argument("--agent", help="agent whose metrics are compared (default: each run's first)")
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.dirs)
+    except ValueError as err:
+        print(f"lmas-compare: {err}", file=sys.stderr)
+        return 2
+    rows = compare(runs, args.agent)
+    paths = write_outputs(rows, Path(args.out or args.dirs[0]))
+    print(f"{len(runs)} runs, stream {runs[0].results['stream']}\n")
+    print(to_markdown(rows))
+    print(f"\nwritten: {paths['csv']}  {paths['md']}  {paths['png']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
