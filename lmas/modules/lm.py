@@ -145,13 +145,50 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tenso
 def label_logprobs(
     model: nn.Module, encoder: Encoder, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32
 ) -> Tensor:
-    """Log-likelihood of every label after every prompt: (len(prompts), len(labels))."""
-    items = [encoder.encode(p, lab, eos=False) for p in prompts for lab in labels]
+    """Log-likelihood of every label after every prompt: (len(prompts), len(labels)).
+
+    Each prompt runs once; its KV cache is shared by all labels, so a K-label task costs about
+    one prompt pass plus K short label passes instead of K full passes. Prompts are left-padded
+    with explicit positions, so the scores equal those of separate ``[start] + prompt + label``
+    sequences up to float rounding (prompts are truncated for the longest label).
+    """
+    trunk, head = trunk_and_head(model)
+    label_ids = [encoder.tokens(" " + lab) for lab in labels]
+    n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
+    lab = torch.full((n_lab, lab_w), encoder.pad_id, dtype=torch.long)  # (L, W)
+    lab_mask = torch.zeros_like(lab)
+    for i, t in enumerate(label_ids):
+        lab[i, : len(t)] = torch.tensor(t)
+        lab_mask[i, : len(t)] = 1
+    room = encoder.max_length - lab_w
     scores = []
-    for i in range(0, len(items), batch_size):
-        total, _ = sequence_logprobs(model, collate(items[i : i + batch_size], encoder.pad_id))
+    for i in range(0, len(prompts), batch_size):
+        enc = [encoder.encode_prompt(p)[-room:] for p in prompts[i : i + batch_size]]
+        b, width = len(enc), max(len(e) for e in enc)
+        ids = torch.full((b, width), encoder.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(enc):  # left padding: every prompt ends in the last column
+            ids[row, width - len(e) :] = torch.tensor(e)
+            mask[row, width - len(e) :] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
+        out = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V): predicts label token 0
+        total = first[:, lab[:, 0]]  # (B, L)
+        if lab_w > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n_lab)  # (B*L, ...) rows ordered prompt-major
+            lab_in = lab.repeat(b, 1)  # (B*L, W)
+            att = torch.cat([mask.repeat_interleave(n_lab, 0), lab_mask.repeat(b, 1)], 1)  # (B*L, P+W)
+            lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(lab_w)  # (B*L, W)
+            h = trunk(input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache,
+                      use_cache=True).last_hidden_state  # (B*L, W, H)
+            nxt = lab_in[:, 1:]  # (B*L, W-1): token k+1 is predicted at label position k
+            keep = lab_mask.repeat(b, 1)[:, 1:].bool()
+            logp = head(h[:, :-1][keep]).float().log_softmax(-1).gather(1, nxt[keep][:, None]).squeeze(1)
+            rest = torch.zeros(b * n_lab).index_add_(0, keep.nonzero()[:, 0], logp)
+            total = total + rest.view(b, n_lab)
         scores.append(total)
-    return torch.cat(scores).view(len(prompts), len(labels))
+    return torch.cat(scores)
 
 
 @torch.no_grad()

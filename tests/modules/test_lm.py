@@ -101,9 +101,10 @@ def test_sequence_logprobs_sums_per_row(tiny_base, enc):
 
 
 def test_rank_classification_picks_the_most_likely_label(tiny_base, enc):
-    prompts = ["News: a\nTopic:", "News: b\nTopic:", "News: c\nTopic:"]
-    labels = ["sport", "business", "tech"]
-    scores = label_logprobs(tiny_base.model, enc, prompts, labels, batch_size=4)
+    # prompts of different lengths (left padding) and labels of one and several tokens
+    prompts = ["News: a\nTopic:", "News: the markets rallied on Monday\nTopic:", "c"]
+    labels = ["sport", "business news", "tech"]
+    scores = label_logprobs(tiny_base.model, enc, prompts, labels, batch_size=2)
     assert scores.shape == (3, 3)
     for i, p in enumerate(prompts):  # each entry equals the single-sequence log-likelihood
         for j, lab in enumerate(labels):
