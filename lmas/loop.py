@@ -163,6 +163,9 @@ class ContinualLoop:
         external = self.strategy.external_fit(self.population, agent, task, examples, self.encoder, cfg, fit_seed)
         if external is not None:
             self.population.model.eval()
+            for i, loss in enumerate(external, 1):  # the same step axis as the Lightning path
+                if i % cfg.log_every == 0:
+                    self.tracker.log({f"train/{agent}/loss": loss}, "step", self.step + i)
             self._record_fit(agent, task, round_idx, len(external), len(examples))
             return external
         data = ExperienceData(self.encoder, examples, cfg.batch_size, seed=fit_seed)
