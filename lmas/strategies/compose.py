@@ -1,0 +1,88 @@
+"""Compose strategies: e.g. replay + LwF = replayed data and a distillation term."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor
+
+from lmas.data.task import Example, Task
+from lmas.strategies.base import Strategy
+
+
+def overrides(part: Strategy, method: str) -> bool:
+    """True if ``part``'s class defines its own ``method`` (rather than the base Strategy's)."""
+    return getattr(type(part), method) is not getattr(Strategy, method)
+
+
+class Compose(Strategy):
+    """Run several strategies as one.
+
+    Hooks are called on every part in order; the loss terms are the union of the parts' terms (a
+    name given by two parts is an error); the training data comes from the one part that changes
+    it (two such parts are an error, and so are two parts that train outside Lightning); the
+    state is one entry per part.
+
+    Args:
+        parts: the strategies, in call order.
+        name: the composed strategy's name (default: the parts' names joined by ``+``).
+    """
+
+    name = "compose"
+
+    def __init__(self, parts: Sequence[Strategy], name: str | None = None) -> None:
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Compose needs at least one strategy in `parts`")
+        for method in ("train_examples", "external_fit"):
+            changing = [p.name for p in parts if overrides(p, method)]
+            if len(changing) > 1:
+                raise ValueError(f"Compose: {changing} all override {method}; at most one part may")
+        self.parts = parts
+        self.name = name or "+".join(p.name for p in parts)
+
+    def _one(self, method: str) -> Strategy | None:
+        return next((p for p in self.parts if overrides(p, method)), None)
+
+    def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
+        part = self._one("train_examples")
+        return (part or Strategy()).train_examples(agent, task, seen)
+
+    def external_fit(self, population, agent, task, examples, encoder, train, seed):
+        part = self._one("external_fit")
+        return None if part is None else part.external_fit(population, agent, task, examples, encoder, train, seed)
+
+    def before_task(self, module, task: Task) -> None:
+        for p in self.parts:
+            p.before_task(module, task)
+
+    def on_train_batch_start(self, module, batch: dict[str, Tensor]) -> None:
+        for p in self.parts:
+            p.on_train_batch_start(module, batch)
+
+    def loss_terms(self, module, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        for p in self.parts:
+            for key, value in p.loss_terms(module, batch, out).items():
+                if key in terms:
+                    raise ValueError(f"Compose({self.name}): two parts return the loss term {key!r}")
+                terms[key] = value
+        return terms
+
+    def on_before_optimizer_step(self, module) -> None:
+        for p in self.parts:
+            p.on_before_optimizer_step(module)
+
+    def after_task(self, module, task: Task) -> None:
+        for p in self.parts:
+            p.after_task(module, task)
+
+    def state_dict(self) -> dict:
+        return {"parts": [{"name": p.name, "state": p.state_dict()} for p in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["parts"]
+        if [s["name"] for s in saved] != [p.name for p in self.parts]:
+            raise ValueError(f"Compose: saved parts {[s['name'] for s in saved]} != {[p.name for p in self.parts]}")
+        for p, s in zip(self.parts, saved):
+            p.load_state_dict(s["state"])
