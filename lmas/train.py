@@ -28,6 +28,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     import lightning as L
 
     run_dir = Path(run_dir)
+    if (run_dir / "results.json").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds the results of another run (results.json); lmas never overwrites "
+            "a run: choose another hydra.run.dir or paths.output_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     L.seed_everything(cfg.seed, verbose=False)

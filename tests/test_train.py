@@ -77,3 +77,12 @@ def test_unknown_option_is_refused_before_training(tmp_path, compose):
 
     with pytest.raises(ConfigCompositionException, match="strategy"):
         compose(["strategy=nope"], tmp_path)
+
+
+def test_an_existing_run_is_never_overwritten(fast_overrides, tmp_path, run_lmas):
+    run_dir = tmp_path / "run"
+    run_lmas(fast_overrides + ["stream.max_train=4", "train.max_steps=1"], run_dir)
+    before = (run_dir / "results.json").read_bytes()
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        run_lmas(fast_overrides, run_dir)
+    assert (run_dir / "results.json").read_bytes() == before
