@@ -8,6 +8,7 @@ The loop owns ordering, seeding and the evaluation schedule; the strategy owns t
 from __future__ import annotations
 
 import logging
+import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from lmas.data.stream import Stream
 from lmas.data.task import Task
@@ -84,8 +84,8 @@ def _quiet_lightning():
 
 
 class _StepLogger(L.Callback):
-    def __init__(self, tracker: Tracker, offset: int, every: int, agent: str, task: str) -> None:
-        self.tracker, self.offset, self.every, self.agent, self.task = tracker, offset, every, agent, task
+    def __init__(self, tracker: Tracker, offset: int, every: int, agent: str) -> None:
+        self.tracker, self.offset, self.every, self.agent = tracker, offset, every, agent
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -185,7 +185,7 @@ class ContinualLoop:
                 enable_model_summary=False,
                 enable_progress_bar=self.progress,
                 num_sanity_val_steps=0,
-                callbacks=[_StepLogger(self.tracker, self.step, cfg.log_every, agent, task.name)],
+                callbacks=[_StepLogger(self.tracker, self.step, cfg.log_every, agent)],
                 **{"accelerator": "cpu", "devices": 1, **self.trainer_kwargs},
             )
             trainer.fit(module, datamodule=data)
@@ -271,7 +271,7 @@ class ContinualLoop:
         metrics: dict[str, float] = {}
         for a, agent in enumerate(self.population.names):
             for j, task in enumerate(self.stream.task_names):
-                if not torch.isnan(torch.tensor(values[a, j])):
+                if not math.isnan(values[a, j]):
                     metrics[f"eval/{agent}/{task}"] = float(values[a, j])
             for key, value in self.matrix.summary(agent).items():
                 metrics[f"cl/{agent}/{key}"] = value
