@@ -88,23 +88,3 @@ class Stream:
                     labels.append(lab)
         return labels
 
-
-def concat_tasks(tasks: Sequence[Task], name: str) -> Task:
-    """One task holding the union of several tasks' splits (used by joint training)."""
-    kinds = {t.kind for t in tasks}
-    if len(kinds) != 1:
-        raise ValueError(f"cannot concatenate tasks of different kinds {sorted(kinds)} into {name!r}")
-    labels = None
-    if kinds == {"classification"}:
-        labels = []
-        for t in tasks:
-            labels += [lab for lab in t.labels or [] if lab not in labels]
-    return Task(
-        name=name,
-        kind=tasks[0].kind,
-        train=[ex for t in tasks for ex in t.train],
-        val=[ex for t in tasks for ex in t.val],
-        test=[ex for t in tasks for ex in t.test],
-        labels=labels,
-        source="+".join(t.name for t in tasks),
-    )

@@ -71,5 +71,3 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
 
-
-Naive = Strategy

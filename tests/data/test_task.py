@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from lmas.data.stream import Stream, concat_tasks
+from lmas.data.stream import Stream
 from lmas.data.task import Example, Task, split_examples, stratified_split
 
 
@@ -169,11 +169,3 @@ def test_stream_validation_and_caps():
         Stream("s", [_gen("g")], scenario="online")
     capped = Stream("s", [_cls("t1", ["a", "b"], n=10)], max_train=4, max_eval=1)
     assert len(capped[0].train) == 4 and len(capped[0].test) == 1
-
-
-def test_concat_tasks_unions_labels_in_order():
-    joint = concat_tasks([_cls("t1", ["a", "b"]), _cls("t2", ["c", "b"])], "joint")
-    assert joint.labels == ["a", "b", "c"]
-    assert len(joint.train) == 12 and joint.source == "t1+t2"
-    with pytest.raises(ValueError, match="different kinds"):
-        concat_tasks([_cls("t1", ["a"]), _gen("g")], "bad")
