@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 from lmas.data.task import Task
 
