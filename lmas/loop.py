@@ -1,8 +1,17 @@
 """The outer continual loop: rounds of training, evaluation into the knowledge matrix, and output.
 
-One round = every agent assigned a task trains on it (one ``Trainer.fit`` each), then every agent
-is evaluated on every task met so far and on the tasks of the next round (forward transfer).
-The loop owns ordering, seeding and the evaluation schedule; the strategy owns the method.
+One round:
+
+1. the allocation assigns the round's tasks to agents (a coordinator may measure them first);
+2. the transfer policy may initialise adapters from other agents' (merge, LoraHub);
+3. every assigned agent trains on its task (one ``Trainer.fit`` each);
+4. the topology moves knowledge between agents (peer-to-peer adapter exchange);
+5. every agent that has learnt something is evaluated on every task met so far and on the next
+   round's tasks (forward transfer); the topology's joint answer is the ``population`` row.
+
+The loop owns ordering, seeding and the evaluation schedule; the strategy owns the CL method,
+the allocation/topology/transfer objects own the population's behaviour. Everything that moves
+between agents is counted as messages (count and bytes per round).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +31,14 @@ from lmas.data.stream import Stream
 from lmas.data.task import Task
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.modules.incremental import ExperienceData, IncrementalLM
-from lmas.modules.lm import Encoder, evaluate
+from lmas.modules.lm import Encoder
+from lmas.population.allocation import Allocation, Assignment
+from lmas.population.evaluation import PopulationScorer
+from lmas.population.messages import COORDINATOR, Message, MessageLog
 from lmas.population.population import Population
+from lmas.population.topology import TaskView, Topology
+from lmas.transfer.compose import answer_nll, few_shot_batches
+from lmas.transfer.policy import Transfer
 from lmas.strategies.base import Strategy
 from lmas.tracking import report
 from lmas.tracking.trackers import Tracker
@@ -53,17 +68,11 @@ class EvalConfig:
     max_new_tokens: int = 12
     initial: bool = True  # evaluate the untrained model on every task (b, for FWT)
     next_task: bool = True  # evaluate the next round's tasks before training them
+    curve_every: int = 0  # >0: score the training task's val split every k steps (learning curves)
+    mixed_adapters: bool = True  # score single-adapter agents together in mixed-adapter batches
+    val_fallback: int = 32  # tasks without a val split use this many training examples where val is needed
 
-
-@dataclass
-class Schedule:
-    """Which agent trains which task in each round: ``rounds[r] = [(agent, task_index), ...]``."""
-
-    rounds: list[list[tuple[str, int]]] = field(default_factory=list)
-
-    @classmethod
-    def every_agent_every_task(cls, agents: list[str], n_tasks: int) -> "Schedule":
-        return cls([[(a, j) for a in agents] for j in range(n_tasks)])
+POPULATION = "population"  # the knowledge-matrix row of the topology's joint answer
 
 
 @contextmanager
@@ -94,6 +103,20 @@ class _StepLogger(L.Callback):
             self.tracker.log({f"train/{self.agent}/loss": loss}, "step", self.offset + step)
 
 
+class _CurveLogger(L.Callback):
+    """Scores the training task every ``every`` steps (and before the first): a learning curve."""
+
+    def __init__(self, every: int, score) -> None:
+        self.every, self.score, self.points = every, score, []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.points.append([0, self.score()])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self.points.append([trainer.global_step, self.score()])
+
+
 class ContinualLoop:
     """Runs a stream through a population with a strategy and records the knowledge matrix.
 
@@ -107,7 +130,9 @@ class ContinualLoop:
         trainer: extra keyword arguments for ``lightning.Trainer`` (accelerator, devices, strategy, ...).
         max_length: longest token sequence (prompts are cut from the start).
         tracker: where metrics go (W&B, CSV, or nothing).
-        schedule: who trains what in each round; default: every agent trains every task in order.
+        allocation: who trains what in each round (default: every agent every task, in order).
+        topology: exchange between agents and the population's joint answer (default: none).
+        transfer: adapter initialisation from other agents before training (default: none).
         config: the resolved run config, stored in results.json.
     """
 
@@ -123,7 +148,9 @@ class ContinualLoop:
         trainer: dict[str, Any] | None = None,
         max_length: int = 128,
         tracker: Tracker | None = None,
-        schedule: Schedule | None = None,
+        allocation: Allocation | None = None,
+        topology: Topology | None = None,
+        transfer: Transfer | None = None,
         config: dict | None = None,
         progress: bool = True,
         save_adapters: bool = True,
@@ -138,18 +165,27 @@ class ContinualLoop:
         self.trainer_kwargs = dict(trainer or {})
         self.encoder = Encoder(population.tokenizer, max_length)
         self.tracker = tracker or Tracker()
-        self.schedule = schedule or Schedule.every_agent_every_task(population.names, len(stream))
+        self.allocation = allocation or Allocation()
+        self.topology = topology or Topology()
+        self.transfer = transfer or Transfer()
         self.config = config or {}
         self.progress = progress
         self.save_adapters = save_adapters
+        self.scorer = PopulationScorer(population, self.encoder, self.eval_cfg.batch_size,
+                                       self.eval_cfg.max_new_tokens, self.eval_cfg.mixed_adapters)
+        self.messages = MessageLog()
         self.step = 0  # global optimisation step over all experiences (the W&B x-axis)
-        self.matrix = KnowledgeMatrix(population.names, stream.task_names,
-                                      {t.name: t.metric for t in stream.tasks})
+        self.topology.check(population.names)
+        self.plan = self.allocation.plan(stream.task_names, population.names)  # task indices per round
+        if not self.plan:
+            raise ValueError("population.allocation: the plan has no rounds")
+        rows = population.names + ([POPULATION] if self.topology.answers else [])
+        self.matrix = KnowledgeMatrix(rows, stream.task_names, {t.name: t.metric for t in stream.tasks})
         self.timings: dict[str, float] = {"train_s": 0.0, "eval_s": 0.0}
-        for r, assignments in enumerate(self.schedule.rounds):
-            for agent, j in assignments:
-                if agent not in population.agents or not 0 <= j < len(stream):
-                    raise ValueError(f"schedule round {r}: ({agent!r}, task {j}) is not a known agent/task")
+        self.assignments: list[Assignment] = []  # per round, as the allocation decided
+        self.answers: list[dict[str, dict]] = []  # per round: task -> the topology's answer details
+        self.events: list[dict] = []  # transfer and exchange records
+        self.curves: dict[str, list[list[float]]] = {}  # agent/task -> [[step, value], ...]
 
     # --- one experience ----------------------------------------------------------------
     def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int) -> list[float]:
@@ -175,6 +211,12 @@ class ContinualLoop:
         self.strategy.before_task(module, task)
         log.info("round %d: %s trains on %s (%d examples, %s)", round_idx, agent, task.name,
                  len(examples), task.kind)
+        callbacks: list[L.Callback] = [_StepLogger(self.tracker, self.step, cfg.log_every, agent)]
+        if self.eval_cfg.curve_every > 0:
+            labels = self.stream.label_space(self.stream.index(task.name), self._seen_index(round_idx))
+            curve = _CurveLogger(self.eval_cfg.curve_every,
+                                 lambda: self.scorer.score(agent, self._eval_view(task, "val"), "val", labels))
+            callbacks.append(curve)
         self.population.model.train()  # Lightning keeps submodules' modes; evaluation left them in eval
         with _quiet_lightning():
             trainer = L.Trainer(
@@ -185,14 +227,23 @@ class ContinualLoop:
                 enable_model_summary=False,
                 enable_progress_bar=self.progress,
                 num_sanity_val_steps=0,
-                callbacks=[_StepLogger(self.tracker, self.step, cfg.log_every, agent)],
+                callbacks=callbacks,
                 **{"accelerator": "cpu", "devices": 1, **self.trainer_kwargs},
             )
             trainer.fit(module, datamodule=data)
         self.population.model.eval()
         self.strategy.after_task(module, task)
+        if self.eval_cfg.curve_every > 0:
+            self.curves[f"{agent}/{task.name}"] = curve.points
         self._record_fit(agent, task, round_idx, trainer.global_step, len(examples))
         return module.losses
+
+    def _eval_view(self, task: Task, split: str) -> Task:
+        """``task`` itself, or (for a missing val split) a copy whose val is a slice of train."""
+        if split != "val" or task.val:
+            return task
+        return Task(task.name, task.kind, task.train, task.train[: self.eval_cfg.val_fallback], task.test,
+                    task.labels, task.source, task.meta)
 
     def _record_fit(self, agent: str, task: Task, round_idx: int, steps: int, n_examples: int) -> None:
         self.step += steps
@@ -201,36 +252,48 @@ class ContinualLoop:
 
     def score(self, agent: str, j: int, seen: int) -> float:
         """The metric of ``agent`` on task ``j`` (label space per the stream's scenario)."""
-        self.population.activate(agent)
+        return self.scorer.score(agent, self.stream[j], self.eval_cfg.split, self.stream.label_space(j, seen))
+
+    def competence(self, agent: str, j: int) -> float:
+        """Mean answer log-likelihood per token of ``agent`` on a few val examples of task ``j``."""
         task = self.stream[j]
-        return evaluate(self.population.model, self.encoder, task, self.eval_cfg.split,
-                        labels=self.stream.label_space(j, seen), batch_size=self.eval_cfg.batch_size,
-                        max_new_tokens=self.eval_cfg.max_new_tokens)
+        shots = self._eval_view(task, "val").val[: getattr(self.allocation, "shots", 8)]
+        round_idx = len(self.assignments)
+        self.messages.send(Message("task", COORDINATOR, agent, round_idx, shots))
+        self.population.activate(agent)
+        value = -answer_nll(self.population.model, few_shot_batches(self.encoder, shots, task.kind))
+        self.messages.send(Message("report", agent, COORDINATOR, round_idx, value))
+        return value
 
     # --- the run -----------------------------------------------------------------------
     def run(self) -> dict:
         """Run every round; write results.json, the matrix CSV and heatmap; return the results."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        names = self.population.names
         tasks = self.stream.tasks
         if self.eval_cfg.initial:
             t0 = time.perf_counter()
             for j, task in enumerate(tasks):
                 # fresh LoRA adapters are exact no-ops (B = 0), so one evaluation serves all agents
-                value = self.score(names[0], j, seen=0)
-                for agent in names:
+                value = self.score(self.population.names[0], j, seen=0)
+                for agent in self.matrix.agents:
                     self.matrix.record_initial(agent, task.name, value)
                 log.info("initial %s on %s: %.4f", task.metric, task.name, value)
             self.timings["eval_s"] += time.perf_counter() - t0
         curves: dict[str, list[float]] = {}
-        for r, assignments in enumerate(self.schedule.rounds):
+        for r, round_tasks in enumerate(self.plan):
             round_idx = self.matrix.start_round()
             t0 = time.perf_counter()
+            assignments = self.assign(r, round_tasks)
+            self._transfer(r, assignments)
             for agent, j in assignments:
                 seen = [tasks[i] for i in self._met_before(r) if i != j]
                 curves[f"{agent}/{tasks[j].name}"] = self.fit(agent, tasks[j], seen, round_idx)
                 self.matrix.mark_trained(round_idx, agent, tasks[j].name)
+                if self.topology.answers:
+                    self.matrix.mark_trained(round_idx, POPULATION, tasks[j].name)
+            senders = [a for a in self.population.names if self.population.agents[a].history]
+            self._log_events(self.topology.exchange(self.population, r, senders, self.messages))
             self.timings["train_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             self.evaluate_round(r)
@@ -242,48 +305,117 @@ class ContinualLoop:
         self.tracker.finish()
         return results
 
+    def assign(self, r: int, round_tasks: list[int]) -> Assignment:
+        """Ask the allocation who trains what in round ``r``; a coordinator hands out the task data."""
+        competence = self.competence if self.allocation.needs_competence else None
+        assignments = self.allocation.assign(r, round_tasks, self.population.names, competence)
+        unknown = [(a, j) for a, j in assignments if a not in self.population.agents or j not in round_tasks]
+        if unknown:
+            raise ValueError(f"population.allocation: round {r} assigned {unknown}, not (agent, task of the round)")
+        if self.allocation.needs_competence:
+            for agent, j in assignments:
+                self.messages.send(Message("task", COORDINATOR, agent, r, self.stream[j].train))
+        self.assignments.append(list(assignments))
+        log.info("round %d: %s", r, ", ".join(f"{a} <- {self.stream[j].name}" for a, j in assignments) or "no training")
+        return assignments
+
+    def _transfer(self, r: int, assignments: Assignment) -> None:
+        """Run the transfer policy before round ``r``'s training; count its adapter messages."""
+        records = self.transfer.apply(self.population, r, [(a, self.stream[j]) for a, j in assignments], self.encoder)
+        for agent in self.population.names:
+            if agent not in self.matrix.agents:  # a merge created a new agent
+                self.matrix.add_agent(agent)
+        for rec in records:
+            for src in rec.get("sources", []):
+                if src != rec["agent"] and src in self.population.agents:
+                    self.messages.send(Message("adapter", src, rec["agent"], r, self.population.adapter_state(src)))
+        self._log_events([{**rec, "event": rec.get("transfer", "transfer")} for rec in records])
+
+    def _log_events(self, records: list[dict]) -> None:
+        for rec in records:
+            self.events.append(rec)
+            self.population.agents[rec["agent"]].history.append({k: v for k, v in rec.items() if k != "agent"})
+
     def _met_before(self, r: int) -> list[int]:
         """Task indices trained in rounds 0..r, in first-met order."""
         met: list[int] = []
-        for assignments in self.schedule.rounds[: r + 1]:
-            for _, j in assignments:
+        for round_tasks in self.plan[: r + 1]:
+            for j in round_tasks:
                 if j not in met:
                     met.append(j)
         return met
 
+    def _seen_index(self, r: int) -> int:
+        met = self._met_before(r)
+        return max(met) if met else 0
+
     def evaluate_round(self, r: int) -> None:
-        """Evaluate every agent on every task met so far and on the next round's tasks."""
+        """Evaluate every agent that has learnt something on the tasks met so far and the next round's."""
         met = self._met_before(r)
         upcoming = []
-        if self.eval_cfg.next_task and r + 1 < len(self.schedule.rounds):
-            upcoming = [j for _, j in self.schedule.rounds[r + 1] if j not in met]
-        targets = sorted(set(met) | set(upcoming))
-        seen = max(met)
-        for agent in self.population.names:
-            for j in targets:
-                value = self.score(agent, j, seen)
-                self.matrix.record(r, agent, self.stream[j].name, value)
-                log.info("round %d: %s on %s: %s=%.4f", r, agent, self.stream[j].name, self.stream[j].metric, value)
+        if self.eval_cfg.next_task and r + 1 < len(self.plan):
+            upcoming = [j for j in self.plan[r + 1] if j not in met]
+        seen = self._seen_index(r)
+        agents = [a for a in self.population.names if self.population.agents[a].history]
+        split = self.eval_cfg.split
+        self.answers.append({})
+        for j in sorted(set(met) | set(upcoming)):
+            task, labels = self.stream[j], self.stream.label_space(j, seen)
+            lp = gold = None
+            if not agents:
+                continue
+            if task.kind == "classification":
+                values, lp, gold = self.scorer.classify(agents, task, split, labels)
+            else:
+                values = {a: self.scorer.score(a, task, split, labels) for a in agents}
+            for agent, value in values.items():
+                self.matrix.record(r, agent, task.name, value)
+                log.info("round %d: %s on %s: %s=%.4f", r, agent, task.name, task.metric, value)
+            if self.topology.answers:
+                cache: dict[str, float] = {}
+
+                def val_score(a: str, task=task, labels=labels, cache=cache) -> float:
+                    if a not in cache:
+                        cache[a] = self.scorer.score(a, self._eval_view(task, "val"), "val", labels)
+                    return cache[a]
+
+                view = TaskView(task, agents, values, lp, gold, val_score, split,
+                                higher_is_better=task.metric != "perplexity")
+                value, info = self.topology.answer(view, r, self.messages)
+                self.matrix.record(r, POPULATION, task.name, value)
+                self.answers[r][task.name] = {"value": value, **info}
+                log.info("round %d: %s on %s: %s=%.4f %s", r, POPULATION, task.name, task.metric, value, info)
 
     def after_round(self, r: int) -> None:
         """Log the round, save adapter versions and write partial results."""
         values = self.matrix.values()[r]  # (agents, tasks)
         metrics: dict[str, float] = {}
-        for a, agent in enumerate(self.population.names):
+        for a, agent in enumerate(self.matrix.agents):
             for j, task in enumerate(self.stream.task_names):
                 if not math.isnan(values[a, j]):
                     metrics[f"eval/{agent}/{task}"] = float(values[a, j])
             for key, value in self.matrix.summary(agent).items():
                 metrics[f"cl/{agent}/{key}"] = value
+        comm = self.messages.round_summary(r)
+        metrics["comm/messages"], metrics["comm/bytes"] = comm["messages"], comm["bytes"]
+        for kind, c in comm["by_kind"].items():
+            metrics[f"comm/{kind}/messages"], metrics[f"comm/{kind}/bytes"] = c["messages"], c["bytes"]
+        for task, info in self.answers[r].items():
+            if "escalation_rate" in info:
+                metrics[f"cascade/{task}/escalation_rate"] = info["escalation_rate"]
         self.tracker.log(metrics, "round", r)
         heat = self.run_dir / "knowledge_matrix.png"
         self.matrix.heatmap(heat)
         self.tracker.log_image("knowledge_matrix", heat, r)
         if self.save_adapters:
-            for agent, j in self.schedule.rounds[r]:
-                task = self.stream[j].name
-                path = self.run_dir / "adapters" / agent / f"round{r:03d}-{task}.safetensors"
-                meta = {"agent": agent, "task": task, "round": str(r), "base": self.population.base.name}
+            for agent in self.population.names:
+                events = [e for e in self.population.agents[agent].history if e["round"] == r]
+                if not events:
+                    continue
+                label = "+".join(dict.fromkeys(e.get("task", e["event"]) for e in events))
+                path = self.run_dir / "adapters" / agent / f"round{r:03d}-{label}.safetensors"
+                meta = {"agent": agent, "round": str(r), "base": self.population.base.name,
+                        "events": ",".join(e["event"] for e in events), "task": label}
                 self.population.save_adapter(agent, path, metadata=meta)
                 self.tracker.log_artifact(path, f"adapter-{agent}", "adapter", meta)
         report.write_json(self.run_dir / "results.json", self.results({}, partial=True))
@@ -298,11 +430,20 @@ class ContinualLoop:
                        "n_train": len(t.train), "n_val": len(t.val), "n_test": len(t.test)}
                       for t in self.stream.tasks],
             "agents": {n: {"history": a.history} for n, a in self.population.agents.items()},
+            "population": {
+                "allocation": self.allocation.name,
+                "topology": self.topology.describe(),
+                "transfer": self.transfer.name,
+                "assignments": [[[a, self.stream[j].name] for a, j in rnd] for rnd in self.assignments],
+                "answers": self.answers,
+                "communication": self.messages.to_list(self.matrix.n_rounds),
+            },
             "strategy": self.strategy.name,
             "seed": self.seed,
             "matrix": self.matrix.to_dict(),
-            "metrics": {agent: self.matrix.summary(agent) for agent in self.population.names},
+            "metrics": {agent: self.matrix.summary(agent) for agent in self.matrix.agents},
             "loss_curves": curves,
+            "learning_curves": self.curves,
             "timings": dict(self.timings),
             "truncated_prompts": self.encoder.truncated,
             "versions": report.versions(),

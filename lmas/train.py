@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lmas.config import validate
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
 from lmas.tracking import report
 
@@ -33,6 +34,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             f"{run_dir} already holds the results of another run (results.json); lmas never overwrites "
             "a run: choose another hydra.run.dir or paths.output_dir"
         )
+    validate(cfg)  # bad options fail here, before any data or model is loaded
     run_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     L.seed_everything(cfg.seed, verbose=False)
@@ -41,7 +43,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
              ", ".join(f"{t.name}[{t.kind}, {len(t.train)}/{len(t.val)}/{len(t.test)}]" for t in stream))
     base = instantiate(cfg.model)
     log.info("base model %s (%s parameters)", base.name, f"{base.info.get('parameters', 0):,}")
-    population = instantiate(cfg.population, _partial_=True, _convert_="all")(base=base)
+    pop_cfg = OmegaConf.to_container(cfg.population, resolve=True)
+    allocation = instantiate(pop_cfg.pop("allocation", None) or {"_target_": "lmas.population.allocation.Broadcast"})
+    topology = instantiate(pop_cfg.pop("topology", None) or {"_target_": "lmas.population.topology.Topology"})
+    population = instantiate(pop_cfg, _partial_=True, _convert_="all")(base=base)
+    transfer = instantiate(cfg.transfer, _convert_="all")
     strategy = instantiate(cfg.strategy, _convert_="all")
     tracker = instantiate(cfg.logger, _convert_="all")
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -57,6 +63,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
         max_length=cfg.data.max_length,
         tracker=tracker,
+        allocation=allocation,
+        topology=topology,
+        transfer=transfer,
         config=config,
         progress=cfg.progress,
     )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+CONF_EXPERIMENT = Path(__file__).parents[1] / "conf" / "experiment"
+PRESETS = sorted(str(p.relative_to(CONF_EXPERIMENT).with_suffix("")) for p in CONF_EXPERIMENT.rglob("*.yaml"))
 
 
 def test_default_experiment_on_tiny_model_writes_all_outputs(fast_overrides, tmp_path, capsys, run_lmas):

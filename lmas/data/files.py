@@ -14,6 +14,36 @@ test, val and train (cut in that order, so growing ``n_train`` keeps the evaluat
 seeded sample of ``n_val`` / ``n_test`` records.
 Sizes: an int is a count, a float in (0, 1) a fraction, ``None`` the default (10 % val, 10 % test,
 the rest train). For classification, ``labels`` default to the sorted answers of the train split.
+
+Bad input -> what happens. Every error is a ``ValueError`` whose message starts with the place:
+``<file> line N`` (1-based; for CSV the line where the row starts, the header being line 1),
+``<dataset> split 'S' row I`` for ``hf_task``, or ``task 'NAME'``:
+
+* bytes that are not UTF-8 -> error naming file and line.
+* JSONL line that is not valid JSON, or valid JSON but not an object -> error naming file and line.
+  Blank lines are skipped (and still counted).
+* CSV row with more or fewer values than the header has columns, a header that repeats a
+  column, or a row the ``csv`` module cannot parse -> error naming file and line. Blank rows
+  are skipped.
+* record without the ``prompt_field`` / ``answer_field`` (absent or JSON ``null``), or without a
+  field the ``template`` needs -> error naming file, line and field, listing the fields present.
+* field that is a JSON object or list (not a string or number) -> error naming file, line and
+  field; an answer that is empty after stripping -> error naming file, line and field.
+* empty file (nothing but blank lines, or only a CSV header) -> error naming the file; a task
+  whose train or test split ends up empty after splitting -> error naming the task, the
+  source file and the split sizes.
+* classification labels: with ``labels=None`` the label set is the train split's answers, so a
+  val/test answer never seen in training -> error naming the task, split, labels and file (pass
+  ``labels=[...]`` to keep it); with explicit ``labels`` an answer outside them -> error naming
+  file, line and answer, while a label of the set that appears in val/test but never in train is
+  kept (rank classification scores over the whole label set) and logged as a warning naming the
+  task, split and labels (:class:`lmas.data.task.Task`).
+* over-long examples (prompt + answer longer than ``data.max_length`` tokens) are handled when
+  encoded (:class:`lmas.modules.lm.Encoder`): the prompt loses tokens from its start, the answer
+  is kept whole, each case is counted (``Encoder.truncated``, ``truncated_prompts`` in the
+  results) and the first one is logged as a warning; an answer that alone does not fit ->
+  error naming the example and ``data.max_length``; raw ``lm`` text longer than the window
+  keeps its beginning (counted the same way). ``max_chars`` cuts texts earlier, at load time.
 """
 
 from __future__ import annotations
@@ -62,38 +92,70 @@ def record_to_example(
     return Example(fill_template(template, values, where), answer)
 
 
+def _not_utf8(path: str | Path) -> ValueError:
+    """The error for a file that does not decode as UTF-8, naming the line of the first bad byte."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return ValueError(f"{path} line {line}: not valid UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8")
+    return ValueError(f"{path}: not valid UTF-8")
+
+
 def read_jsonl(path: str | Path) -> Iterator[Located]:
     """Records of a JSON Lines file (blank lines skipped) with ``"<file> line N"`` locations."""
     with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+        try:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {lineno}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                yield where, record
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
 
 
 def read_csv(path: str | Path, delimiter: str = ",") -> Iterator[Located]:
-    """Records of a CSV file with a header row, with ``"<file> line N"`` locations."""
+    """Records of a CSV file with a header row, with ``"<file> line N"`` locations.
+
+    N is the line where the row starts (the header is line 1; a quoted value may span lines).
+    Blank rows are skipped; a row with more or fewer values than the header has columns raises.
+    """
     with open(path, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if not reader.fieldnames:
-            return
-        for record in reader:
-            where = f"{path} line {reader.line_num}"
-            if None in record:
-                raise ValueError(
-                    f"{where}: more values than the {len(reader.fieldnames)} header columns "
-                    f"{reader.fieldnames} (wrong delimiter {delimiter!r}?)"
-                )
-            if not any((v or "").strip() for v in record.values()):
-                continue  # a blank row
-            yield where, record
+        reader = csv.reader(fh, delimiter=delimiter)
+        header: list[str] | None = None
+        header_line = end = 0
+        try:
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not any(value.strip() for value in row):
+                    continue  # a blank row
+                if header is None:
+                    header, header_line = row, start
+                    repeated = sorted({c for c in header if header.count(c) > 1})
+                    if repeated:
+                        raise ValueError(f"{path} line {start}: the header repeats column(s) {repeated}")
+                    continue
+                where = f"{path} line {start}"
+                if len(row) != len(header):
+                    more = "more" if len(row) > len(header) else "fewer"
+                    raise ValueError(
+                        f"{where}: {len(row)} values, {more} than the {len(header)} columns of the header "
+                        f"(line {header_line}) {header} (wrong delimiter {delimiter!r}, or a value with "
+                        f"{delimiter!r} or a line break that is not quoted?)"
+                    )
+                yield where, dict(zip(header, row))
+        except csv.Error as err:
+            raise ValueError(f"{path} line {reader.line_num}: malformed CSV: {err}") from None
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
 
 
 def _examples(rows: Iterable[Located], source: str, **conv: Any) -> list[tuple[str, Example]]:
@@ -150,8 +212,13 @@ def build_file_task(
     test = _sample(test_rows, n_test, split_seed, name) if test_rows is not None else pool[:n_te]
     val = _sample(val_rows, n_val, split_seed + 1, name) if val_rows is not None else pool[n_te : n_te + n_va]
     train = pool[n_te + n_va : n_te + n_va + n_tr]
-    if not train:
-        raise ValueError(f"task {name!r}: the train split from {source} is empty")
+    for split, rows, src in (("train", train, source), ("test", test, test_source or source)):
+        if not rows:
+            raise ValueError(
+                f"task {name!r}: the {split} split (from {src}) is empty after splitting: {len(pool)} distinct "
+                f"records in {source}, n_train={n_train}, n_val={n_val}, n_test={n_test} -> "
+                f"{len(train)} train, {len(val)} val, {len(test)} test"
+            )
     if kind == "classification":
         train_labels = sorted({ex.answer for _, ex in train})
         if labels is None:
@@ -161,7 +228,8 @@ def build_file_task(
                 if unseen:
                     raise ValueError(
                         f"task {name!r}: {split} labels {unseen} (from {src}) never appear in the "
-                        f"train split (from {source}); train labels: {labels}"
+                        f"train split (from {source}); train labels: {labels} (pass `labels` with every "
+                        f"label to score them anyway)"
                     )
         else:
             labels = [str(lab) for lab in labels]

@@ -13,6 +13,7 @@ Three kinds exist, each with its own metric:
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -24,6 +25,8 @@ METRIC_OF_KIND: dict[str, str] = {
     "lm": "perplexity",
 }
 HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "perplexity": False}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ class Task:
         name: unique name inside a stream (used as key in results and logs).
         kind: ``classification`` | ``generation`` | ``lm``.
         train, val, test: the splits.
-        labels: the label set (answers) of a classification task, in a fixed order.
+        labels: the label set (answers) of a classification task, in a fixed order. Every answer
+            must be one of them (``ValueError`` naming the split and answers otherwise); a label
+            that is a val/test answer but never a train answer is logged as a warning and kept.
         source: short free-text provenance (package, file, generator), kept in results.
     """
 
@@ -60,6 +65,9 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: kind={self.kind!r} is not one of {sorted(METRIC_OF_KIND)}"
             )
+        for split, rows in (("train", self.train), ("test", self.test)):
+            if not rows:
+                raise ValueError(f"task {self.name!r}: the {split} split is empty")
         if self.kind == "classification":
             if not self.labels:
                 raise ValueError(f"task {self.name!r}: a classification task needs a non-empty `labels` list")
@@ -72,9 +80,15 @@ class Task:
                     raise ValueError(
                         f"task {self.name!r}: {split} answers {bad[:5]} are not in labels {self.labels}"
                     )
-        for split, rows in (("train", self.train), ("test", self.test)):
-            if not rows:
-                raise ValueError(f"task {self.name!r}: the {split} split is empty")
+            trained = {ex.answer for ex in self.train}
+            for split, rows in (("val", self.val), ("test", self.test)):
+                unseen = sorted({ex.answer for ex in rows} - trained)
+                if unseen:  # still scoreable: rank classification scores over all of `labels`
+                    log.warning(
+                        "task %r: %s labels %s never appear in the train split (the model is not trained on "
+                        "them); they are still scored, over labels %s",
+                        self.name, split, unseen, self.labels,
+                    )
 
     @property
     def metric(self) -> str:

@@ -119,6 +119,17 @@ class KnowledgeMatrix:
         v = self._value(value, f"initial {agent}/{task}")
         self._initial[self._agent(agent), self._task(task)] = v
 
+    def add_agent(self, agent: str) -> None:
+        """Add an agent (e.g. one created by a merge) with NaN values so far."""
+        agent = str(agent)
+        if agent in self._a:
+            raise ValueError(f"KnowledgeMatrix: agent {agent!r} already exists")
+        self.agents.append(agent)
+        self._a[agent] = len(self.agents) - 1
+        self._initial = np.concatenate([self._initial, np.full((1, len(self.tasks)), np.nan)], axis=0)
+        pad = np.full((self.n_rounds, 1, len(self.tasks)), np.nan)
+        self._values = np.concatenate([self._values, pad], axis=1)
+
     def start_round(self) -> int:
         """Append a NaN row for every agent and task; return the new round's index."""
         row = np.full((1, len(self.agents), len(self.tasks)), np.nan)
@@ -194,8 +205,9 @@ class KnowledgeMatrix:
         by later perplexity tasks, exactly as Avalanche run over the whole stream and averaged
         over the group's experiences; ``avg_acc``/``avg_ppl`` are the values at the end of the
         round of the agent's last training (rounds after it are ignored). A group is omitted when the agent trained no task of it;
-        ``fwt``/``ppl_fwt`` are given only when the agent trained >= 2 tasks and some task of the
-        group was not its first (with a single group: when the group has >= 2 tasks). An agent
+        ``fwt``/``ppl_fwt`` are given only when the agent trained >= 2 tasks, some task of the
+        group was not its first (with a single group: when the group has >= 2 tasks), and each
+        such task was evaluated at the end of the agent's previous training round. An agent
         that trained nothing (e.g. ``"population"``) gets ``{}``.
         """
         R, b, names = self.task_matrix(agent)
@@ -217,7 +229,7 @@ class KnowledgeMatrix:
                 out[keys[0]] = cl.average_accuracy(R, hib, tasks=idx)
                 out[keys[1]] = cl.forgetting(R, hib, tasks=idx)
                 out[keys[2]] = cl.bwt(R, hib, tasks=idx)
-                if any(j >= 1 for j in idx):
+                if any(j >= 1 for j in idx) and self._fwt_known(R, b, idx):
                     out[keys[3]] = cl.forward_transfer(R, b, hib, tasks=idx)
                 if hib:
                     out["plasticity"] = cl.plasticity(R, hib, tasks=idx)
@@ -227,6 +239,15 @@ class KnowledgeMatrix:
                     f"global round {rounds}[i] and task j is {names}[j]"
                 ) from e
         return out
+
+    @staticmethod
+    def _fwt_known(R: np.ndarray, b: np.ndarray, idx: list[int]) -> bool:
+        """Whether every ``R[j-1][j]`` and ``b[j]`` forward transfer needs was evaluated.
+
+        An agent of a population may train its next task several rounds later, after rounds that
+        evaluated only the tasks of the round that followed them; its FWT is then unknown.
+        """
+        return all(not math.isnan(R[j - 1, j]) and not math.isnan(b[j]) for j in idx if j >= 1)
 
     # ----------------------------------------------------------------- I/O
     def to_dict(self) -> dict:

@@ -8,7 +8,9 @@ model, and a prompt is usually much longer than its answer.
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,6 +21,8 @@ from torch import Tensor, nn
 from lmas.data.task import Example, Task
 
 IGNORE = -100
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,12 @@ class Encoder:
 
     Args:
         tokenizer: an HF tokenizer.
-        max_length: longest sequence; longer prompts lose tokens from their *start* (the
-            instruction and the text's beginning go first, the ``Answer:`` cue is kept).
+        max_length: longest sequence (``data.max_length``). Over-long examples: a prompt loses
+            tokens from its *start* (the instruction and the text's beginning go first, the
+            ``Answer:`` cue is kept) and the answer is kept whole; an answer that alone does not
+            fit raises ``ValueError``. Raw text (empty prompt, ``lm`` tasks) longer than the window
+            keeps its beginning. Each shortened example is counted in ``truncated``; the first one
+            is logged as a warning.
     """
 
     def __init__(self, tokenizer, max_length: int = 128) -> None:
@@ -47,29 +55,55 @@ class Encoder:
         self.start_id: int = int(start)
         self.eos_id: int = int(tokenizer.eos_token_id)
         self.pad_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
-        self.truncated = 0  # number of prompts shortened so far (reported in logs)
+        self.truncated = 0  # number of examples shortened so far (results: truncated_prompts)
 
     def tokens(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
-    def encode(self, prompt: str, answer: str, eos: bool) -> Encoded:
-        """Encode one prompt/answer pair; ``eos`` appends EOS to the answer."""
+    def answer_too_long(self, n_tokens: int, answer: str, where: str = "") -> ValueError:
+        """The error for an answer of ``n_tokens`` that leaves no room in ``max_length``."""
+        head = answer if len(answer) <= 60 else answer[:57] + "..."
+        return ValueError(
+            f"{where or 'example'}: the answer {head!r} alone is {n_tokens} tokens, more than the "
+            f"{self.max_length - 1} that data.max_length={self.max_length} leaves after the start token; "
+            f"raise data.max_length or shorten the answers"
+        )
+
+    def _count_truncation(self, what: str, before: int, after: int, where: str) -> None:
+        self.truncated += 1
+        if self.truncated == 1:
+            log.warning(
+                "%s%s of %d tokens cut to %d to fit data.max_length=%d (%s); further cuts are only "
+                "counted (truncated_prompts in the results)",
+                f"{where}: " if where else "", what, before, after, self.max_length,
+                "its start dropped, the answer kept whole" if what == "prompt" else "its beginning kept",
+            )
+
+    def encode(self, prompt: str, answer: str, eos: bool, where: str = "") -> Encoded:
+        """Encode one prompt/answer pair; ``eos`` appends EOS to the answer.
+
+        ``where`` names the example (task, split, index) in the error and the log line.
+        """
         answer_ids = self.tokens((" " + answer) if prompt else answer)
         if eos:
             answer_ids.append(self.eos_id)
         prompt_ids = self.tokens(prompt)
         room = self.max_length - 1 - len(answer_ids)
-        if room < 0:  # raw text longer than the window: keep its beginning
+        if room < 0:
+            if prompt:
+                raise self.answer_too_long(len(answer_ids), answer, where)
+            # raw text longer than the window: keep its beginning
+            self._count_truncation("text", len(answer_ids), self.max_length - 1, where)
             answer_ids = answer_ids[: self.max_length - 1]
             room = 0
         if len(prompt_ids) > room:
-            self.truncated += 1
+            self._count_truncation("prompt", len(prompt_ids), room, where)
             prompt_ids = prompt_ids[len(prompt_ids) - room :]
         ids = [self.start_id] + prompt_ids + answer_ids
         return Encoded(tuple(ids), 1 + len(prompt_ids))
 
-    def encode_example(self, ex: Example, kind: str) -> Encoded:
-        return self.encode(ex.prompt, ex.answer, eos=(kind == "generation"))
+    def encode_example(self, ex: Example, kind: str, where: str = "") -> Encoded:
+        return self.encode(ex.prompt, ex.answer, eos=(kind == "generation"), where=where)
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """Prompt ids for generation, truncated from the start like :meth:`encode`."""
@@ -141,9 +175,27 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tenso
     return total, count
 
 
+def mixed_adapters(model: nn.Module, adapter_names: Sequence[str] | None):
+    """Context in which each batch row of ``model``'s trunk uses its own peft adapter.
+
+    ``adapter_names`` has one adapter name per row (peft's mixed-adapter batches; eval mode
+    only). ``None``: the active adapters, as usual.
+    """
+    if adapter_names is None:
+        return nullcontext()
+    if model.training:
+        raise ValueError("mixed-adapter batches work in eval mode only (call model.eval())")
+    return model.base_model._enable_peft_forward_hooks(adapter_names=list(adapter_names))
+
+
 @torch.no_grad()
 def label_logprobs(
-    model: nn.Module, encoder: Encoder, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32
+    model: nn.Module,
+    encoder: Encoder,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    batch_size: int = 32,
+    adapter_names: Sequence[str] | None = None,
 ) -> Tensor:
     """Log-likelihood of every label after every prompt: (len(prompts), len(labels)).
 
@@ -151,10 +203,18 @@ def label_logprobs(
     one prompt pass plus K short label passes instead of K full passes. Prompts are left-padded
     with explicit positions, so the scores equal those of separate ``[start] + prompt + label``
     sequences up to float rounding (prompts are truncated for the longest label).
+
+    ``adapter_names`` (one per prompt) scores each prompt with its own peft adapter in one
+    mixed batch (:func:`mixed_adapters`); the LM head must not carry LoRA then.
     """
+    if adapter_names is not None and len(adapter_names) != len(prompts):
+        raise ValueError(f"label_logprobs: {len(adapter_names)} adapter names for {len(prompts)} prompts")
     trunk, head = trunk_and_head(model)
     label_ids = [encoder.tokens(" " + lab) for lab in labels]
     n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
+    if lab_w > encoder.max_length - 1:
+        i = max(range(n_lab), key=lambda k: len(label_ids[k]))
+        raise encoder.answer_too_long(lab_w, labels[i], "label")
     lab = torch.full((n_lab, lab_w), encoder.pad_id, dtype=torch.long)  # (L, W)
     lab_mask = torch.zeros_like(lab)
     for i, t in enumerate(label_ids):
@@ -171,7 +231,9 @@ def label_logprobs(
             ids[row, width - len(e) :] = torch.tensor(e)
             mask[row, width - len(e) :] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
-        out = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        names = None if adapter_names is None else list(adapter_names[i : i + batch_size])
+        with mixed_adapters(model, names):
+            out = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V): predicts label token 0
         total = first[:, lab[:, 0]]  # (B, L)
         if lab_w > 1:
@@ -180,8 +242,9 @@ def label_logprobs(
             lab_in = lab.repeat(b, 1)  # (B*L, W)
             att = torch.cat([mask.repeat_interleave(n_lab, 0), lab_mask.repeat(b, 1)], 1)  # (B*L, P+W)
             lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(lab_w)  # (B*L, W)
-            h = trunk(input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache,
-                      use_cache=True).last_hidden_state  # (B*L, W, H)
+            with mixed_adapters(model, None if names is None else [n for n in names for _ in range(n_lab)]):
+                h = trunk(input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache,
+                          use_cache=True).last_hidden_state  # (B*L, W, H)
             nxt = lab_in[:, 1:]  # (B*L, W-1): token k+1 is predicted at label position k
             keep = lab_mask.repeat(b, 1)[:, 1:].bool()
             logp = head(h[:, :-1][keep]).float().log_softmax(-1).gather(1, nxt[keep][:, None]).squeeze(1)

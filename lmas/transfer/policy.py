@@ -3,8 +3,15 @@
 * :class:`Transfer` — no transfer (``conf/transfer/none.yaml``).
 * :class:`Merge` — on a schedule of rounds, merge agents' adapters into some agents (consensus
   merging, or pushing a merge into chosen agents).
+* :class:`MergeInit` — before an agent trains a task, start its adapter from a merge of the other
+  agents' adapters (initialising a new task's adapter from related agents).
 * :class:`LoraHub` — before an agent trains a task, start its adapter from a LoraHub composition of
   other agents' adapters, with weights found on a few of the task's training examples.
+* :class:`MergeMethods` — merge the same sources with several methods, each into a new agent
+  ``merged_<method>`` (to compare merge methods on one set of adapters).
+
+"Other agents" default to those that have learnt something (a non-empty history): a fresh
+adapter is ``ΔW = 0`` and would only dilute a merge.
 
 ``apply`` returns one record (a plain dict) per adapter it wrote, for the logs; ``[]`` when idle.
 """
@@ -16,7 +23,12 @@ from typing import Sequence
 from lmas.data.task import Task
 from lmas.modules.lm import Encoder
 from lmas.transfer.compose import lorahub_weights
-from lmas.transfer.merge import exact_merge, merge_adapters, read_factors, write_factors
+from lmas.transfer.merge import NEEDS_DENSITY, exact_merge, merge_adapters, read_factors, write_factors
+
+
+def knowing_peers(population, agent: str | None = None) -> list[str]:
+    """Agents other than ``agent`` that have trained or received something."""
+    return [n for n, a in population.agents.items() if n != agent and a.history]
 
 
 class Transfer:
@@ -76,7 +88,8 @@ class LoraHub(Transfer):
     """Before round ``r >= start``, each assigned agent starts from a LoraHub composition for its task.
 
     Weights are searched on the task's first ``shots`` training examples
-    (:func:`lmas.transfer.compose.lorahub_weights`), with ``sources`` (default: every other agent)
+    (:func:`lmas.transfer.compose.lorahub_weights`), with ``sources`` (default: every other agent
+    that has learnt something)
     read before any agent is written; the merge is exact, cut to the agent's rank.
     """
 
@@ -100,7 +113,7 @@ class LoraHub(Transfer):
             raise ValueError("transfer=lorahub needs the loop's encoder")
         plans = []
         for agent, task in assignments:
-            sources = [s for s in (self.sources or population.names) if s != agent]
+            sources = [s for s in self.sources if s != agent] if self.sources else knowing_peers(population, agent)
             if not sources:
                 continue
             w = lorahub_weights(population, sources, task.train[: self.shots], task.kind, encoder, **self.search)
@@ -112,4 +125,82 @@ class LoraHub(Transfer):
             write_factors(population, agent, factors, self.search["seed"])
             records.append({"round": round_idx, "transfer": self.name, "agent": agent, "task": task.name,
                             "sources": sources, "weights": w})
+        return records
+
+
+class MergeInit(Transfer):
+    """Before round ``r >= start``, each assigned agent starts from a merge of ``sources``.
+
+    ``sources`` default to every other agent that has learnt something; ``weights`` to ``1/n``.
+    The merge (any method of :func:`lmas.transfer.merge.merge_adapters`) is written into the
+    agent's trainable adapter, which keeps its rank.
+    """
+
+    name = "merge_init"
+
+    def __init__(self, method: str = "exact", sources: list[str] | None = None, weights: list[float] | None = None,
+                 start: int = 1, density: float | None = None, majority_sign_method: str = "total",
+                 seed: int = 0) -> None:
+        self.method, self.sources, self.weights, self.start = method, sources, weights, start
+        self.options = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
+
+    def due(self, round_idx: int) -> bool:
+        return round_idx >= self.start
+
+    def apply(self, population, round_idx, assignments=(), encoder=None) -> list[dict]:
+        if not self.due(round_idx):
+            return []
+        plans = []
+        for agent, task in assignments:
+            sources = [s for s in self.sources if s != agent] if self.sources else knowing_peers(population, agent)
+            if sources:
+                weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
+                plans.append((agent, task, sources, weights))
+        # compute every merge before writing any (an agent may be another's source)
+        merged = {}
+        for agent, task, sources, weights in plans:
+            tmp = f"mergeinit_{agent}"
+            merge_adapters(population, sources, weights, tmp, self.method, **self.options)
+            merged[agent] = tmp
+        records = []
+        for agent, task, sources, weights in plans:
+            merge_adapters(population, [merged[agent]], [1.0], agent, "exact", seed=self.options["seed"])
+            population.delete_agent(merged[agent])
+            records.append({"round": round_idx, "transfer": self.name, "method": self.method, "agent": agent,
+                            "task": task.name, "sources": sources, "weights": weights})
+        return records
+
+
+class MergeMethods(Transfer):
+    """In round ``start``, merge ``sources`` with each of ``methods`` into a new agent ``merged_<method>``.
+
+    Every merge reads the same source adapters, so the new agents compare the methods on one set
+    of adapters. ``density`` applies to the pruning methods (ties, dare, magnitude_prune).
+    """
+
+    name = "merge_methods"
+
+    def __init__(self, methods: list[str], sources: list[str] | None = None, weights: list[float] | None = None,
+                 start: int = 1, density: float = 0.5, majority_sign_method: str = "total", seed: int = 0) -> None:
+        if not methods:
+            raise ValueError("transfer.methods: give at least one merge method")
+        self.methods, self.sources, self.weights, self.start = list(methods), sources, weights, start
+        self.density, self.majority_sign_method, self.seed = density, majority_sign_method, seed
+
+    def due(self, round_idx: int) -> bool:
+        return round_idx == self.start
+
+    def apply(self, population, round_idx, assignments=(), encoder=None) -> list[dict]:
+        if not self.due(round_idx):
+            return []
+        sources = list(self.sources) if self.sources else knowing_peers(population)
+        weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
+        records = []
+        for method in self.methods:
+            target = f"merged_{method}"
+            density = self.density if method in NEEDS_DENSITY else None
+            merge_adapters(population, sources, weights, target, method, density=density,
+                           majority_sign_method=self.majority_sign_method, seed=self.seed)
+            records.append({"round": round_idx, "transfer": self.name, "method": method, "agent": target,
+                            "sources": sources, "weights": weights})
         return records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 import types
 from collections import Counter
@@ -125,13 +126,62 @@ def test_jsonl_missing_field_names_file_line_field_and_present(tmp_path):
         jsonl_task("t", path, "generation", answer_field="id", template="{title}: {text}")
 
 
-def test_jsonl_empty_file_names_file(tmp_path):
+def test_empty_file_names_file(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"empty\.jsonl: no records"):
         jsonl_task("t", path, "generation")
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         jsonl_task("t", tmp_path / "missing.jsonl", "generation")
+    path = tmp_path / "d.csv"
+    for content in ("", "\n\n", "prompt,answer\n", "prompt,answer\n,\n\n"):
+        path.write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=r"d\.csv: no records"):
+            csv_task("t", path, "generation")
+
+
+def test_empty_split_after_splitting_names_task_file_and_sizes(tmp_path):
+    one = _write_jsonl(tmp_path / "one.jsonl", [{"prompt": "p", "answer": "a"}])
+    with pytest.raises(ValueError, match=r"task 't': the test split \(from .*one\.jsonl\) is empty after splitting: "
+                                         r"1 distinct records .* -> 1 train, 0 val, 0 test"):
+        jsonl_task("t", one, "generation")
+    path = _write_jsonl(tmp_path / "data.jsonl", _records(10))
+    with pytest.raises(ValueError, match=r"task 't': the train split \(from .*data\.jsonl\) is empty .* n_train=0"):
+        jsonl_task("t", path, "generation", prompt_field="text", answer_field="label", n_train=0)
+
+
+def test_not_utf8_names_file_and_line(tmp_path):
+    good = json.dumps({"prompt": "p", "answer": "a"}).encode()
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + good + b"\n" + '{"prompt": "caf\u00e9", "answer": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl line 3: not valid UTF-8"):
+        jsonl_task("t", path, "generation")
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"prompt,answer\np,a\n" + "caf\u00e9,x\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.csv line 3: not valid UTF-8"):
+        csv_task("t", path, "generation")
+
+
+def test_wrong_type_or_empty_answer_names_file_line_and_field(tmp_path):
+    recs = _records(6)
+    recs[2]["label"] = ["pos", "neg"]
+    path = _write_jsonl(tmp_path / "data.jsonl", recs)
+    with pytest.raises(ValueError, match=r"data\.jsonl line 3: field 'label' must be a string or number, got list"):
+        jsonl_task("t", path, "classification", prompt_field="text", answer_field="label")
+    recs = _records(6)
+    recs[1]["text"] = {"title": "x"}
+    path = _write_jsonl(tmp_path / "data.jsonl", recs)
+    with pytest.raises(ValueError, match=r"data\.jsonl line 2: field 'text' must be a string or number, got dict"):
+        jsonl_task("t", path, "classification", prompt_field="text", answer_field="label")
+    recs = _records(6)
+    recs[4]["label"] = "  "
+    path = _write_jsonl(tmp_path / "data.jsonl", recs)
+    with pytest.raises(ValueError, match=r"data\.jsonl line 5: field 'label' is empty"):
+        jsonl_task("t", path, "classification", prompt_field="text", answer_field="label")
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,answer\nhello,world\n\"multi\nline\",x\nbye,\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv line 5: field 'answer' is empty"):
+        csv_task("t", path, "generation")
 
 
 def test_jsonl_unseen_labels_in_test_file(tmp_path):
@@ -142,6 +192,20 @@ def test_jsonl_unseen_labels_in_test_file(tmp_path):
         jsonl_task("t", train, "classification", test_path=test)
     with pytest.raises(ValueError, match=r"test\.jsonl line 1: answer 'maybe' is not one of labels \['no', 'yes'\]"):
         jsonl_task("t", train, "classification", test_path=test, labels=["no", "yes"])
+
+
+def test_label_in_label_set_but_not_in_train_is_kept_with_a_warning(tmp_path, caplog):
+    yes_no = [{"prompt": f"p{i}", "answer": "yes" if i % 2 else "no"} for i in range(8)]
+    train = _write_jsonl(tmp_path / "train.jsonl", yes_no)
+    test = _write_jsonl(tmp_path / "test.jsonl", [{"prompt": "q1", "answer": "maybe"}, {"prompt": "q2", "answer": "yes"}])
+    with caplog.at_level(logging.WARNING, logger="lmas.data.task"):
+        task = jsonl_task("t", train, "classification", test_path=test, labels=["no", "yes", "maybe"], n_val=0)
+    assert [ex.answer for ex in task.test] == ["maybe", "yes"] and task.labels == ["no", "yes", "maybe"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "task 't': test labels ['maybe'] never appear in the train split (the model is not trained on them); "
+        "they are still scored, over labels ['no', 'yes', 'maybe']"
+    ]
 
 
 def test_jsonl_repeats_kept_once_and_bad_kind(tmp_path):
@@ -176,24 +240,27 @@ def test_csv_task_matches_jsonl_task(tmp_path):
     assert tsv.test == from_csv.test
 
 
-def test_csv_errors_name_file_and_line(tmp_path):
+def test_csv_wrong_number_of_columns_names_file_and_line(tmp_path):
     path = tmp_path / "d.csv"
-    path.write_text("prompt,answer\nhello,world\n\"multi\nline\",x\nbye,\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"d\.csv line 5: field 'answer' is empty"):
+    path.write_text("prompt,answer\na,b\n\n\"two\nlines\",c\nd,e,f\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv line 6: 3 values, more than the 2 columns of the header \(line 1\)"):
         csv_task("t", path, "generation")
-    path.write_text("prompt,answer\nhello,world\nshort\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"d\.csv line 3: missing field 'answer'; fields present: \['prompt'\]"):
+    path.write_text("prompt,answer\nhello,world\n\"two\nlines\"\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv line 3: 1 values, fewer than the 2 columns of the header"):
         csv_task("t", path, "generation")
-    path.write_text("prompt;answer\na;b\n", encoding="utf-8")
+    path.write_text("prompt,answer,prompt\na,b,c\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv line 1: the header repeats column\(s\) \['prompt'\]"):
+        csv_task("t", path, "generation")
+
+
+def test_csv_missing_field_names_file_line_and_field(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt;answer\na;b\n", encoding="utf-8")  # wrong delimiter: one column
     with pytest.raises(ValueError, match=r"d\.csv line 2: missing field 'answer'; fields present: \['prompt;answer'\]"):
         csv_task("t", path, "generation")
-    path.write_text("prompt,answer\na,b,c\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"d\.csv line 2: more values than the 2 header columns"):
-        csv_task("t", path, "generation")
-    for content in ("", "prompt,answer\n"):
-        path.write_text(content, encoding="utf-8")
-        with pytest.raises(ValueError, match=r"d\.csv: no records"):
-            csv_task("t", path, "generation")
+    path.write_text("text,label\nfine day,pos\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.csv line 2: missing field 'question'; fields present: \['label', 'text'\]"):
+        csv_task("t", path, "generation", prompt_field="question", answer_field="label")
 
 
 # ---------------------------------------------------------------- Hugging Face datasets

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -39,14 +40,32 @@ def test_encode_puts_start_prompt_answer_and_marks_answer(enc):
     assert g.ids[-1] == enc.eos_id and g.target_start == 1 + len(enc.tokens("Q: 1+1\nA:"))
 
 
-def test_encode_truncates_prompt_from_the_start_and_keeps_answer(enc):
+def test_encode_truncates_prompt_from_the_start_and_keeps_answer(enc, caplog):
     prompt = " ".join(["word"] * 100) + "\nTopic:"
-    e = enc.encode(prompt, "business", eos=False)
+    with caplog.at_level(logging.WARNING, logger="lmas.modules.lm"):
+        e = enc.encode(prompt, "business", eos=False, where="task 'news' train[3]")
+        enc.encode(prompt, "sport", eos=False)
     answer = enc.tokens(" business")
     assert len(e.ids) == enc.max_length
     assert list(e.ids[-len(answer):]) == answer
     cue = enc.tokens("\nTopic:")
     assert list(e.ids[e.target_start - len(cue): e.target_start]) == cue
+    assert enc.truncated == 2  # every cut is counted, only the first is logged
+    (record,) = caplog.records
+    assert record.getMessage().startswith("task 'news' train[3]: prompt of ")
+    assert "to fit data.max_length=32 (its start dropped, the answer kept whole)" in record.getMessage()
+
+
+def test_encode_answer_longer_than_max_length_raises_and_raw_text_keeps_its_beginning(tiny_base, enc):
+    long = " ".join(f"w{i}" for i in range(60))
+    with pytest.raises(ValueError, match=r"task 'qa' test\[7\]: the answer 'w0 w1 .*' alone is \d+ tokens, more than "
+                                         r"the 31 that data.max_length=32 leaves"):
+        enc.encode_example(Example("Q: count\nA:", long), "generation", where="task 'qa' test[7]")
+    with pytest.raises(ValueError, match=r"label: the answer 'w0 w1 .*' alone is \d+ tokens"):  # rank scoring too
+        label_logprobs(tiny_base.model, enc, ["Q: count\nA:"], ["short", long])
+    assert enc.truncated == 0
+    e = enc.encode("", long, eos=False)  # lm text: cut to the window, beginning kept, counted
+    assert len(e.ids) == enc.max_length and list(e.ids[1:]) == enc.tokens(long)[: enc.max_length - 1]
     assert enc.truncated == 1
 
 

@@ -1,0 +1,75 @@
+"""Scoring agents of a population: one agent at a time, or many in one mixed-adapter batch.
+
+Classification tasks are scored from label log-likelihoods, which the loop also hands to the
+topology for result fusion; :meth:`PopulationScorer.label_logprobs` computes them for several
+agents at once. When every agent has a single adapter it runs one mixed batch (peft's
+``adapter_names``: each row uses its agent's adapter); agents with several stacked adapters
+(IncLoRA, O-LoRA) are scored one after another with their adapters activated.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lmas.data.task import Task
+from lmas.modules.lm import Encoder, evaluate, label_logprobs
+
+
+class PopulationScorer:
+    """Metrics and label log-likelihoods of a population's agents.
+
+    Args:
+        population: the agents.
+        encoder: tokenisation (``data.max_length``).
+        batch_size: evaluation batch size (rows of one forward pass).
+        max_new_tokens: greedy decoding budget of generation tasks.
+        mixed: score several single-adapter agents in one mixed-adapter batch.
+    """
+
+    def __init__(self, population, encoder: Encoder, batch_size: int = 32, max_new_tokens: int = 12,
+                 mixed: bool = True) -> None:
+        self.population, self.encoder = population, encoder
+        self.batch_size, self.max_new_tokens, self.mixed = batch_size, max_new_tokens, mixed
+
+    def can_mix(self, agents: Sequence[str]) -> bool:
+        return self.mixed and len(agents) > 1 and all(len(self.population.agents[a].adapters) == 1 for a in agents)
+
+    @torch.no_grad()
+    def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
+        """Label log-likelihoods of every agent: ``(A, N, L)``."""
+        model = self.population.model
+        was_training = model.training
+        model.eval()
+        try:
+            if self.can_mix(agents):
+                names = [self.population.agents[a].trainable for a in agents for _ in prompts]
+                out = label_logprobs(model, self.encoder, list(prompts) * len(agents), labels, self.batch_size,
+                                     adapter_names=names)
+                return out.view(len(agents), len(prompts), len(labels))
+            rows = []
+            for a in agents:
+                self.population.activate(a)
+                rows.append(label_logprobs(model, self.encoder, prompts, labels, self.batch_size))
+            return torch.stack(rows)
+        finally:
+            model.train(was_training)
+
+    def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
+        """The task's metric for one agent (its adapters activated)."""
+        self.population.activate(agent)
+        return evaluate(self.population.model, self.encoder, task, split, labels=labels,
+                        batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+
+    def classify(self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
+                 ) -> tuple[dict[str, float], Tensor, Tensor]:
+        """Accuracy of each agent, the label log-likelihoods ``(A, N, L)`` and gold indices ``(N,)``."""
+        examples = getattr(task, split)
+        if not examples:
+            raise ValueError(f"task {task.name!r}: the {split} split is empty, nothing to evaluate")
+        lp = self.label_logprobs(agents, [ex.prompt for ex in examples], labels)
+        gold = torch.tensor([list(labels).index(ex.answer) for ex in examples])
+        acc = (lp.argmax(-1) == gold).float().mean(-1)  # (A,)
+        return {a: acc[i].item() for i, a in enumerate(agents)}, lp, gold

@@ -1,0 +1,265 @@
+"""Topologies: who talks to whom, and how the population answers as a whole.
+
+A topology does two things in each round of the loop:
+
+* :meth:`Topology.exchange` after the agents have trained: knowledge moving between agents
+  (peer-to-peer adapter exchange), as :class:`~lmas.population.messages.Message` objects;
+* :meth:`Topology.answer` during evaluation: the population's answer to a task, recorded as the
+  ``"population"`` row of the knowledge matrix.
+
+The topologies:
+
+* :class:`Topology` (``none``) — agents work alone; no population answer.
+* :class:`MasterWorker` — a coordinator (pair it with the ``Competence`` allocation) assigns tasks;
+  the workers send it their label distributions and it fuses them (``fusion``).
+* :class:`PeerToPeer` — after each round every agent sends its adapter to its neighbours
+  (``ring``, ``all_to_all`` or random ``gossip``) and merges what it receives with its own
+  (exact merge of the LoRA products, cut to its rank); peers answer by a fused vote.
+* :class:`Hierarchical` — a cascade: the first agent answers when its top label probability
+  reaches ``threshold``, otherwise the example escalates to the next agent; the escalation rate
+  is logged.
+
+Classification tasks are fused from label distributions. Generation and perplexity tasks have
+no label distribution to fuse: every topology routes them to the agent with the best validation
+score (what a coordinator or a cascade can do without one).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from lmas.data.task import Task
+from lmas.population.fusion import FUSIONS, cascade, fuse
+from lmas.population.messages import COORDINATOR, Message, MessageLog
+from lmas.transfer.merge import exact_merge, read_factors, write_factors
+
+GRAPHS = ("ring", "all_to_all", "gossip")
+
+
+@dataclass
+class TaskView:
+    """What the loop knows about one task when the population answers it.
+
+    Attributes:
+        task: the task.
+        agents: the agents evaluated this round (population order).
+        values: each agent's test metric.
+        logprobs: classification only: test label log-likelihoods ``(A, N, L)``.
+        gold: classification only: the gold label index of every test example ``(N,)``.
+        val_score: an agent's metric on the validation split (computed on demand, cached).
+        split: the split the values and log-likelihoods were computed on.
+        higher_is_better: the metric's direction (False for perplexity).
+    """
+
+    task: Task
+    agents: list[str]
+    values: dict[str, float]
+    logprobs: Tensor | None
+    gold: Tensor | None
+    val_score: Callable[[str], float]
+    split: str = "test"
+    higher_is_better: bool = True
+
+
+class Topology:
+    """No communication: agents learn alone and the population gives no joint answer."""
+
+    name = "none"
+    answers = False  # whether :meth:`answer` gives a ``population`` row
+
+    def exchange(self, population, round_idx: int, senders: list[str], log: MessageLog) -> list[dict]:
+        """Move knowledge between agents after round ``round_idx``; one record per agent written."""
+        return []
+
+    def answer(self, view: TaskView, round_idx: int, log: MessageLog) -> tuple[float, dict] | None:
+        """The population's metric on ``view.task`` and details for the logs (None: no answer)."""
+        return None
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def check(self, agents: list[str]) -> None:
+        """Raise a clear error if the topology's options do not fit the population's agents."""
+
+    # --- shared pieces -------------------------------------------------------------------
+    @staticmethod
+    def route(view: TaskView, round_idx: int, log: MessageLog, receiver: str = COORDINATOR) -> tuple[float, dict]:
+        """Answer with the agent whose validation score is best (each agent reports its score)."""
+        scores = {}
+        for a in view.agents:
+            scores[a] = view.val_score(a)
+            log.send(Message("report", a, receiver, round_idx, scores[a]))
+        sign = 1.0 if view.higher_is_better else -1.0
+        best = max(view.agents, key=lambda a: sign * scores[a])
+        return view.values[best], {"routed_to": best, "val_scores": scores}
+
+    @staticmethod
+    def accuracy(probs: Tensor, gold: Tensor) -> float:
+        return (probs.argmax(-1) == gold).float().mean().item()
+
+
+class MasterWorker(Topology):
+    """A coordinator fuses its workers' label distributions (``fusion``: see :mod:`lmas.population.fusion`)."""
+
+    name = "master_worker"
+    answers = True
+
+    def __init__(self, fusion: str = "val_acc") -> None:
+        if fusion not in FUSIONS:
+            raise ValueError(f"population.topology.fusion={fusion!r}: expected one of {FUSIONS}")
+        self.fusion = fusion
+
+    def describe(self) -> dict:
+        return {"name": self.name, "fusion": self.fusion}
+
+    def answer(self, view, round_idx, log):
+        if view.logprobs is None:
+            return self.route(view, round_idx, log)
+        for i, a in enumerate(view.agents):
+            log.send(Message("label_distribution", a, COORDINATOR, round_idx, view.logprobs[i].float()))
+        val = None
+        if self.fusion == "val_acc":
+            val = [view.val_score(a) for a in view.agents]
+            for a, v in zip(view.agents, val):
+                log.send(Message("report", a, COORDINATOR, round_idx, v))
+        probs = fuse(view.logprobs, self.fusion, val)
+        return self.accuracy(probs, view.gold), {"fusion": self.fusion, "val_acc": val}
+
+
+class PeerToPeer(Topology):
+    """Peers exchange adapters with their neighbours after every ``every``-th round.
+
+    Args:
+        graph: ``ring`` (each agent receives from the agents before and after it),
+            ``all_to_all``, or ``gossip`` (each agent sends to ``fanout`` random peers per round).
+        self_weight: share of an agent's own ``ΔW`` in its merge; the received adapters share the
+            rest equally. An agent that has learnt nothing yet takes the mean of what it receives.
+        fanout: peers each agent gossips to (``gossip`` only).
+        every: exchange period in rounds.
+        fusion: how peers vote on an answer (``uniform`` by default).
+        seed: the gossip's random choices (round ``r`` uses ``seed`` and ``r``).
+
+    Only agents that have learnt something (trained or received) send. Merging is exact on the
+    products ``B·A`` of the trainable adapters, cut to the receiver's rank by truncated SVD.
+    """
+
+    name = "peer_to_peer"
+    answers = True
+
+    def __init__(self, graph: str = "ring", self_weight: float = 0.5, fanout: int = 1, every: int = 1,
+                 fusion: str = "uniform", seed: int = 0) -> None:
+        if graph not in GRAPHS:
+            raise ValueError(f"population.topology.graph={graph!r}: expected one of {GRAPHS}")
+        if not 0.0 <= self_weight <= 1.0:
+            raise ValueError(f"population.topology.self_weight={self_weight}: must be in [0, 1]")
+        if fanout < 1 or every < 1:
+            raise ValueError("population.topology: fanout and every must be >= 1")
+        if fusion not in FUSIONS or fusion == "val_acc":
+            raise ValueError(f"population.topology.fusion={fusion!r}: peers vote with one of "
+                             f"{[f for f in FUSIONS if f != 'val_acc']}")
+        self.graph, self.self_weight, self.fanout, self.every = graph, self_weight, fanout, every
+        self.fusion, self.seed = fusion, seed
+
+    def describe(self) -> dict:
+        return {"name": self.name, "graph": self.graph, "self_weight": self.self_weight, "fanout": self.fanout,
+                "every": self.every, "fusion": self.fusion}
+
+    def neighbours(self, agents: list[str], round_idx: int) -> dict[str, list[str]]:
+        """``receiver -> senders`` of one exchange."""
+        n = len(agents)
+        if n < 2:
+            return {}
+        if self.graph == "all_to_all":
+            return {a: [b for b in agents if b != a] for a in agents}
+        if self.graph == "ring":
+            out = {}
+            for i, a in enumerate(agents):
+                out[a] = list(dict.fromkeys([agents[(i - 1) % n], agents[(i + 1) % n]]))
+            return out
+        rng = random.Random(self.seed * 1_000_003 + round_idx)
+        incoming: dict[str, list[str]] = {a: [] for a in agents}
+        for a in agents:
+            for b in rng.sample([x for x in agents if x != a], min(self.fanout, n - 1)):
+                incoming[b].append(a)
+        return {b: sorted(s, key=agents.index) for b, s in incoming.items() if s}
+
+    def exchange(self, population, round_idx, senders, log):
+        if (round_idx + 1) % self.every:
+            return []
+        agents = population.names
+        snapshot = {a: read_factors(population, a) for a in senders}
+        plans = []
+        for receiver, peers in self.neighbours(agents, round_idx).items():
+            peers = [p for p in peers if p in snapshot]
+            if not peers:
+                continue
+            got = [log.send(Message("adapter", p, receiver, round_idx, snapshot[p])) for p in peers]
+            own = receiver in snapshot
+            w_own = self.self_weight if own else 0.0
+            weights = ([w_own] if own else []) + [(1.0 - w_own) / len(got)] * len(got)
+            sets = ([snapshot[receiver]] if own else []) + [m.payload for m in got]
+            plans.append((receiver, peers, weights, exact_merge(sets, weights)[0]))
+        records = []
+        for receiver, peers, weights, factors in plans:  # write after every merge is computed
+            write_factors(population, receiver, factors, seed=self.seed)
+            records.append({"round": round_idx, "event": "merged", "agent": receiver, "method": "exact",
+                            "sources": ([receiver] if receiver in snapshot else []) + peers, "weights": weights,
+                            "via": f"{self.name}/{self.graph}"})
+        return records
+
+    def answer(self, view, round_idx, log):
+        if view.logprobs is None:
+            return self.route(view, round_idx, log, receiver="peers")
+        for i, a in enumerate(view.agents):
+            for b in view.agents:
+                if b != a:
+                    log.send(Message("label_distribution", a, b, round_idx, view.logprobs[i].float()))
+        probs = fuse(view.logprobs, self.fusion)
+        return self.accuracy(probs, view.gold), {"fusion": self.fusion}
+
+
+class Hierarchical(Topology):
+    """A confidence cascade over ``order`` (default: population order).
+
+    The first agent answers an example when its top label probability is at least ``threshold``;
+    otherwise the example (its prompt) escalates to the next agent, and so on; the last agent
+    always answers. The share of escalated examples is logged per task and round.
+    """
+
+    name = "hierarchical"
+    answers = True
+
+    def __init__(self, threshold: float = 0.7, order: list[str] | None = None) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"population.topology.threshold={threshold}: must be in [0, 1]")
+        self.threshold, self.order = threshold, order
+
+    def describe(self) -> dict:
+        return {"name": self.name, "threshold": self.threshold, "order": self.order}
+
+    def check(self, agents: list[str]) -> None:
+        unknown = [a for a in self.order or [] if a not in agents]
+        if unknown:
+            raise ValueError(f"population.topology.order: unknown agents {unknown}; the population has {agents}")
+
+    def answer(self, view, round_idx, log):
+        listed = [a for a in (self.order or []) if a in view.agents]
+        order = listed + [a for a in view.agents if a not in listed]  # agents not listed come last
+        if view.logprobs is None:
+            return self.route(view, round_idx, log)
+        idx = torch.tensor([view.agents.index(a) for a in order])
+        pred, level = cascade(view.logprobs[idx], self.threshold)
+        examples = getattr(view.task, view.split)
+        for k in range(1, len(order)):  # examples passed from level k-1 to level k
+            up = [examples[n] for n in (level >= k).nonzero().flatten().tolist()]
+            if up:
+                log.send(Message("examples", order[k - 1], order[k], round_idx, up))
+        counts = {a: int((level == k).sum()) for k, a in enumerate(order)}
+        rate = float((level > 0).float().mean()) if len(order) > 1 else 0.0
+        return float((pred == view.gold).float().mean()), {"order": order, "answered_by": counts,
+                                                           "escalation_rate": rate, "threshold": self.threshold}
