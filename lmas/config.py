@@ -27,6 +27,7 @@ import difflib
 import importlib
 import inspect
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -34,13 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = ["ConfigError", "validate"]
 
-# The config's top level: train.yaml's own keys and its groups (conf/<group>/); `local` is the
-# optional, untracked conf/local/default.yaml.
-TOP_LEVEL = (
-    "seed", "progress", "train", "eval", "data",
-    "model", "stream", "population", "strategy", "transfer", "trainer", "logger", "paths", "local",
-)
-DATA_KEYS = ("max_length",)
+PRIMARY = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"  # lmas-train's config (lmas.train.CONF_DIR)
 EVAL_SPLITS = ("val", "test")
 SCENARIOS = ("task", "class", "domain")  # lmas.data.stream.SCENARIOS
 ORDERS = ("fixed", "shuffle")
@@ -81,7 +76,7 @@ def validate(cfg: DictConfig) -> None:
     Reads the config only (imports the modules named by ``_target_``, builds nothing).
     """
     errors: list[str] = []
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not str(k).startswith("hydra."))
     for key in missing:
         errors.append(f"{key}=???: this option has no value; set it, e.g. {key}=<value>")
     ctx = _Ctx(cfg, errors, set(missing))
@@ -180,7 +175,7 @@ def _check_keys(ctx: _Ctx, path: str, allowed, what: str) -> None:
         return
     allowed = list(allowed)
     for key in node.keys():
-        if key not in allowed:
+        if key not in allowed and not (path == "" and key == "hydra"):  # hydra: present only outside @hydra.main
             full = f"{path}.{key}" if path else str(key)
             hint = difflib.get_close_matches(str(key), allowed, n=1)
             ctx.errors.append(
@@ -191,8 +186,31 @@ def _check_keys(ctx: _Ctx, path: str, allowed, what: str) -> None:
 
 
 # --- checks -------------------------------------------------------------------------------------
+def _primary() -> DictConfig | None:
+    """conf/train.yaml as written; None when conf/ is not there (a non-editable install)."""
+    try:
+        return OmegaConf.load(PRIMARY)
+    except (OSError, OmegaConfBaseException):
+        return None
+
+
+def _top_level_keys() -> list[str] | None:
+    """The config's top level: conf/train.yaml's own keys and the groups of its defaults list
+    (``optional local`` included)."""
+    primary = _primary()
+    if primary is None:
+        return None
+    keys = [str(k) for k in primary if k not in ("defaults", "hydra")]
+    for entry in primary.get("defaults") or []:
+        if isinstance(entry, DictConfig):
+            keys += [str(k).split()[-1].lstrip("/") for k in entry]  # "optional local" -> local
+    return list(dict.fromkeys(keys))
+
+
 def _check_top_level(ctx: _Ctx) -> None:
-    _check_keys(ctx, "", TOP_LEVEL, "the config (conf/train.yaml and its groups)")
+    allowed = _top_level_keys()
+    if allowed is not None:
+        _check_keys(ctx, "", allowed, "the config (conf/train.yaml and its groups)")
 
 
 def _check_train(ctx: _Ctx) -> None:
@@ -200,7 +218,9 @@ def _check_train(ctx: _Ctx) -> None:
 
     _check_keys(ctx, "train", [f.name for f in dataclasses.fields(TrainConfig)], "train (lmas.loop.TrainConfig)")
     _check_keys(ctx, "eval", [f.name for f in dataclasses.fields(EvalConfig)], "eval (lmas.loop.EvalConfig)")
-    _check_keys(ctx, "data", DATA_KEYS, "data")
+    primary = _primary()
+    if primary is not None and isinstance(primary.get("data"), DictConfig):
+        _check_keys(ctx, "data", list(primary.data), "data (conf/train.yaml)")
 
     ctx.check("train.lr", lambda v: _is_num(v) and v > 0, "the learning rate must be a number > 0")
     ctx.check("train.batch_size", _int_at_least(1), "expected an integer >= 1")
@@ -272,11 +292,10 @@ def _check_population(ctx: _Ctx) -> None:
 
 
 def _check_stream(ctx: _Ctx) -> None:
-    tasks = ctx.get("stream.tasks")
-    if tasks is _ABSENT or not isinstance(tasks, list) or not tasks:
-        if tasks is not _ABSENT or ctx.get("stream") is not _ABSENT:
-            ctx.fail("stream.tasks", None if tasks is _ABSENT else tasks,
-                     "a stream needs a non-empty list of tasks, each {_target_: <task factory>, name: <name>, ...}")
+    tasks = ctx.get("stream.tasks", default=None)
+    if not isinstance(tasks, list) or not tasks:
+        ctx.fail("stream.tasks", tasks,
+                 "a stream needs a non-empty list of tasks, each {_target_: <task factory>, name: <name>, ...}")
     else:
         seen: dict[str, int] = {}
         for i, task in enumerate(tasks):
@@ -424,7 +443,9 @@ def _check_cross(ctx: _Ctx) -> None:
     alloc = ctx.get("population.allocation", default=None)
     if isinstance(alloc, dict) and isinstance(alloc.get("rounds"), list) and agents and task_names:
         for r, rnd in enumerate(alloc["rounds"]):
-            for agent, ts in (rnd or {}).items():
+            if not isinstance(rnd, dict):  # a malformed round: the allocation's own check says so
+                continue
+            for agent, ts in rnd.items():
                 path = f"population.allocation.rounds[{r}]"
                 if agent not in agents:
                     ctx.fail(f"{path}.{agent}", ts, f"{agent!r} is not an agent; the agents "

@@ -27,6 +27,7 @@ from typing import Any
 
 import lightning as L
 
+from lmas import checkpoint
 from lmas.data.stream import Stream
 from lmas.data.task import Task
 from lmas.metrics.knowledge import KnowledgeMatrix
@@ -186,6 +187,8 @@ class ContinualLoop:
         self.answers: list[dict[str, dict]] = []  # per round: task -> the topology's answer details
         self.events: list[dict] = []  # transfer and exchange records
         self.curves: dict[str, list[list[float]]] = {}  # agent/task -> [[step, value], ...]
+        self.loss_curves: dict[str, list[float]] = {}  # agent/task -> per-step training loss
+        self._started, self._wall_before = time.perf_counter(), 0.0  # wall time: this process + before a resume
 
     # --- one experience ----------------------------------------------------------------
     def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int) -> list[float]:
@@ -266,12 +269,17 @@ class ContinualLoop:
         return value
 
     # --- the run -----------------------------------------------------------------------
-    def run(self) -> dict:
-        """Run every round; write results.json, the matrix CSV and heatmap; return the results."""
+    def run(self, resume: bool = False) -> dict:
+        """Run every round; write results.json, the matrix CSV and heatmap; return the results.
+
+        ``resume``: continue from the run dir's last checkpoint (the round after it) instead of
+        starting over; the resumed run ends with the results an uninterrupted run would have.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        self._started = time.perf_counter()
         tasks = self.stream.tasks
-        if self.eval_cfg.initial:
+        first = self.restore() + 1 if resume else 0
+        if self.eval_cfg.initial and not resume:
             t0 = time.perf_counter()
             for j, task in enumerate(tasks):
                 # fresh LoRA adapters are exact no-ops (B = 0), so one evaluation serves all agents
@@ -280,15 +288,14 @@ class ContinualLoop:
                     self.matrix.record_initial(agent, task.name, value)
                 log.info("initial %s on %s: %.4f", task.metric, task.name, value)
             self.timings["eval_s"] += time.perf_counter() - t0
-        curves: dict[str, list[float]] = {}
-        for r, round_tasks in enumerate(self.plan):
+        for r in range(first, len(self.plan)):
             round_idx = self.matrix.start_round()
             t0 = time.perf_counter()
-            assignments = self.assign(r, round_tasks)
+            assignments = self.assign(r, self.plan[r])
             self._transfer(r, assignments)
             for agent, j in assignments:
                 seen = [tasks[i] for i in self._met_before(r) if i != j]
-                curves[f"{agent}/{tasks[j].name}"] = self.fit(agent, tasks[j], seen, round_idx)
+                self.loss_curves[f"{agent}/{tasks[j].name}"] = self.fit(agent, tasks[j], seen, round_idx)
                 self.matrix.mark_trained(round_idx, agent, tasks[j].name)
                 if self.topology.answers:
                     self.matrix.mark_trained(round_idx, POPULATION, tasks[j].name)
@@ -299,11 +306,51 @@ class ContinualLoop:
             self.evaluate_round(r)
             self.timings["eval_s"] += time.perf_counter() - t0
             self.after_round(r)
-        self.timings["wall_s"] = time.perf_counter() - start
-        results = self.results(curves)
+        self.timings["wall_s"] = self._wall_before + time.perf_counter() - self._started
+        results = self.results()
         report.write_run(self.run_dir, results, self.matrix)
         self.tracker.finish()
         return results
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def checkpoint(self, r: int) -> None:
+        """Save everything needed to continue after round ``r`` (atomically; see :mod:`lmas.checkpoint`)."""
+        state = {
+            "round": r,
+            "step": self.step,
+            "timings": dict(self.timings),
+            "wall_s": self._wall_before + time.perf_counter() - self._started,
+            "matrix": self.matrix.to_dict(),
+            "histories": {n: a.history for n, a in self.population.agents.items()},
+            "assignments": [[list(p) for p in rnd] for rnd in self.assignments],
+            "answers": self.answers,
+            "events": self.events,
+            "curves": self.curves,
+            "loss_curves": self.loss_curves,
+            "truncated": self.encoder.truncated,
+            "messages": self.messages.state_dict(),
+            "allocation": self.allocation.state_dict(),
+            "strategy": self.strategy.state_dict(),
+        }
+        checkpoint.save(self.run_dir, state, self.population)
+
+    def restore(self) -> int:
+        """Load the run dir's checkpoint into this loop; returns the last complete round."""
+        state, folder = checkpoint.load(self.run_dir)
+        checkpoint.restore_population(self.population, state["adapters"], folder / "adapters", state["histories"])
+        self.matrix = KnowledgeMatrix.from_dict(state["matrix"])
+        self.step = state["step"]
+        self.timings, self._wall_before = dict(state["timings"]), float(state["wall_s"])
+        self.assignments = [[(a, j) for a, j in rnd] for rnd in state["assignments"]]
+        self.answers, self.events = state["answers"], state["events"]
+        self.curves, self.loss_curves = state["curves"], state["loss_curves"]
+        self.encoder.truncated = state["truncated"]
+        self.messages.load_state_dict(state["messages"])
+        self.allocation.load_state_dict(state["allocation"])
+        self.strategy.load_state_dict(state["strategy"])
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed %s after round %d (from %s)", self.run_dir, state["round"], folder)
+        return int(state["round"])
 
     def assign(self, r: int, round_tasks: list[int]) -> Assignment:
         """Ask the allocation who trains what in round ``r``; a coordinator hands out the task data."""
@@ -418,9 +465,10 @@ class ContinualLoop:
                         "events": ",".join(e["event"] for e in events), "task": label}
                 self.population.save_adapter(agent, path, metadata=meta)
                 self.tracker.log_artifact(path, f"adapter-{agent}", "adapter", meta)
-        report.write_json(self.run_dir / "results.json", self.results({}, partial=True))
+        report.write_json(self.run_dir / "results.json", self.results(partial=True))
+        self.checkpoint(r)
 
-    def results(self, curves: dict[str, list[float]], partial: bool = False) -> dict:
+    def results(self, partial: bool = False) -> dict:
         """The JSON-safe results of the run so far."""
         return {
             "complete": not partial,
@@ -442,7 +490,7 @@ class ContinualLoop:
             "seed": self.seed,
             "matrix": self.matrix.to_dict(),
             "metrics": {agent: self.matrix.summary(agent) for agent in self.matrix.agents},
-            "loss_curves": curves,
+            "loss_curves": self.loss_curves,
             "learning_curves": self.curves,
             "timings": dict(self.timings),
             "truncated_prompts": self.encoder.truncated,

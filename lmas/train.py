@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -16,26 +17,29 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lmas import checkpoint
 from lmas.config import validate
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
 from lmas.tracking import report
 
 log = logging.getLogger("lmas")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repo's conf/ (editable install)
+CONFIG = "config.yaml"  # the resolved config of a run, in its run dir
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Build model, stream, population, strategy and tracker from ``cfg``; run; return results."""
+def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
+    """Build model, stream, population, strategy and tracker from ``cfg``; run; return results.
+
+    ``resume``: continue the run in ``run_dir`` from its last checkpoint (``cfg`` must be its config).
+    """
     import lightning as L
 
     run_dir = Path(run_dir)
-    if (run_dir / "results.json").exists():
-        raise FileExistsError(
-            f"{run_dir} already holds the results of another run (results.json); lmas never overwrites "
-            "a run: choose another hydra.run.dir or paths.output_dir"
-        )
+    check_run_dir(run_dir, resume)
     validate(cfg)  # bad options fail here, before any data or model is loaded
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)  # what resume=<run dir> rebuilds the run from
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     L.seed_everything(cfg.seed, verbose=False)
     stream = instantiate(cfg.stream, _convert_="all")
@@ -69,9 +73,39 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         config=config,
         progress=cfg.progress,
     )
-    results = loop.run()
+    results = loop.run(resume=resume)
     print(summary(results, run_dir))
     return results
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a run; for a resume, check there is something to resume."""
+    results = run_dir / "results.json"
+    if resume:
+        if checkpoint.find(run_dir) is None or not (run_dir / CONFIG).is_file():
+            raise FileNotFoundError(f"resume={run_dir}: no checkpoint/ and {CONFIG} there; nothing to resume "
+                                    "(it resumes a run dir of lmas-train that completed at least one round)")
+        if results.is_file() and json.loads(results.read_text()).get("complete"):
+            raise FileExistsError(f"resume={run_dir}: that run is complete; nothing to resume")
+        return
+    if results.exists() or checkpoint.find(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds the results of another run (results.json/checkpoint); lmas never "
+            f"overwrites a run: choose another hydra.run.dir or paths.output_dir, or continue it with "
+            f"resume={run_dir}"
+        )
+
+
+def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
+    """The saved config of the run to resume; other command-line overrides are refused."""
+    extra = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
+    if extra:
+        raise ValueError(f"resume={run_dir} continues that run with its own saved config ({CONFIG}); "
+                         f"drop the other overrides {extra}")
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"resume={run_dir}: {path} not found (not an lmas run dir?)")
+    return OmegaConf.load(path)
 
 
 def summary(results: dict, run_dir: Path) -> str:
@@ -93,7 +127,12 @@ def summary(results: dict, run_dir: Path) -> str:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns the first agent's average accuracy (for sweepers)."""
-    results = run(cfg, HydraConfig.get().runtime.output_dir)
+    if cfg.get("resume"):
+        saved = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
+        log.info("resuming %s (this invocation's Hydra logs: %s)", cfg.resume, HydraConfig.get().runtime.output_dir)
+        results = run(saved, cfg.resume, resume=True)
+    else:
+        results = run(cfg, HydraConfig.get().runtime.output_dir)
     first = next(iter(results["metrics"].values()), {})
     return first.get("avg_acc")
 

@@ -64,7 +64,7 @@ def test_train_eval_data_and_seed_values_are_checked(override, expected, problem
         ("population.lora.target_modules=q_proj", "population.lora.target_modules=q_proj: expected a non-empty list"),
         ("population.lora.target_modules=[]", "population.lora.target_modules=[]: expected a non-empty list"),
         ("population.lora.layers_to_transform=[0,-1]",
-         "population.lora.layers_to_transform=[0,-1]: expected null (every layer) or a non-empty list of layer indices"),
+         "population.lora.layers_to_transform=[0,-1]: expected null (every layer) or a non-empty list of layer"),
     ],
 )
 def test_population_values_are_checked(override, expected, problems):
@@ -116,6 +116,8 @@ def test_misspelt_option_on_the_command_line_is_refused_by_hydra_and_with_plus_b
     assert "allowed: lr, batch_size, epochs, max_steps, weight_decay, warmup_steps, log_every" in msg
     msg = problems(["+population.lora.rr=3"])
     assert "population.lora.rr: not an option of population.lora" in msg and "allowed: r, alpha, dropout" in msg
+    assert "data.max_lenght: not an option of data (conf/train.yaml) (did you mean data.max_length?)" in problems(
+        ["+data.max_lenght=64"])
     msg = problems(["+trian.lr=1"])
     assert "trian: not an option of the config" in msg and "did you mean train?" in msg
 

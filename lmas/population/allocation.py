@@ -43,6 +43,13 @@ class Allocation:
         """The ``(agent, task index)`` pairs that train in round ``round_idx``, in training order."""
         return [(a, j) for j in tasks for a in agents]
 
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue allocating as before (JSON-safe)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+
 
 class Broadcast(Allocation):
     """Every agent trains every task (the default; with one agent, plain continual learning)."""
@@ -161,3 +168,11 @@ class Competence(Allocation):
         for a, n in used.items():
             self.load[a] = self.load.get(a, 0) + n
         return [(taken[j], j) for j in tasks]
+
+    def state_dict(self) -> dict:
+        return {"load": dict(self.load), "scores": self.scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load = {a: int(n) for a, n in state["load"].items()}
+        self.scores = [{a: {int(j): float(v) for j, v in per.items()} for a, per in rnd.items()}
+                       for rnd in state["scores"]]

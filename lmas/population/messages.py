@@ -89,3 +89,13 @@ class MessageLog:
     def to_list(self, n_rounds: int) -> list[dict]:
         """One :meth:`round_summary` per round ``0..n_rounds-1``."""
         return [self.round_summary(r) for r in range(n_rounds)]
+
+    def state_dict(self) -> dict:
+        return {"count": {str(r): dict(k) for r, k in self._count.items()},
+                "bytes": {str(r): dict(k) for r, k in self._bytes.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, target in (("count", self._count), ("bytes", self._bytes)):
+            target.clear()
+            for r, kinds in state[key].items():
+                target[int(r)].update({k: int(v) for k, v in kinds.items()})

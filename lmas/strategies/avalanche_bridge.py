@@ -252,3 +252,17 @@ class AvalancheStrategy(Strategy):
             strategy.plugins.remove(control)
         state[2] = index + 1
         return control.losses
+
+    def state_dict(self) -> dict:
+        """Avalanche keeps its plugins' state (Fisher, buffers, previous model) in objects lmas
+        does not serialise; only the number of experiences per agent is saved."""
+        return {"method": self.method, "experiences": {a: s[2] for a, s in self.agents.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resuming is exact only when there is no Avalanche state to restore (``naive``)."""
+        if self.method != "naive" and any(state.get("experiences", {}).values()):
+            raise ValueError(
+                f"strategy={self.name}: Avalanche's {self.method} state (its plugins' buffers, Fisher or "
+                "previous model) is not checkpointed, so this run cannot be resumed exactly; start it again, "
+                "or use lmas's own strategy=" + self.method
+            )
