@@ -230,13 +230,14 @@ def _check_train(ctx: _Ctx) -> None:
     ctx.check("train.weight_decay", lambda v: _is_num(v) and v >= 0, "expected a number >= 0")
     ctx.check("train.warmup_steps", _int_at_least(0), "expected an integer >= 0")
     ctx.check("train.log_every", _int_at_least(1), "expected an integer >= 1")
+    ctx.check("train.trunk_cache", lambda v: isinstance(v, bool), "expected true or false")
 
     ctx.check("eval.split", lambda v: v in EVAL_SPLITS, _one_of(EVAL_SPLITS))
     ctx.check("eval.batch_size", _int_at_least(1), "expected an integer >= 1")
     ctx.check("eval.max_new_tokens", _int_at_least(1), "expected an integer >= 1")
     ctx.check("eval.curve_every", _int_at_least(0), "expected an integer >= 0 (0 = no learning curves)")
     ctx.check("eval.val_fallback", _int_at_least(1), "expected an integer >= 1")
-    for key in ("initial", "next_task", "mixed_adapters"):
+    for key in ("initial", "next_task", "mixed_adapters", "shared_trunk"):
         ctx.check(f"eval.{key}", lambda v: isinstance(v, bool), "expected true or false")
     ctx.check("progress", lambda v: isinstance(v, bool), "expected true or false")
 
@@ -438,6 +439,16 @@ def _check_cross(ctx: _Ctx) -> None:
         ctx.fail("population.agents", ctx.get("population.agents"),
                  f"strategy=seqft fine-tunes the shared base model, so it needs a single agent "
                  f"(population.agents=1); this population has {len(agents)}")
+
+    # A shared trunk needs LoRA restricted to the top layers (lmas/modules/trunk.py), and a frozen base
+    for key in ("train.trunk_cache", "eval.shared_trunk"):
+        if ctx.get(key, default=False) is True:
+            if ctx.get("population.lora.layers_to_transform", default=None) is None:
+                ctx.fail(key, True, "the shared trunk computes the layers below every LoRA layer once; set "
+                         "population.lora.layers_to_transform to the top layers (e.g. [26,27,28,29] for "
+                         "SmolLM2's 30) or turn it off")
+            elif key == "train.trunk_cache" and any(_is_seqft(t) for t in targets):
+                ctx.fail(key, True, "strategy=seqft trains the base model, so its layers cannot be cached")
 
     # Explicit allocation: the agents and tasks it names must exist
     alloc = ctx.get("population.allocation", default=None)

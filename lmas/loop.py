@@ -30,9 +30,11 @@ import lightning as L
 from lmas import checkpoint
 from lmas.data.stream import Stream
 from lmas.data.task import Task
+from lmas.metrics import similarity
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.modules.incremental import ExperienceData, IncrementalLM
 from lmas.modules.lm import Encoder
+from lmas.modules.trunk import SharedTrunk
 from lmas.population.allocation import Allocation, Assignment
 from lmas.population.evaluation import PopulationScorer
 from lmas.population.messages import COORDINATOR, Message, MessageLog
@@ -41,7 +43,7 @@ from lmas.population.topology import TaskView, Topology
 from lmas.transfer.compose import answer_nll, few_shot_batches
 from lmas.transfer.policy import Transfer
 from lmas.strategies.base import Strategy
-from lmas.tracking import report
+from lmas.tracking import lineage, report
 from lmas.tracking.trackers import Tracker
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     log_every: int = 5
+    trunk_cache: bool = False  # cache the frozen layers below the LoRA ones per example (lmas/modules/trunk.py)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class EvalConfig:
     curve_every: int = 0  # >0: score the training task's val split every k steps (learning curves)
     mixed_adapters: bool = True  # score single-adapter agents together in mixed-adapter batches
     val_fallback: int = 32  # tasks without a val split use this many training examples where val is needed
+    shared_trunk: bool = False  # agents' label scores share one pass of the layers below the LoRA ones
 
 POPULATION = "population"  # the knowledge-matrix row of the topology's joint answer
 
@@ -172,8 +176,11 @@ class ContinualLoop:
         self.config = config or {}
         self.progress = progress
         self.save_adapters = save_adapters
+        self.trunk = (SharedTrunk(population.model)
+                      if self.train_cfg.trunk_cache or self.eval_cfg.shared_trunk else None)
         self.scorer = PopulationScorer(population, self.encoder, self.eval_cfg.batch_size,
-                                       self.eval_cfg.max_new_tokens, self.eval_cfg.mixed_adapters)
+                                       self.eval_cfg.max_new_tokens, self.eval_cfg.mixed_adapters,
+                                       trunk=self.trunk if self.eval_cfg.shared_trunk else None)
         self.messages = MessageLog()
         self.step = 0  # global optimisation step over all experiences (the W&B x-axis)
         self.topology.check(population.names)
@@ -188,18 +195,24 @@ class ContinualLoop:
         self.events: list[dict] = []  # transfer and exchange records
         self.curves: dict[str, list[list[float]]] = {}  # agent/task -> [[step, value], ...]
         self.loss_curves: dict[str, list[float]] = {}  # agent/task -> per-step training loss
+        self.similarity: list[dict] = []  # per round with >= 2 knowing agents: weights/predictions per pair
         self._started, self._wall_before = time.perf_counter(), 0.0  # wall time: this process + before a resume
 
     # --- one experience ----------------------------------------------------------------
-    def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int) -> list[float]:
-        """Train ``agent`` on ``task`` (one ``Trainer.fit``); returns the per-step losses."""
+    def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int,
+            strategy: Strategy | None = None) -> list[float]:
+        """Train ``agent`` on ``task`` (one ``Trainer.fit``); returns the per-step losses.
+
+        ``strategy`` overrides the loop's strategy for this experience (e.g. a distillation step).
+        """
         cfg = self.train_cfg
+        strategy = strategy or self.strategy
         agent_idx = self.population.names.index(agent)
         fit_seed = self.seed * 1_000_003 + round_idx * 1_009 + agent_idx
         L.seed_everything(fit_seed, workers=True, verbose=False)
-        examples = self.strategy.train_examples(agent, task, seen)
+        examples = strategy.train_examples(agent, task, seen)
         self.population.activate(agent)
-        external = self.strategy.external_fit(self.population, agent, task, examples, self.encoder, cfg, fit_seed)
+        external = strategy.external_fit(self.population, agent, task, examples, self.encoder, cfg, fit_seed)
         if external is not None:
             self.population.model.eval()
             for i, loss in enumerate(external, 1):  # the same step axis as the Lightning path
@@ -208,10 +221,12 @@ class ContinualLoop:
             self._record_fit(agent, task, round_idx, len(external), len(examples))
             return external
         data = ExperienceData(self.encoder, examples, cfg.batch_size, seed=fit_seed)
-        module = IncrementalLM(self.population, agent, self.strategy, self.encoder, lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
+        module = IncrementalLM(self.population, agent, strategy, self.encoder, lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                               trunk=self.trunk if cfg.trunk_cache else None)
+        module.examples = examples
         self.population.activate(agent)
-        self.strategy.before_task(module, task)
+        strategy.before_task(module, task)
         log.info("round %d: %s trains on %s (%d examples, %s)", round_idx, agent, task.name,
                  len(examples), task.kind)
         callbacks: list[L.Callback] = [_StepLogger(self.tracker, self.step, cfg.log_every, agent)]
@@ -235,7 +250,7 @@ class ContinualLoop:
             )
             trainer.fit(module, datamodule=data)
         self.population.model.eval()
-        self.strategy.after_task(module, task)
+        strategy.after_task(module, task)
         if self.eval_cfg.curve_every > 0:
             self.curves[f"{agent}/{task.name}"] = curve.points
         self._record_fit(agent, task, round_idx, trainer.global_step, len(examples))
@@ -294,7 +309,7 @@ class ContinualLoop:
             assignments = self.assign(r, self.plan[r])
             self._transfer(r, assignments)
             for agent, j in assignments:
-                seen = [tasks[i] for i in self._met_before(r) if i != j]
+                seen = [tasks[i] for i in self.trained_by(agent) if i != j]
                 self.loss_curves[f"{agent}/{tasks[j].name}"] = self.fit(agent, tasks[j], seen, round_idx)
                 self.matrix.mark_trained(round_idx, agent, tasks[j].name)
                 if self.topology.answers:
@@ -327,12 +342,21 @@ class ContinualLoop:
             "events": self.events,
             "curves": self.curves,
             "loss_curves": self.loss_curves,
+            "similarity": self.similarity,
             "truncated": self.encoder.truncated,
             "messages": self.messages.state_dict(),
             "allocation": self.allocation.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "extra": self.extra_state(),
         }
         checkpoint.save(self.run_dir, state, self.population)
+
+    def extra_state(self) -> dict:
+        """A subclass's own checkpointed state (JSON-safe; tensors allowed)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore :meth:`extra_state`."""
 
     def restore(self) -> int:
         """Load the run dir's checkpoint into this loop; returns the last complete round."""
@@ -344,10 +368,12 @@ class ContinualLoop:
         self.assignments = [[(a, j) for a, j in rnd] for rnd in state["assignments"]]
         self.answers, self.events = state["answers"], state["events"]
         self.curves, self.loss_curves = state["curves"], state["loss_curves"]
+        self.similarity = state.get("similarity", [])
         self.encoder.truncated = state["truncated"]
         self.messages.load_state_dict(state["messages"])
         self.allocation.load_state_dict(state["allocation"])
         self.strategy.load_state_dict(state["strategy"])
+        self.load_extra_state(state.get("extra", {}))
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed %s after round %d (from %s)", self.run_dir, state["round"], folder)
         return int(state["round"])
@@ -382,6 +408,17 @@ class ContinualLoop:
         for rec in records:
             self.events.append(rec)
             self.population.agents[rec["agent"]].history.append({k: v for k, v in rec.items() if k != "agent"})
+
+    def trained_by(self, agent: str) -> list[int]:
+        """Indices of the tasks ``agent`` has trained so far, in first-trained order (a strategy's
+        ``seen``: what replay, joint or LwF protect is the agent's own past)."""
+        out: list[int] = []
+        for e in self.population.agents[agent].history:
+            if e.get("event") == "trained" and e.get("task") in self.stream.task_names:
+                j = self.stream.index(e["task"])
+                if j not in out:
+                    out.append(j)
+        return out
 
     def _met_before(self, r: int) -> list[int]:
         """Task indices trained in rounds 0..r, in first-met order."""
@@ -450,21 +487,35 @@ class ContinualLoop:
         for task, info in self.answers[r].items():
             if "escalation_rate" in info:
                 metrics[f"cascade/{task}/escalation_rate"] = info["escalation_rate"]
+        knowing = [a for a in self.population.names if self.population.agents[a].history]
+        if len(knowing) >= 2:  # inter-agent similarity: of the adapter updates, of predictions on a probe set
+            measured = similarity.measure(self.population, self.scorer, knowing,
+                                          similarity.probe_set(self.stream, split=self.eval_cfg.split))
+            self.similarity.append({"round": r, **measured})
+            for kind in ("weights", "predictions"):
+                for pair, value in measured.get(kind, {}).items():
+                    if not math.isnan(value):
+                        metrics[f"similarity/{pair}/{kind}"] = value
         self.tracker.log(metrics, "round", r)
+        trained = set(self.matrix.trained())
+        self.tracker.log_table("knowledge_table", ["round", "agent", "task", "metric", "value", "trained"],
+                               [[r, agent, task, self.matrix.metrics[task], float(values[a, j]), (r, agent, task) in trained]
+                                for a, agent in enumerate(self.matrix.agents)
+                                for j, task in enumerate(self.matrix.tasks) if not math.isnan(values[a, j])], r)
         heat = self.run_dir / "knowledge_matrix.png"
         self.matrix.heatmap(heat)
         self.tracker.log_image("knowledge_matrix", heat, r)
         if self.save_adapters:
-            for agent in self.population.names:
-                events = [e for e in self.population.agents[agent].history if e["round"] == r]
-                if not events:
-                    continue
-                label = "+".join(dict.fromkeys(e.get("task", e["event"]) for e in events))
+            histories = {n: a.history for n, a in self.population.agents.items()}
+            for version in (v for v in lineage.versions(histories) if v.round == r):  # parents first
+                agent, events, label = version.agent, version.events, version.label
+                parents = [lineage.ref(a, pr) for a, pr, _ in version.parents]
                 path = self.run_dir / "adapters" / agent / f"round{r:03d}-{label}.safetensors"
                 meta = {"agent": agent, "round": str(r), "base": self.population.base.name,
-                        "events": ",".join(e["event"] for e in events), "task": label}
+                        "events": ",".join(e["event"] for e in events), "task": label, "parents": ",".join(parents)}
                 self.population.save_adapter(agent, path, metadata=meta)
-                self.tracker.log_artifact(path, f"adapter-{agent}", "adapter", meta)
+                self.tracker.log_artifact(path, lineage.artifact_name(agent), "adapter", meta,
+                                          aliases=[lineage.alias(r)], parents=parents)
         report.write_json(self.run_dir / "results.json", self.results(partial=True))
         self.checkpoint(r)
 
@@ -492,6 +543,7 @@ class ContinualLoop:
             "metrics": {agent: self.matrix.summary(agent) for agent in self.matrix.agents},
             "loss_curves": self.loss_curves,
             "learning_curves": self.curves,
+            "similarity": self.similarity,
             "timings": dict(self.timings),
             "truncated_prompts": self.encoder.truncated,
             "versions": report.versions(),

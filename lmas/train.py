@@ -20,7 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from lmas import checkpoint
 from lmas.config import validate
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
+from lmas.selflearn import SelfLearningLoop
+from lmas.strategies.compose import Compose
 from lmas.tracking import report
+from lmas.tracking.trackers import Tracker
 
 log = logging.getLogger("lmas")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repo's conf/ (editable install)
@@ -35,6 +38,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     import lightning as L
 
     run_dir = Path(run_dir)
+    rank = worker_rank()
+    if rank:  # a data-parallel rank that Lightning started by re-running this job (trainer.strategy=ddp)
+        run_dir = run_dir / f".rank{rank}"  # its own copy of the outputs; rank 0 writes the run's
     check_run_dir(run_dir, resume)
     validate(cfg)  # bad options fail here, before any data or model is loaded
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,10 +59,15 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     population = instantiate(pop_cfg, _partial_=True, _convert_="all")(base=base)
     transfer = instantiate(cfg.transfer, _convert_="all")
     strategy = instantiate(cfg.strategy, _convert_="all")
-    tracker = instantiate(cfg.logger, _convert_="all")
+    if cfg.get("distill", {}).get("_target_"):  # distill=<preset>: a distillation term next to the CL strategy
+        strategy = Compose([strategy, instantiate(cfg.distill, _convert_="all")])
+    tracker = instantiate(cfg.logger, _convert_="all") if not rank else Tracker()
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(run_dir, config, name=run_dir.name)
-    loop = ContinualLoop(
+    loop_cls, extra = ContinualLoop, {}
+    if cfg.get("selflearn"):  # experiment=self_learning: rounds are self-learning cycles
+        loop_cls, extra = SelfLearningLoop, {"selflearn": OmegaConf.to_container(cfg.selflearn, resolve=True)}
+    loop = loop_cls(
         population=population,
         stream=stream,
         strategy=strategy,
@@ -72,10 +83,22 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         transfer=transfer,
         config=config,
         progress=cfg.progress,
+        **extra,
     )
     results = loop.run(resume=resume)
     print(summary(results, run_dir))
     return results
+
+
+def worker_rank() -> str:
+    """'' in the main process; the rank (e.g. '1') in a process that a data-parallel launcher started.
+
+    Lightning's ``ddp`` launcher re-runs the whole job in each extra local process with
+    ``LOCAL_RANK`` set; torchrun sets ``RANK``, multi-node Lightning ``NODE_RANK``.
+    """
+    node, local = os.environ.get("NODE_RANK", "0"), os.environ.get("LOCAL_RANK", "0")
+    rank = os.environ.get("RANK") or (f"{node}-{local}" if node != "0" else local)
+    return "" if rank in ("", "0") else rank
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
@@ -121,6 +144,8 @@ def summary(results: dict, run_dir: Path) -> str:
         f"results:  {run_dir / 'results.json'}",
         f"matrix:   {run_dir / 'knowledge_matrix.csv'}  {run_dir / 'knowledge_matrix.png'}",
     ]
+    if (run_dir / "report.html").is_file():
+        lines.append(f"report:   {run_dir / 'report.html'}")
     return "\n".join(lines)
 
 

@@ -249,6 +249,24 @@ class KnowledgeMatrix:
         """
         return all(not math.isnan(R[j - 1, j]) and not math.isnan(b[j]) for j in idx if j >= 1)
 
+    def until(self, round: int) -> "KnowledgeMatrix":
+        """A copy holding only rounds ``0..round`` (and the training events of those rounds).
+
+        ``until(r).summary(agent)`` is the agent's metrics as they stood at the end of round ``r``
+        (what the loop logged then): forgetting, BWT and FWT over time.
+        """
+        r = self._round(round)
+        km = KnowledgeMatrix(self.agents, self.tasks, self.metrics)
+        km._initial = self._initial.copy()
+        km._values = self._values[: r + 1].copy()
+        km._trained = [e for e in self._trained if e[0] <= r]
+        return km
+
+    def summaries_over_rounds(self, agent: str) -> list[dict[str, float]]:
+        """``[until(r).summary(agent) for every round r]``: the metrics at the end of each round."""
+        self._agent(agent)
+        return [self.until(r).summary(agent) for r in range(self.n_rounds)]
+
     # ----------------------------------------------------------------- I/O
     def to_dict(self) -> dict:
         """A JSON-safe dict (NaN -> ``None``); :meth:`from_dict` inverts it exactly."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import lightning as L
@@ -18,7 +19,8 @@ class ExperienceData(L.LightningDataModule):
     """Training data of one experience (a task, plus whatever the strategy adds, e.g. replay).
 
     Examples are tokenised once; the loader shuffles with its own seeded generator so the
-    order depends only on ``seed``.
+    order depends only on ``seed``. Each batch carries ``index``: the positions of its rows in
+    ``examples`` (the loop also hands ``examples`` to the module, so strategies can look rows up).
     """
 
     def __init__(
@@ -40,14 +42,19 @@ class ExperienceData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        pad = self.encoder.pad_id
         return DataLoader(
-            self.items,
+            range(len(self.items)),
             batch_size=self.batch_size,
             shuffle=True,
             generator=gen,
-            collate_fn=lambda items: collate(items, pad),
+            collate_fn=self.collate,
         )
+
+    def collate(self, indices: list[int]) -> dict[str, Tensor]:
+        """A batch of the examples at ``indices``; ``batch["index"]`` (B,) says which they are."""
+        batch = collate([self.items[i] for i in indices], self.encoder.pad_id)
+        batch["index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
 
 
 class IncrementalLM(L.LightningModule):
@@ -56,6 +63,10 @@ class IncrementalLM(L.LightningModule):
     The base model's weights are frozen; only the agent's adapter parameters reach the
     optimizer. The loss terms come from the strategy (``strategy.loss_terms``), each a
     scalar tensor that this module adds to the task loss and logs under its name.
+
+    ``trunk`` (:class:`lmas.modules.trunk.SharedTrunk`, ``train.trunk_cache``): the layers below the
+    lowest LoRA layer are taken from its per-example cache, so later epochs and other agents on
+    the same examples run only the top layers; the loss and gradients are those of the full pass.
     """
 
     def __init__(
@@ -67,6 +78,7 @@ class IncrementalLM(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        trunk=None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -79,7 +91,13 @@ class IncrementalLM(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.trunk = trunk  # a lmas.modules.trunk.SharedTrunk: the frozen bottom layers cached per example
         self.losses: list[float] = []  # per-step total loss, read by the loop for curves
+        self.examples: Sequence[tuple[Example, str]] = ()  # the experience's data; batch["index"] points here
+
+    def on_train_start(self) -> None:
+        if self.trunk is not None:
+            self.trunk.check(training=True)
 
     def on_train_batch_start(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.strategy.on_train_batch_start(self, batch)
@@ -90,20 +108,34 @@ class IncrementalLM(L.LightningModule):
         return {k: v.to(self.device) for k, v in collate(items, self.encoder.pad_id).items()}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits, targets, rows = answer_logits(self.net, batch)  # (N, V), (N,), (N,)
+        if self.trunk is not None:  # the same logits; layers below the LoRA ones come from the cache
+            logits, targets, rows = self.trunk.answer_logits(batch)  # (N, V), (N,), (N,)
+        else:
+            logits, targets, rows = answer_logits(self.net, batch)  # (N, V), (N,), (N,)
         task_loss = F.cross_entropy(logits, targets)
         terms = self.strategy.loss_terms(self, batch, {"logits": logits, "targets": targets, "rows": rows})
         loss = task_loss + sum(terms.values()) if terms else task_loss
-        if not torch.isfinite(loss):
+        value = loss.item()  # the one host sync of a step: the loss curve and the NaN check share it
+        if not math.isfinite(value):
             raise FloatingPointError(
-                f"agent {self.agent!r}: non-finite loss {loss.item()} at step {self.global_step} "
+                f"agent {self.agent!r}: non-finite loss {value} at step {self.global_step} "
                 f"(task loss {task_loss.item()}, terms { {k: v.item() for k, v in terms.items()} })"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        for name, value in terms.items():
-            self.log(f"train/{name}", value, batch_size=batch["input_ids"].shape[0])
-        self.losses.append(loss.item())
+        if self._lightning_logs():
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+            for name, term in terms.items():
+                self.log(f"train/{name}", term, batch_size=batch["input_ids"].shape[0])
+        self.losses.append(value)
         return loss
+
+    def _lightning_logs(self) -> bool:
+        """Whether anything reads ``self.log``: a Lightning logger or the progress bar.
+
+        The loop runs with ``logger=False`` and tracks losses itself (``losses``, its step logger);
+        ``self.log`` costs about 2 ms a step (benchmarks/framework_overhead.py), so it is skipped then.
+        """
+        trainer = self._trainer
+        return trainer is not None and (bool(trainer.loggers) or trainer.progress_bar_callback is not None)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.strategy.on_before_optimizer_step(self)

@@ -142,7 +142,12 @@ def answer_logits(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, T
     """
     trunk, head = trunk_and_head(model)
     hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    targets = batch["targets"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    return logits_at_targets(head, hidden, batch["targets"])
+
+
+def logits_at_targets(head: nn.Module, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The LM head at the positions of ``hidden`` (B, T, H) that predict a target; see :func:`answer_logits`."""
+    targets = targets[:, 1:]  # (B, T-1): token t+1 is predicted at position t
     keep = targets != IGNORE  # (B, T-1)
     logits = head(hidden[:, :-1][keep]).float()  # (N, V)
     return logits, targets[keep], keep.nonzero()[:, 0]
@@ -188,7 +193,6 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str] | None):
     return model.base_model._enable_peft_forward_hooks(adapter_names=list(adapter_names))
 
 
-@torch.no_grad()
 def label_logprobs(
     model: nn.Module,
     encoder: Encoder,
@@ -196,6 +200,7 @@ def label_logprobs(
     labels: Sequence[str],
     batch_size: int = 32,
     adapter_names: Sequence[str] | None = None,
+    grad: bool = False,
 ) -> Tensor:
     """Log-likelihood of every label after every prompt: (len(prompts), len(labels)).
 
@@ -205,8 +210,14 @@ def label_logprobs(
     sequences up to float rounding (prompts are truncated for the longest label).
 
     ``adapter_names`` (one per prompt) scores each prompt with its own peft adapter in one
-    mixed batch (:func:`mixed_adapters`); the LM head must not carry LoRA then.
+    mixed batch (:func:`mixed_adapters`); the LM head must not carry LoRA then. ``grad=True``
+    keeps the autograd graph (a student's label distribution in distillation).
     """
+    with torch.set_grad_enabled(grad):
+        return _label_logprobs(model, encoder, prompts, labels, batch_size, adapter_names)
+
+
+def _label_logprobs(model, encoder, prompts, labels, batch_size, adapter_names) -> Tensor:
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"label_logprobs: {len(adapter_names)} adapter names for {len(prompts)} prompts")
     trunk, head = trunk_and_head(model)

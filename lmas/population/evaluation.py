@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lmas.data.task import Task
 from lmas.modules.lm import Encoder, evaluate, label_logprobs
+from lmas.modules.trunk import shared_label_logprobs
 
 
 class PopulationScorer:
@@ -27,12 +28,16 @@ class PopulationScorer:
         batch_size: evaluation batch size (rows of one forward pass).
         max_new_tokens: greedy decoding budget of generation tasks.
         mixed: score several single-adapter agents in one mixed-adapter batch.
+        trunk: a :class:`lmas.modules.trunk.SharedTrunk` (``eval.shared_trunk``): label
+            log-likelihoods of several agents run the layers below the LoRA ones once per batch,
+            then only the top layers per agent (any agents, stacked adapters too).
     """
 
     def __init__(self, population, encoder: Encoder, batch_size: int = 32, max_new_tokens: int = 12,
-                 mixed: bool = True) -> None:
+                 mixed: bool = True, trunk=None) -> None:
         self.population, self.encoder = population, encoder
         self.batch_size, self.max_new_tokens, self.mixed = batch_size, max_new_tokens, mixed
+        self.trunk = trunk
 
     def can_mix(self, agents: Sequence[str]) -> bool:
         return self.mixed and len(agents) > 1 and all(len(self.population.agents[a].adapters) == 1 for a in agents)
@@ -44,6 +49,9 @@ class PopulationScorer:
         was_training = model.training
         model.eval()
         try:
+            if self.trunk is not None and len(agents) > 1:
+                return shared_label_logprobs(self.trunk, self.encoder, prompts, labels, agents,
+                                             self.population.activate, self.batch_size)
             if self.can_mix(agents):
                 names = [self.population.agents[a].trainable for a in agents for _ in prompts]
                 out = label_logprobs(model, self.encoder, list(prompts) * len(agents), labels, self.batch_size,

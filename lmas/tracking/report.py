@@ -1,13 +1,16 @@
-"""Run outputs on disk: results.json, the knowledge matrix as CSV and PNG, and the final table."""
+"""Run outputs on disk: results.json, the knowledge matrix as CSV and PNG, report.html, the final table."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("lmas", "torch", "transformers", "peft", "lightning", "hydra-core", "wandb", "avalanche-lib")
 
@@ -56,7 +59,13 @@ def metrics_table(results: dict) -> str:
 
 
 def write_run(run_dir: str | Path, results: dict, matrix) -> dict[str, Path]:
-    """Write the final results.json, knowledge_matrix.csv and knowledge_matrix.png."""
+    """Write the final results.json, knowledge_matrix.csv, knowledge_matrix.png and report.html.
+
+    The report (:mod:`lmas.tracking.html_report`) is a convenience: if drawing it fails, the run's
+    results stand, a warning says why, and ``python -m lmas.tracking.html_report <run dir>`` retries.
+    """
+    from lmas.tracking import html_report
+
     run_dir = Path(run_dir)
     paths = {
         "results": write_json(run_dir / "results.json", results),
@@ -65,4 +74,9 @@ def write_run(run_dir: str | Path, results: dict, matrix) -> dict[str, Path]:
     }
     matrix.to_csv(paths["csv"])
     matrix.heatmap(paths["heatmap"])
+    try:
+        paths["report"] = html_report.write_report(run_dir)  # from the results.json just written
+    except Exception as err:  # never lose a finished run to a plotting problem
+        log.warning("report.html not written (%s: %s); retry with `python -m lmas.tracking.html_report %s`",
+                    type(err).__name__, err, run_dir)
     return paths

@@ -1,0 +1,191 @@
+"""Shared frozen trunk: LoRA on the top k layers only, the layers below computed once, on the embedded model.
+
+SmolLM2-135M has 30 decoder layers; LoRA (r=8, alpha=16, q_proj/v_proj) sits in the top k = 4
+(``population.lora.layers_to_transform=[26,27,28,29]``), so layers 0-25 are the same for every agent
+(``lmas/modules/trunk.py``). Three measurements, each side alternating with the other in one process
+(A B A B ...), ratios of median times:
+
+1. evaluation: label log-likelihoods of 8 agents (random non-zero adapters) on the default stream's
+   ``bbc`` test prompts (40 prompts, 5 labels) with the shared trunk (``eval.shared_trunk``: the
+   bottom once per batch, the top 4 layers per agent), vs one agent scored the usual way.
+   Target: ≤ 2.5× one agent. For reference, 8 agents without the trunk (mixed-adapter batches) are
+   timed too, and the trunk's scores are checked against them.
+2. training, one agent, 3 epochs (``ContinualLoop.fit``) with ``train.trunk_cache`` (the bottom's
+   output cached per example, a fresh cache per run) vs without. Target: ≥ 1.5× faster.
+3. training, 4 agents one after another on the same task, 3 epochs each, sharing one cache, vs the
+   same 4 runs without it. Target: ≥ 2.2× faster.
+
+Training uses the first ``--train-examples`` (default 24: 3 steps per epoch) of the bbc training
+set, batch 8, AdamW lr 2e-3, gradient clipping 1.0; adapters are reset to the same start before
+each run, and the cached runs must end with the adapters of the plain runs (checked).
+Counting layer passes (forward 1, backward through a LoRA layer 2) gives the bounds written next to
+the measured ratios. Writes benchmarks/results/shared_trunk.json.
+
+    .venv/bin/python benchmarks/shared_trunk.py [--repeats 3] [--train-repeats 2] [--train-examples 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmas.data.sources import bbc_topics
+from lmas.data.stream import Stream
+from lmas.data.task import Task
+from lmas.loop import ContinualLoop, TrainConfig
+from lmas.models.providers import smollm2
+from lmas.modules.lm import Encoder
+from lmas.modules.trunk import SharedTrunk
+from lmas.population.evaluation import PopulationScorer
+from lmas.population.population import Population
+from lmas.strategies.base import Strategy
+
+OUT = Path(__file__).parent / "results" / "shared_trunk.json"
+K = 4
+TRAINER = {"accelerator": "cpu", "devices": 1, "precision": "32-true", "gradient_clip_val": 1.0, "deterministic": False}
+TARGETS = {"eval_8_agents_vs_1": 2.5, "train_3_epochs_speedup": 1.5, "train_4_agents_speedup": 2.2}
+
+
+def randomise(pop: Population, seed: int, std: float = 0.02) -> None:
+    """Random non-zero adapters (fresh ones are exact no-ops: B = 0), different per agent."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in pop.names:
+            for pname, p in pop.parameters_of(name).items():
+                if "lora_B" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def alternate(sides: dict, repeats: int, label: str) -> dict[str, list[float]]:
+    """Run each side ``repeats`` times, alternating the order; wall seconds per run."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            sides[name]()
+            times[name].append(time.perf_counter() - t)
+            print(f"{label} repeat {r} {name}: {times[name][-1]:.1f} s", flush=True)
+    return times
+
+
+def bounds(n_layers: int, k: int, agents: int, epochs: int) -> dict[str, float]:
+    """Layer-pass counts: forward = 1 per layer, backward = 2 per layer it runs through (the top k)."""
+    split = n_layers - k
+    epoch_plain, epoch_cached = n_layers + 2 * k, k + 2 * k
+    one = epochs * epoch_plain / (epoch_plain + (epochs - 1) * epoch_cached)
+    many = agents * epochs * epoch_plain / (split + agents * epochs * epoch_cached)
+    return {"eval_8_agents_vs_1": (split + 8 * k) / n_layers, "train_3_epochs_speedup": one,
+            "train_4_agents_speedup": many}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the evaluation measurement")
+    parser.add_argument("--train-repeats", type=int, default=2, help="repeats of each training measurement")
+    parser.add_argument("--train-examples", type=int, default=24)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--agents", type=int, default=8)
+    parser.add_argument("--train-agents", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = smollm2()
+    n_layers = base.model.config.num_hidden_layers
+    top = list(range(n_layers - K, n_layers))
+    lora = {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "layers_to_transform": top}
+    pop = Population(base, agents=args.agents, lora=lora)
+    trunk = SharedTrunk(pop.model)
+    assert trunk.split == n_layers - K
+    enc = Encoder(base.tokenizer, 128)
+    task = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)  # conf/stream/default.yaml
+    results = {"model": base.name, "threads": torch.get_num_threads(), "layers": n_layers, "k": K,
+               "split": trunk.split, "lora": lora, "targets": TARGETS,
+               "layer_pass_bounds": bounds(n_layers, K, args.train_agents, args.epochs)}
+
+    # 1. evaluation -------------------------------------------------------------------------
+    init = {a: pop.adapter_state(a) for a in pop.names}
+    randomise(pop, seed=0)
+    prompts = [ex.prompt for ex in task.test]
+    agents = pop.names[: args.agents]
+    one = PopulationScorer(pop, enc, 32, mixed=False)
+    mixed = PopulationScorer(pop, enc, 32, mixed=True)
+    shared = PopulationScorer(pop, enc, 32, trunk=trunk)
+    out = {}
+    times = alternate({
+        "one_agent": lambda: one.label_logprobs(agents[:1], prompts, task.labels),
+        "shared_trunk": lambda: out.__setitem__("shared", shared.label_logprobs(agents, prompts, task.labels)),
+        "mixed_no_trunk": lambda: out.__setitem__("mixed", mixed.label_logprobs(agents, prompts, task.labels)),
+    }, args.repeats, f"eval {len(agents)} agents")
+    torch.testing.assert_close(out["shared"], out["mixed"], rtol=1e-3, atol=1e-3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    results["evaluation"] = {
+        "agents": len(agents), "prompts": len(prompts), "labels": len(task.labels), "runs": times,
+        **{f"{k}_s": v for k, v in med.items()},
+        "shared_vs_one_agent": med["shared_trunk"] / med["one_agent"],
+        "mixed_vs_one_agent": med["mixed_no_trunk"] / med["one_agent"],
+        "shared_speedup_vs_mixed": med["mixed_no_trunk"] / med["shared_trunk"],
+        "max_abs_diff_vs_mixed": (out["shared"] - out["mixed"]).abs().max().item(),
+    }
+    print("evaluation", {k: v for k, v in results["evaluation"].items() if k != "runs"}, flush=True)
+
+    # 2, 3. training ------------------------------------------------------------------------
+    for a in pop.names:
+        pop.load_adapter_state(a, init[a])
+    small = Task(task.name, task.kind, task.train[: args.train_examples], task.val, task.test, task.labels)
+    tmp = tempfile.TemporaryDirectory()
+    loops = {cache: ContinualLoop(pop, Stream("bench", [small]), Strategy(), Path(tmp.name) / str(cache), seed=0,
+                                  train=TrainConfig(lr=2e-3, batch_size=8, epochs=args.epochs, trunk_cache=cache),
+                                  trainer=dict(TRAINER), max_length=128, progress=False, save_adapters=False)
+             for cache in (False, True)}
+    trained: dict[tuple[bool, int], dict] = {}
+
+    def train(cache: bool, n_agents: int) -> None:
+        loop = loops[cache]
+        if cache:
+            loop.trunk.clear()  # every cached run starts cold: its first epoch pays for the bottom
+        for a in pop.names[:n_agents]:
+            pop.load_adapter_state(a, init[a])
+            loop.fit(a, small, [], 0)
+        trained[(cache, n_agents)] = {a: pop.adapter_state(a) for a in pop.names[:n_agents]}
+
+    for key, n_agents in (("single_agent", 1), ("agents_same_task", args.train_agents)):
+        times = alternate({"plain": lambda: train(False, n_agents), "cached": lambda: train(True, n_agents)},
+                          args.train_repeats, f"train {n_agents} agent(s) x {args.epochs} epochs")
+        diff = max((trained[(True, n_agents)][a][k] - trained[(False, n_agents)][a][k]).abs().max().item()
+                   for a in trained[(True, n_agents)] for k in init[a])
+        for a in trained[(True, n_agents)]:
+            torch.testing.assert_close(trained[(True, n_agents)][a], trained[(False, n_agents)][a],
+                                       rtol=1e-3, atol=1e-4)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        results[key] = {"agents": n_agents, "epochs": args.epochs, "examples": len(small.train),
+                        "steps_per_agent": args.epochs * -(-len(small.train) // 8), "runs": times,
+                        "plain_s": med["plain"], "cached_s": med["cached"], "speedup": med["plain"] / med["cached"],
+                        "max_abs_adapter_diff": diff}
+        print(key, {k: v for k, v in results[key].items() if k != "runs"}, flush=True)
+    tmp.cleanup()
+
+    measured = {"eval_8_agents_vs_1": results["evaluation"]["shared_vs_one_agent"],
+                "train_3_epochs_speedup": results["single_agent"]["speedup"],
+                "train_4_agents_speedup": results["agents_same_task"]["speedup"]}
+    results["measured"] = measured
+    results["passes"] = {
+        "eval_8_agents_vs_1": measured["eval_8_agents_vs_1"] <= TARGETS["eval_8_agents_vs_1"],
+        "train_3_epochs_speedup": measured["train_3_epochs_speedup"] >= TARGETS["train_3_epochs_speedup"],
+        "train_4_agents_speedup": measured["train_4_agents_speedup"] >= TARGETS["train_4_agents_speedup"],
+    }
+    for k, v in measured.items():
+        print(f"{k}: measured {v:.2f}, bound {results['layer_pass_bounds'][k]:.2f}, target {TARGETS[k]}, "
+              f"{'passes' if results['passes'][k] else 'FAILS'}")
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The Distill strategy: a student agent learns its task and, at the same time, its teachers' outputs.
+
+``loss = task loss + weight · T² · D(aggregate(teachers) || student)`` on the rows of the current
+task (replayed rows of other tasks carry no distillation term). Compose it with any CL strategy
+(``distill=<preset>`` does ``Compose([strategy, distill])``).
+
+Teachers (``teachers``):
+
+* ``peers`` — every other agent that has learnt something (trained or received knowledge);
+* ``specialists`` — per-task routing: the agents that trained the current task teach it;
+* a list of agent names;
+* plus ``external`` teachers (label distributions from another architecture, e.g. MiniLM).
+
+With ``cache=True`` every teacher's outputs for the whole experience are computed once before
+training (label distributions for classification, top-``k`` token probabilities per answer token
+for generation), so the student's epochs never run the teachers again. ``cache=False`` computes
+them at every step from the teachers' *current* adapters: among peers that train in the same round
+this is (sequential) deep mutual learning — each agent learns from the others as they are then.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lmas.data.task import Task
+from lmas.distill.losses import LOSSES, kd_loss, soften
+from lmas.distill.teachers import (AGGREGATIONS, ExternalTeacher, TeacherCache, agent_label_distributions,
+                                   agent_token_topk, aggregate)
+from lmas.modules.lm import evaluate, label_logprobs
+from lmas.strategies.base import Strategy
+
+log = logging.getLogger(__name__)
+TEACHER_SETS = ("peers", "specialists")
+
+
+class Distill(Strategy):
+    """Multi-teacher distillation into the training agent (see the module docstring).
+
+    Args:
+        teachers: ``peers`` | ``specialists`` | a list of agent names.
+        loss: ``forward_kl`` | ``reverse_kl`` | ``jsd``.
+        temperature: softens teachers and student alike (losses are scaled by ``T²``).
+        weight: multiplies the distillation term.
+        aggregation: ``uniform`` | ``val_acc`` | ``confidence`` | ``best``.
+        cache: compute the teachers' outputs once per experience (else at every step).
+        top_k: token probabilities kept per answer position for generation tasks.
+        external: extra teachers outside the population (classification only).
+        batch_size: batch size of the teachers' forward passes.
+        students: the agents that distil (``None``: every agent that trains); the others train
+            with the task loss alone.
+    """
+
+    name = "distill"
+
+    def __init__(self, teachers: str | Sequence[str] = "peers", loss: str = "forward_kl", temperature: float = 2.0,
+                 weight: float = 1.0, aggregation: str = "uniform", cache: bool = True, top_k: int = 32,
+                 external: Sequence[ExternalTeacher] | None = None, batch_size: int = 32,
+                 students: Sequence[str] | None = None) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"distill.loss={loss!r}: expected one of {LOSSES}")
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"distill.aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+        if temperature <= 0 or weight < 0 or top_k < 1:
+            raise ValueError("distill: need temperature > 0, weight >= 0 and top_k >= 1")
+        if isinstance(teachers, str) and teachers not in TEACHER_SETS:
+            raise ValueError(f"distill.teachers={teachers!r}: expected one of {TEACHER_SETS} or a list of agents")
+        self.teachers, self.loss, self.temperature, self.weight = teachers, loss, temperature, weight
+        self.aggregation, self.cache, self.top_k, self.batch_size = aggregation, cache, top_k, batch_size
+        self.external = list(external or [])
+        self.students = None if students is None else list(students)
+        self._fitted: set[tuple[str, str]] = set()  # (external teacher, task) pairs already learnt
+        self.current: TeacherCache | None = None
+        self.val_acc: list[float] | None = None
+        self.task: Task | None = None
+        self._rows: set[tuple[str, str]] = set()
+        self._live: Tensor | None = None  # uncached: this batch's teacher distributions (K, ., C)
+
+    # --- who teaches -----------------------------------------------------------------------
+    def teachers_for(self, population, agent: str, task: Task) -> list[str]:
+        """The agent teachers of ``agent`` for ``task`` (never the student itself)."""
+        if self.teachers == "peers":
+            return [n for n, a in population.agents.items() if n != agent and a.history]
+        if self.teachers == "specialists":
+            return [n for n, a in population.agents.items() if n != agent
+                    and any(e.get("event") == "trained" and e.get("task") == task.name for e in a.history)]
+        unknown = [t for t in self.teachers if t not in population.agents]
+        if unknown:
+            raise ValueError(f"distill.teachers: unknown agents {unknown}; the population has {population.names}")
+        return [t for t in self.teachers if t != agent]
+
+    # --- hooks -------------------------------------------------------------------------------
+    def before_task(self, module, task: Task) -> None:
+        pop, agent = module.population, module.agent
+        self.task, self.current = task, None
+        if self.students is not None and agent not in self.students:
+            return
+        self._rows = {(ex.prompt, ex.answer) for ex in task.train}
+        teachers = self.teachers_for(pop, agent, task)
+        if task.kind != "classification" and self.external and not teachers:
+            raise ValueError(f"distill: task {task.name!r} is {task.kind}: token-level distillation needs teachers "
+                             "with the student's tokenizer (agents of the population); external teachers give "
+                             "label distributions only")
+        external = self.external if task.kind == "classification" else []
+        for t in external:
+            if (t.name, task.name) not in self._fitted:
+                t.fit(task)
+                self._fitted.add((t.name, task.name))
+        self.current = TeacherCache(teachers + [t.name for t in external],
+                                    labels=list(task.labels) if task.kind == "classification" else None)
+        self._agents, self._external = teachers, external
+        log.info("distill: %s learns %s from %s (%s, cache=%s)", agent, task.name, self.current.teachers or "nobody",
+                 self.aggregation, self.cache)
+        try:
+            if self.current.teachers and self.aggregation == "val_acc":
+                self.val_acc = self._val_acc(pop, module.encoder, task)
+            if self.current.teachers and self.cache:
+                self._fill(self.current, pop, module.encoder, module.examples)
+        finally:
+            pop.activate(agent)  # the student's adapter is the trainable one again
+
+    def _val_acc(self, pop, encoder, task: Task) -> list[float]:
+        split = task.val or task.train[:32]
+        view = Task(task.name, task.kind, task.train, split, task.test, task.labels)
+        out = []
+        for t in self._agents:
+            pop.activate(t)
+            out.append(evaluate(pop.model, encoder, view, "val", batch_size=self.batch_size))
+        for t in self._external:
+            scores = t.label_scores([ex.prompt for ex in split], task.labels)
+            gold = torch.tensor([task.labels.index(ex.answer) for ex in split])
+            out.append((scores.argmax(-1) == gold).float().mean().item())
+        return out
+
+    def _fill(self, cache: TeacherCache, pop, encoder, examples) -> None:
+        """The teachers' outputs for ``examples`` ((example, kind) pairs), into ``cache``."""
+        if self.task.kind == "classification":
+            cache.label_p = self._label_p(pop, encoder, [ex.prompt for ex, _ in examples])
+        else:
+            cache.tokens = [agent_token_topk(pop, t, encoder, examples, self.top_k, self.temperature,
+                                             self.batch_size) for t in self._agents]
+
+    def _label_p(self, pop, encoder, prompts: list[str]) -> Tensor:
+        """``(K, N, L)`` distributions of every teacher (agents, then external) at the temperature."""
+        parts = []
+        if self._agents:
+            parts.append(agent_label_distributions(pop, self._agents, encoder, prompts, self.task.labels,
+                                                   self.temperature, self.batch_size))
+        for t in self._external:
+            with torch.no_grad():
+                parts.append(soften(t.label_scores(prompts, self.task.labels), self.temperature)[None])
+        return torch.cat(parts)
+
+    def on_train_batch_start(self, module, batch: dict[str, Tensor]) -> None:
+        if self.cache or not self.current or not self.current.teachers:
+            return
+        pop = module.population
+        self._live = TeacherCache(self.current.teachers, self.current.labels)
+        try:  # the teachers' current outputs, computed before the student's forward pass
+            self._fill(self._live, pop, module.encoder, [module.examples[i] for i in batch["index"].tolist()])
+        finally:
+            pop.activate(module.agent)
+            module.net.train()
+
+    def loss_terms(self, module, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not self.current or not self.current.teachers or self.weight == 0:
+            return {}
+        rows = [module.examples[i][0] for i in batch["index"].tolist()]
+        own = torch.tensor([(ex.prompt, ex.answer) in self._rows for ex in rows])  # rows of the current task
+        if not own.any():
+            return {}
+        cache, index = (self.current, batch["index"]) if self.cache else (self._live, torch.arange(len(rows)))
+        if self.task.kind == "classification":
+            prompts = [ex.prompt for ex, keep in zip(rows, own.tolist()) if keep]
+            student = label_logprobs(module.net, module.encoder, prompts, self.task.labels,
+                                     batch_size=len(prompts), grad=True)  # (B', L)
+            teacher = cache.labels_for(index)[:, own]  # (K, B', L)
+        else:
+            keep = own[out["rows"]]  # answer positions of the current task's rows
+            student = out["logits"][keep]  # (N', V)
+            teacher = cache.tokens_for(index, out["logits"].shape[-1])[:, keep]  # (K, N', V)
+        target = aggregate(teacher, self.aggregation, self.val_acc)
+        return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature)}
+
+    def after_task(self, module, task: Task) -> None:
+        self.current, self._live, self.val_acc = None, None, None
+

@@ -1,0 +1,111 @@
+"""Teachers' outputs for a student's experience, computed once and cached, and their aggregation.
+
+A teacher is another agent of the population (same base, so same tokenizer) or an external model
+that gives label distributions (:class:`ExternalTeacher`, e.g. the MiniLM classifier of
+:mod:`lmas.distill.encoder_teacher`). For an experience (a list of examples):
+
+* classification: every teacher's label distribution ``(K, N, L)`` at the distillation
+  temperature; external teachers take part here (labels are words, not token ids);
+* generation / lm: every agent teacher's top-``k`` token probabilities at each answer position,
+  teacher-forced on the reference answer (a list of ``(values, indices)`` per teacher and example).
+
+Aggregation over teachers (:func:`aggregate`) reuses the population's fusion weights:
+``uniform``, ``val_acc``, ``confidence`` (per example, negative entropy), ``best`` (per example,
+the most confident teacher). Per-task routing (each task's specialist teaches its own task) picks
+the teacher set, not the weights: see :class:`lmas.distill.strategy.Distill`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from lmas.data.task import Example
+from lmas.distill.losses import dense, soften, topk
+from lmas.modules.lm import Encoder, answer_logits, collate, label_logprobs
+from lmas.population.fusion import fusion_weights
+
+AGGREGATIONS = ("uniform", "val_acc", "confidence", "best")
+
+
+class ExternalTeacher(Protocol):
+    """A teacher outside the population: label scores for prompts (any architecture/tokenizer)."""
+
+    name: str
+
+    def fit(self, task) -> None:
+        """Learn the task (called once per task before it teaches it)."""
+
+    def label_scores(self, prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
+        """Scores ``(N, L)`` whose softmax is the teacher's label distribution."""
+
+
+def aggregate(teacher_p: Tensor, method: str = "uniform", val_acc: Sequence[float] | None = None) -> Tensor:
+    """One distribution ``(N, C)`` from ``K`` teachers' ``(K, N, C)``: ``Σ_k w_k,n p_k,n``."""
+    if method not in AGGREGATIONS:
+        raise ValueError(f"distill.aggregation={method!r}: expected one of {AGGREGATIONS}")
+    w = fusion_weights(method, teacher_p, val_acc)  # (K, N)
+    return (w[..., None] * teacher_p).sum(0)
+
+
+@torch.no_grad()
+def agent_label_distributions(population, teachers: Sequence[str], encoder: Encoder, prompts: Sequence[str],
+                              labels: Sequence[str], temperature: float, batch_size: int = 32) -> Tensor:
+    """``(K, N, L)`` label distributions of agent teachers at ``temperature`` (adapters switched)."""
+    model, was_training = population.model, population.model.training
+    model.eval()
+    out = []
+    try:
+        for t in teachers:
+            population.activate(t)
+            out.append(soften(label_logprobs(model, encoder, prompts, labels, batch_size), temperature))
+    finally:
+        model.train(was_training)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def agent_token_topk(population, teacher: str, encoder: Encoder, examples: Sequence[tuple[Example, str]],
+                     k: int, temperature: float, batch_size: int = 16) -> list[tuple[Tensor, Tensor]]:
+    """Per example: the teacher's top-``k`` probabilities and token ids at each answer position."""
+    model, was_training = population.model, population.model.training
+    model.eval()
+    population.activate(teacher)
+    out: list[tuple[Tensor, Tensor]] = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            items = [encoder.encode_example(ex, kind) for ex, kind in examples[i : i + batch_size]]
+            logits, _, rows = answer_logits(model, collate(items, encoder.pad_id))  # (N, V), (N,)
+            values, indices = topk(logits, k, temperature)
+            for r in range(len(items)):
+                sel = rows == r
+                out.append((values[sel].clone(), indices[sel].clone()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class TeacherCache:
+    """Teachers' outputs for one experience, indexed like the experience's examples."""
+
+    teachers: list[str]
+    labels: list[str] | None = None  # classification: the label set of the distributions
+    label_p: Tensor | None = None  # (K, N, L)
+    tokens: list[list[tuple[Tensor, Tensor]]] = field(default_factory=list)  # [teacher][example] -> (vals, ids)
+
+    def labels_for(self, index: Tensor) -> Tensor:
+        """``(K, B, L)`` label distributions of the batch rows ``index``."""
+        return self.label_p[:, index]
+
+    def tokens_for(self, index: Tensor, vocab: int) -> Tensor:
+        """``(K, N, V)`` token distributions at the batch's answer positions (rows in order)."""
+        out = []
+        for per_example in self.tokens:
+            vals = torch.cat([per_example[i][0] for i in index.tolist()])
+            ids = torch.cat([per_example[i][1] for i in index.tolist()])
+            out.append(dense(vals, ids, vocab))
+        return torch.stack(out)

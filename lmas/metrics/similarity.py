@@ -1,0 +1,122 @@
+"""Similarity between agents: of their weight updates, and of their predictions on a probe set.
+
+* **weights** — the cosine similarity of two agents' LoRA weight updates, each flattened over all
+  adapted modules: ``cos(ΔW_a, ΔW_b)`` with ``ΔW = B·A·scale`` per module (an agent with several
+  stacked adapters, IncLoRA/O-LoRA, has the sum of their updates). Computed from the factors
+  without forming ``ΔW``: ``<B1 A1, B2 A2>_F = sum((B1ᵀ B2) ⊙ (A1 A2ᵀ))``, so the cost is
+  ``r × r`` per module whatever the module's size. A module only one agent adapts counts as a
+  zero update for the other. An agent whose update is zero (untrained) has no direction: NaN.
+* **predictions** — the share of probe examples on which two agents predict the same label
+  (the argmax of their label log-likelihoods).
+
+Pairs are keyed ``"<a>~<b>"`` with ``a`` before ``b`` in the given agent order.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+Factors = Mapping[str, tuple[Tensor, Tensor]]
+"""Module name -> ``(A, B)`` with ``ΔW = B @ A`` (scaling folded into ``B``), as
+:func:`lmas.transfer.merge.read_factors` returns."""
+
+PROBE_SIZE = 16  # examples of the probe set (the first test examples of the first classification task)
+
+
+def pair_key(a: str, b: str) -> str:
+    return f"{a}~{b}"
+
+
+def stack(factor_sets: Sequence[Factors]) -> dict[str, tuple[Tensor, Tensor]]:
+    """The factors of the summed update ``Σ_i B_i A_i`` of several adapters (concatenated ranks)."""
+    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    for factors in factor_sets:
+        for name, (a, b) in factors.items():
+            out.setdefault(name, ([], []))
+            out[name][0].append(a.detach().double())
+            out[name][1].append(b.detach().double())
+    return {n: (torch.cat(As, 0), torch.cat(Bs, 1)) for n, (As, Bs) in out.items()}
+
+
+def _inner(f: Factors, g: Factors) -> float:
+    """Frobenius inner product of the two updates, summed over the modules both adapt."""
+    total = 0.0
+    for name in f.keys() & g.keys():
+        a1, b1 = f[name]
+        a2, b2 = g[name]
+        if a1.shape[1] != a2.shape[1] or b1.shape[0] != b2.shape[0]:
+            raise ValueError(f"module {name}: updates of shapes {tuple(b1.shape[:1] + a1.shape[1:])} and "
+                             f"{tuple(b2.shape[:1] + a2.shape[1:])} cannot be compared")
+        total += float(((b1.double().T @ b2.double()) * (a1.double() @ a2.double().T)).sum())
+    return total
+
+
+def weight_norm(f: Factors) -> float:
+    """Frobenius norm of the whole update (all modules)."""
+    return math.sqrt(max(_inner(f, f), 0.0))
+
+
+def weight_cosine(f: Factors, g: Factors) -> float:
+    """Cosine similarity of two flattened updates; NaN when either update is zero."""
+    nf, ng = weight_norm(f), weight_norm(g)
+    if nf == 0.0 or ng == 0.0:
+        return math.nan
+    return _inner(f, g) / (nf * ng)
+
+
+def weight_similarity(factors: Mapping[str, Factors]) -> dict[str, float]:
+    """``{"a~b": cosine}`` for every pair of agents (``factors``: agent -> its update's factors)."""
+    return {pair_key(a, b): weight_cosine(factors[a], factors[b]) for a, b in combinations(list(factors), 2)}
+
+
+def agreement(pred_a: Tensor, pred_b: Tensor) -> float:
+    """Share of examples on which two prediction vectors (label indices) are equal."""
+    if pred_a.shape != pred_b.shape or pred_a.ndim != 1 or pred_a.numel() == 0:
+        raise ValueError(f"agreement: expected two equal non-empty 1-d label vectors, got "
+                         f"{tuple(pred_a.shape)} and {tuple(pred_b.shape)}")
+    return (pred_a == pred_b).float().mean().item()
+
+
+def prediction_agreement(agents: Sequence[str], logprobs: Tensor) -> dict[str, float]:
+    """``{"a~b": agreement}`` from label log-likelihoods ``(A, N, L)`` of ``agents`` on one probe set."""
+    if logprobs.ndim != 3 or logprobs.shape[0] != len(agents):
+        raise ValueError(f"prediction_agreement: logprobs must be (agents={len(agents)}, N, labels), "
+                         f"got {tuple(logprobs.shape)}")
+    pred = logprobs.argmax(-1)
+    return {pair_key(a, b): agreement(pred[i], pred[j])
+            for (i, a), (j, b) in combinations(list(enumerate(agents)), 2)}
+
+
+# --- measuring a population (reads adapters and scores the probe set) ------------------------
+def probe_set(stream, size: int = PROBE_SIZE, split: str = "test"):
+    """``(task, prompts, labels)`` of the fixed probe set: the first ``size`` examples of the first
+    classification task of ``stream`` (labels: the task's label space once the whole stream is
+    met, so it stays the same over rounds); ``None`` when the stream has no such task/examples."""
+    for j, task in enumerate(stream.tasks):
+        if task.kind == "classification" and getattr(task, split):
+            examples = getattr(task, split)[:size]
+            return task, [ex.prompt for ex in examples], stream.label_space(j, len(stream.tasks) - 1)
+    return None
+
+
+def measure(population, scorer, agents: Sequence[str], probe) -> dict:
+    """Weight similarity and (with a ``probe`` of :func:`probe_set`) prediction agreement of ``agents``.
+
+    ``scorer``: a :class:`lmas.population.evaluation.PopulationScorer` of ``population``.
+    Returns ``{"weights": {"a~b": ...}, "predictions": {"a~b": ...}}`` (predictions omitted without a probe).
+    """
+    from lmas.transfer.merge import read_factors
+
+    factors = {a: stack([read_factors(population, a, ad) for ad in population.agents[a].adapters]) for a in agents}
+    out: dict = {"weights": weight_similarity(factors)}
+    if probe is not None:
+        task, prompts, labels = probe
+        lp = scorer.label_logprobs(list(agents), prompts, labels)
+        out["predictions"] = prediction_agreement(list(agents), lp)
+        out["probe"] = {"task": task.name, "examples": len(prompts)}
+    return out

@@ -1,0 +1,321 @@
+"""A shared frozen trunk: the decoder layers below every LoRA adapter, computed once.
+
+When LoRA sits only in the top ``k`` of ``L`` decoder layers (``population.lora.layers_to_transform``),
+layers ``0 .. L-k-1`` (and the token embedding) are the same function for every agent and never
+change: the base is frozen. :class:`SharedTrunk` splits the decoder at ``split = L - k`` (the lowest
+layer that holds a LoRA module of any adapter):
+
+* :meth:`SharedTrunk.bottom` runs the embedding and layers ``0 .. split-1`` (no adapter involved,
+  no autograd graph) and returns the hidden states entering layer ``split``;
+* :meth:`SharedTrunk.top` runs layers ``split .. L-1`` with whatever adapters are active, then the
+  final norm: the same last hidden states as the model's own trunk.
+
+Two uses:
+
+* evaluation of N agents (:func:`shared_label_logprobs`): the bottom runs once per batch of prompts,
+  the top once per agent: ``split + N·k`` layer passes instead of ``N·L``;
+* training (:meth:`SharedTrunk.cached_bottom`, ``train.trunk_cache``): the bottom's output is kept per
+  example (keyed by its token ids, so the per-epoch reshuffling and other agents training on the
+  same examples hit it), so later epochs and later agents run only the top layers. A right-padded
+  example's hidden states do not depend on the rest of its batch (causal attention, padding last),
+  so batches are re-collated from per-example entries.
+
+Supported: decoder-only HF models built like Llama (``model.embed_tokens``, ``model.layers``,
+``model.norm``, ``model.rotary_emb``, full causal attention in every layer; SmolLM2, Llama, the tiny
+test model). Anything the bottom would change refuses with a :class:`TrunkError`: a LoRA module in
+a cached layer or outside the decoder layers, a trainable base parameter there (SeqFT), attention
+dropout while training.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lmas.modules.lm import Encoder, logits_at_targets
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class TrunkError(ValueError):
+    """The model or its adapters do not allow sharing the bottom layers."""
+
+
+class SharedTrunk:
+    """The frozen layers below the lowest LoRA layer of ``model``, computed once and cached.
+
+    Args:
+        model: the population's peft model (or a plain HF causal LM).
+        split: first decoder layer that runs per agent (default: the lowest layer holding a LoRA
+            module of any adapter). Every LoRA module must sit in a layer ``>= split``.
+        max_cache_mb: size limit of the per-example cache of :meth:`cached_bottom`; the oldest
+            entries go first when it is full.
+    """
+
+    def __init__(self, model: nn.Module, split: int | None = None, max_cache_mb: float = 2048.0) -> None:
+        self.model = model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.body = getattr(base, base.base_model_prefix)
+        self.head = base.get_output_embeddings()
+        missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(self.body, a)]
+        self._mask_fn = getattr(sys.modules[type(self.body).__module__], "create_causal_mask", None)
+        if missing or self._mask_fn is None:
+            raise TrunkError(f"{type(base).__name__}: a shared trunk needs a Llama-style decoder "
+                             f"(embed_tokens, layers, norm, rotary_emb, create_causal_mask); missing "
+                             f"{', '.join(missing) or 'create_causal_mask'}")
+        config = self.body.config
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise TrunkError(f"{type(base).__name__}: a shared trunk supports full causal attention in every "
+                             f"layer; this model has {sorted(kinds)}")
+        self.n_layers = len(self.body.layers)
+        lowest = self._lowest_lora_layer()
+        self.split = lowest if split is None else split
+        if not 0 < self.split < self.n_layers:
+            raise TrunkError(f"shared trunk: split={self.split} must be in 1..{self.n_layers - 1} "
+                             f"(LoRA restricted to the top layers: population.lora.layers_to_transform)")
+        self._adapters: frozenset[str] | None = None
+        self.check()
+        self.max_cache_bytes = int(max_cache_mb * 2**20)
+        self.cache: OrderedDict[bytes, Tensor] = OrderedDict()
+        self.cache_bytes = 0
+        self.hits = self.misses = 0
+
+    # --- checks ----------------------------------------------------------------------------
+    def _lora_layers(self) -> dict[str, set[int]]:
+        """Decoder layer indices holding LoRA modules, per adapter name; raises for LoRA outside them."""
+        from peft.tuners.lora import LoraLayer
+
+        layers: dict[str, set[int]] = {}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            adapters = set(module.lora_A) | set(getattr(module, "lora_embedding_A", {}))
+            if not adapters:
+                continue
+            m = _LAYER.search(name)
+            if m is None:
+                raise TrunkError(f"shared trunk: adapter(s) {sorted(adapters)} put LoRA on {name}, outside the "
+                                 f"decoder layers; the trunk can only share layers below every LoRA module")
+            for a in adapters:
+                layers.setdefault(a, set()).add(int(m.group(1)))
+        return layers
+
+    def _lowest_lora_layer(self) -> int:
+        layers = self._lora_layers()
+        return min((min(v) for v in layers.values()), default=self.n_layers)
+
+    def check(self, training: bool = False) -> None:
+        """Raise :class:`TrunkError` if anything below ``split`` is not the same frozen function.
+
+        Checked: no adapter has a LoRA module in layers ``< split`` (re-checked whenever the set of
+        adapters changes), no embedding or bottom-layer parameter is trainable, and (``training``)
+        no attention dropout.
+        """
+        adapters = frozenset(getattr(self.model, "peft_config", {}) or {})
+        if adapters != self._adapters:
+            bad = {a: {i for i in v if i < self.split} for a, v in self._lora_layers().items()}
+            bad = {a: v for a, v in bad.items() if v}
+            if bad:
+                names = ", ".join(repr(a) for a in sorted(bad))
+                v = sorted(set().union(*bad.values()))
+                raise TrunkError(
+                    f"shared trunk: adapter(s) {names} have LoRA modules in layer(s) {v}, below the shared layers' "
+                    f"end (layers 0..{self.split - 1} are computed once for every agent and cached); restrict "
+                    f"LoRA to layers >= {self.split} (population.lora.layers_to_transform) or turn the trunk "
+                    f"off (train.trunk_cache=false, eval.shared_trunk=false)")
+            self._adapters = adapters
+        for p_name, p in self._bottom_parameters():
+            if p.requires_grad:
+                raise TrunkError(f"shared trunk: {p_name} is trainable, but the layers below {self.split} must "
+                                 f"stay frozen to be shared (a strategy that trains the base, e.g. seqft, "
+                                 f"cannot use train.trunk_cache)")
+        if training and float(getattr(self.body.config, "attention_dropout", 0.0) or 0.0) > 0:
+            raise TrunkError("shared trunk: the base model has attention dropout; cached bottom layers "
+                             "would differ from a training forward pass")
+
+    def _bottom_parameters(self):
+        yield from (("embed_tokens." + n, p) for n, p in self.body.embed_tokens.named_parameters())
+        for i in range(self.split):
+            yield from ((f"layers.{i}.{n}", p) for n, p in self.body.layers[i].named_parameters())
+
+    # --- the two halves --------------------------------------------------------------------
+    def _mask(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor | None:
+        if attention_mask.dim() == 4:  # a prepared additive mask (B, 1, T, T)
+            return attention_mask.to(hidden.dtype)
+        return self._mask_fn(config=self.body.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                             cache=None, position_ids=position_ids)
+
+    def _layers(self, hidden: Tensor, layers, attention_mask: Tensor, position_ids: Tensor | None) -> Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = self._mask(hidden, attention_mask, position_ids)
+        rotary = self.body.rotary_emb(hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
+                           use_cache=False)
+        return hidden
+
+    @torch.no_grad()
+    def bottom(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Hidden states entering layer ``split``: (B, T, H), no autograd graph.
+
+        ``attention_mask``: (B, T) padding mask, or a prepared additive (B, 1, T, T) float mask.
+        ``position_ids``: (B, T); default ``0 .. T-1`` (right padding).
+        """
+        hidden = self.body.embed_tokens(input_ids)
+        return self._layers(hidden, self.body.layers[: self.split], attention_mask, position_ids)
+
+    def top(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Layers ``split .. L-1`` (with the active adapters) and the final norm: (B, T, H)."""
+        hidden = self._layers(hidden, self.body.layers[self.split :], attention_mask, position_ids)
+        return self.body.norm(hidden)
+
+    # --- the per-example cache (training) --------------------------------------------------
+    def cached_bottom(self, batch: dict[str, Tensor]) -> Tensor:
+        """:meth:`bottom` of a right-padded batch (:func:`lmas.modules.lm.collate`), per-example cached.
+
+        Each row's entry is its hidden states at its real tokens, keyed by its token ids; rows not
+        in the cache run through the bottom together and are stored. Returns (B, T, H), zeros at
+        padding (which no real token attends to).
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        lengths = mask.sum(1)
+        if not bool((mask.cumprod(1).sum(1) == lengths).all()):
+            raise TrunkError("shared trunk: the per-example cache needs right-padded batches (lmas collate)")
+        ids_cpu, n_cpu = ids.cpu(), lengths.tolist()
+        keys = [ids_cpu[r, :n].numpy().tobytes() for r, n in enumerate(n_cpu)]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        self.hits += len(keys) - sum(k in missing for k in keys)
+        if missing:
+            rows = [keys.index(k) for k in missing]
+            width = max(n_cpu[r] for r in rows)
+            sub = self.bottom(ids[rows, :width], mask[rows, :width])
+            for i, (r, k) in enumerate(zip(rows, missing)):
+                self._store(k, sub[i, : n_cpu[r]].clone())
+            self.misses += len(rows)
+        entries = [self.cache[k] if k in self.cache else None for k in keys]
+        if any(e is None for e in entries):  # the cache is smaller than one batch: compute it plainly
+            return self.bottom(ids, mask)
+        for k in set(keys):
+            self.cache.move_to_end(k)
+        out = entries[0].new_zeros(ids.shape[0], ids.shape[1], entries[0].shape[-1])
+        for r, e in enumerate(entries):
+            out[r, : e.shape[0]] = e
+        return out
+
+    def _store(self, key: bytes, value: Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_cache_bytes:
+            return
+        while self.cache and self.cache_bytes + size > self.max_cache_bytes:
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= old.numel() * old.element_size()
+        self.cache[key] = value
+        self.cache_bytes += size
+
+    def clear(self) -> None:
+        """Drop every cached example."""
+        self.cache.clear()
+        self.cache_bytes = 0
+        self.hits = self.misses = 0
+
+    def answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """:func:`lmas.modules.lm.answer_logits` through the cached bottom and the active adapters."""
+        hidden = self.top(self.cached_bottom(batch), batch["attention_mask"])
+        return logits_at_targets(self.head, hidden, batch["targets"])
+
+
+# --- evaluation: N agents from one bottom pass ------------------------------------------------
+def _label_tree(encoder: Encoder, prompts: Sequence[str], label_ids: list[list[int]], lab_w: int):
+    """One row per prompt: the left-padded prompt, then every label's tokens side by side.
+
+    Label ``j``'s tokens see the prompt and their own label's earlier tokens only, and take the
+    positions they would have right after the prompt, so each label is scored as if it followed
+    the prompt alone (what :func:`lmas.modules.lm.label_logprobs` computes with a shared KV cache).
+    Returns ids (B, T), an additive mask (B, 1, T, T), positions (B, T) and the prompt width P.
+    """
+    room = encoder.max_length - lab_w
+    enc = [encoder.encode_prompt(p)[-room:] for p in prompts]
+    b, width = len(enc), max(len(e) for e in enc)
+    flat = [t for lab in label_ids for t in lab]
+    total = width + len(flat)
+    ids = torch.full((b, total), encoder.pad_id, dtype=torch.long)
+    real = torch.zeros((b, width), dtype=torch.bool)
+    for row, e in enumerate(enc):  # left padding: every prompt ends at column width - 1
+        ids[row, width - len(e) : width] = torch.tensor(e)
+        real[row, width - len(e) :] = True
+    ids[:, width:] = torch.tensor(flat, dtype=torch.long)
+    pos = torch.zeros((b, total), dtype=torch.long)
+    pos[:, :width] = (real.long().cumsum(1) - 1).clamp(min=0)
+    allowed = torch.zeros((b, total, total), dtype=torch.bool)
+    allowed[:, :width, :width] = torch.tril(torch.ones(width, width, dtype=torch.bool)) & real[:, None, :]
+    col = width
+    for lab in label_ids:
+        n = len(lab)
+        pos[:, col : col + n] = pos[:, width - 1 : width] + 1 + torch.arange(n)
+        allowed[:, col : col + n, :width] = real[:, None, :]
+        allowed[:, col : col + n, col : col + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+        col += n
+    allowed |= torch.eye(total, dtype=torch.bool)  # padding rows see themselves: no empty softmax row
+    return ids, allowed, pos, width
+
+
+@torch.no_grad()
+def shared_label_logprobs(
+    trunk: SharedTrunk,
+    encoder: Encoder,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    agents: Sequence[str],
+    activate: Callable[[str], None],
+    batch_size: int = 32,
+) -> Tensor:
+    """Label log-likelihoods of every agent after every prompt: (A, len(prompts), len(labels)).
+
+    The bottom layers run once per batch of prompts; for each agent, ``activate(agent)`` switches
+    to its adapters and only the top layers run. Equal to :func:`lmas.modules.lm.label_logprobs`
+    of each agent up to float rounding (the same prompt truncation and positions).
+    """
+    trunk.check()
+    label_ids = [encoder.tokens(" " + lab) for lab in labels]
+    n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
+    if lab_w > encoder.max_length - 1:
+        i = max(range(n_lab), key=lambda k: len(label_ids[k]))
+        raise encoder.answer_too_long(lab_w, labels[i], "label")
+    # head positions: the prompt's last column predicts every label's first token; label j's
+    # token k (k < len-1), at offset `rel` after the prompt, predicts its token k+1
+    rel, tgt, owner, off = [], [], [], 0
+    for j, lab in enumerate(label_ids):
+        rel += [off + k for k in range(len(lab) - 1)]
+        tgt += lab[1:]
+        owner += [j] * (len(lab) - 1)
+        off += len(lab)
+    device = trunk.body.embed_tokens.weight.device
+    dtype = trunk.body.embed_tokens.weight.dtype
+    first_ids = torch.tensor([lab[0] for lab in label_ids], device=device)
+    tgt_t, owner_t = torch.tensor(tgt, dtype=torch.long, device=device), torch.tensor(owner, device=device)
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        ids, allowed, pos, width = _label_tree(encoder, prompts[i : i + batch_size], label_ids, lab_w)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
+        base = trunk.bottom(ids, mask, pos)  # (B, T, H), once for every agent
+        at = torch.tensor([width + r for r in rel], dtype=torch.long, device=device)
+        per_agent = []
+        for agent in agents:
+            activate(agent)
+            h = trunk.top(base, mask, pos)  # (B, T, H)
+            total = trunk.head(h[:, width - 1]).float().log_softmax(-1)[:, first_ids]  # (B, L)
+            if rel:
+                logp = trunk.head(h[:, at]).float().log_softmax(-1)  # (B, C, V)
+                logp = logp.gather(2, tgt_t[None, :, None].expand(h.shape[0], -1, 1)).squeeze(2)  # (B, C)
+                total = total.index_add(1, owner_t, logp)
+            per_agent.append(total)
+        scores.append(torch.stack(per_agent))  # (A, B, L)
+    return torch.cat(scores, 1)

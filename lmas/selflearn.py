@@ -1,0 +1,229 @@
+"""The self-learning loop: new data → automatic labels → incremental training → knowledge fusion →
+validation gate → model update, cycle after cycle.
+
+The population has worker agents and one consolidated ``student``. Round 0 (the seed): every
+worker trains on the first ``seed_labels`` labelled training examples of each task and the
+student consolidates them. Each later round is a cycle: for every task, the next ``chunk``
+training examples arrive *without their labels*; the workers label them (their label
+distributions, fused; an example is kept when the workers agree, or when the fused top
+probability reaches ``threshold``); the workers train on the kept pseudo-labels; the student
+consolidates the workers' knowledge (``distill``: it trains on the pseudo-labels with a
+distillation term from the workers; ``merge``: it becomes the exact merge of the workers'
+adapters); finally a validation gate compares the student's validation accuracy on every task
+with its value before the cycle: if any task drops by more than ``tolerance``, the cycle is
+rejected and every agent's adapters are restored to what they were before it (the workers' CL
+strategy state, e.g. a replay buffer, is not rolled back).
+
+Per cycle the loop logs (and ``results.json`` keeps under ``self_learning``) each task's
+pseudo-label coverage and precision against the withheld true labels, the gate's values and the
+decision; the knowledge matrix has one round per cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lmas.data.task import Example, Task
+from lmas.distill.strategy import Distill
+from lmas.loop import ContinualLoop
+from lmas.population.fusion import FUSIONS, fuse
+from lmas.population.messages import COORDINATOR, Message
+from lmas.strategies.base import Strategy
+from lmas.strategies.compose import Compose
+from lmas.tracking import report
+from lmas.transfer.merge import merge_adapters
+
+log = logging.getLogger(__name__)
+LABELLING = ("agreement", "confidence")
+CONSOLIDATION = ("distill", "merge")
+
+
+@dataclass
+class SelfLearnConfig:
+    """Options of the self-learning loop (``selflearn.*`` in the config)."""
+
+    cycles: int = 3
+    seed_labels: int = 16  # labelled training examples per task in round 0
+    chunk: int = 48  # unlabelled training examples per task arriving in each cycle
+    labelling: str = "agreement"  # agreement | confidence
+    threshold: float = 0.8  # confidence labelling: fused top probability needed
+    fusion: str = "uniform"  # how the workers' label distributions are fused
+    consolidate: str = "distill"  # distill | merge
+    tolerance: float = 0.05  # largest allowed drop of the student's validation accuracy on a task
+    student: str = "student"
+    distill: dict = field(default_factory=dict)  # options of the consolidation's Distill term
+
+    def __post_init__(self) -> None:
+        if self.labelling not in LABELLING:
+            raise ValueError(f"selflearn.labelling={self.labelling!r}: expected one of {LABELLING}")
+        if self.consolidate not in CONSOLIDATION:
+            raise ValueError(f"selflearn.consolidate={self.consolidate!r}: expected one of {CONSOLIDATION}")
+        if self.fusion not in FUSIONS or self.fusion == "val_acc":
+            raise ValueError(f"selflearn.fusion={self.fusion!r}: expected uniform, confidence or best")
+        if self.cycles < 1 or self.seed_labels < 1 or self.chunk < 1 or self.tolerance < 0:
+            raise ValueError("selflearn: need cycles, seed_labels, chunk >= 1 and tolerance >= 0")
+
+
+class SelfLearningLoop(ContinualLoop):
+    """A :class:`~lmas.loop.ContinualLoop` whose rounds are self-learning cycles (module docstring)."""
+
+    def __init__(self, *args, selflearn: SelfLearnConfig | dict | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sl = selflearn if isinstance(selflearn, SelfLearnConfig) else SelfLearnConfig(**(selflearn or {}))
+        if self.sl.student not in self.population.agents:
+            raise ValueError(f"selflearn.student={self.sl.student!r} is not an agent of the population "
+                             f"{self.population.names}")
+        self.workers = [a for a in self.population.names if a != self.sl.student]
+        if not self.workers:
+            raise ValueError("selflearn: the population needs at least one worker besides the student")
+        bad = [t.name for t in self.stream if t.kind != "classification"]
+        if bad:
+            raise ValueError(f"selflearn: tasks {bad} are not classification tasks (pseudo-labels need label sets)")
+        self.plan = [list(range(len(self.stream)))] * (self.sl.cycles + 1)
+        self.cycles: list[dict] = []
+
+    # --- the run ---------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._started = time.perf_counter()
+        first = self.restore() + 1 if resume else 0
+        if not resume and self.eval_cfg.initial:
+            for j, task in enumerate(self.stream.tasks):
+                value = self.score(self.population.names[0], j, seen=0)
+                for agent in self.matrix.agents:
+                    self.matrix.record_initial(agent, task.name, value)
+        for r in range(first, len(self.plan)):
+            self.matrix.start_round()
+            self.assignments.append([])
+            t0 = time.perf_counter()
+            self.cycle(r)
+            t1 = time.perf_counter()
+            self.evaluate_round(r)
+            self.timings["train_s"] += t1 - t0
+            self.timings["eval_s"] += time.perf_counter() - t1
+            self.after_round(r)
+        self.timings["wall_s"] = self._wall_before + time.perf_counter() - self._started
+        results = self.results()
+        report.write_run(self.run_dir, results, self.matrix)
+        self.tracker.finish()
+        return results
+
+    def cycle(self, r: int) -> dict:
+        """One cycle (round ``r``; round 0 is the labelled seed). Returns its record."""
+        before = {a: self._snapshot(a) for a in self.population.names}
+        gate_before = self._val_scores() if r > 0 else {}
+        record: dict = {"cycle": r, "tasks": {}}
+        pseudo_tasks = []
+        for j, task in enumerate(self.stream.tasks):
+            stats, ptask = self.label(r, task)
+            record["tasks"][task.name] = stats
+            if ptask is None:
+                continue
+            pseudo_tasks.append(ptask)
+            seen = [t for t in self.stream.tasks if t.name != task.name]
+            for w in self.workers:
+                self.loss_curves[f"{w}/{task.name}/{r}"] = self.fit(w, ptask, seen, r)
+                self.matrix.mark_trained(r, w, task.name)
+                self.assignments[r].append((w, j))
+            if self.sl.consolidate == "distill":
+                teacher = Distill(teachers=self.workers, **self.sl.distill)
+                self.loss_curves[f"{self.sl.student}/{task.name}/{r}"] = self.fit(
+                    self.sl.student, ptask, seen, r, strategy=Compose([Strategy(), teacher]))
+            self.matrix.mark_trained(r, self.sl.student, task.name)
+        if self.sl.consolidate == "merge" and pseudo_tasks:
+            merge_adapters(self.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
+                           self.sl.student, "exact", seed=self.seed)
+            self.population.agents[self.sl.student].history.append(
+                {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact"})
+        record.update(self.gate(r, gate_before, before))
+        self.cycles.append(record)
+        metrics = {"self_learning/accepted": float(record["accepted"])}
+        for name, st in record["tasks"].items():
+            for key in ("coverage", "precision"):
+                if st.get(key) is not None:
+                    metrics[f"self_learning/{name}/{key}"] = st[key]
+        self.tracker.log(metrics, "round", r)
+        return record
+
+    # --- the steps -----------------------------------------------------------------------
+    def label(self, r: int, task: Task) -> tuple[dict, Task | None]:
+        """This cycle's training data of ``task``: the seed's true labels, or pseudo-labels."""
+        seed = self.sl.seed_labels
+        if r == 0:
+            rows = task.train[:seed]
+            return {"arrived": len(rows), "kept": len(rows), "coverage": 1.0, "precision": 1.0}, self._task(task, rows)
+        start = seed + (r - 1) * self.sl.chunk
+        rows = task.train[start : start + self.sl.chunk]
+        if not rows:
+            log.warning("selflearn: task %s has no unlabelled examples left for cycle %d", task.name, r)
+            return {"arrived": 0, "kept": 0, "coverage": None, "precision": None}, None
+        labels = list(task.labels)
+        lp = self.scorer.label_logprobs(self.workers, [ex.prompt for ex in rows], labels)  # (A, N, L)
+        for i, w in enumerate(self.workers):
+            self.messages.send(Message("label_distribution", w, COORDINATOR, r, lp[i].float()))
+        fused = fuse(lp, self.sl.fusion)  # (N, L)
+        pred = fused.argmax(-1)
+        if self.sl.labelling == "agreement":
+            votes = lp.argmax(-1)  # (A, N)
+            keep = (votes == votes[0]).all(0)
+        else:
+            keep = fused.max(-1).values >= self.sl.threshold
+        gold = torch.tensor([labels.index(ex.answer) for ex in rows])  # withheld: only for the logs
+        pseudo = [Example(ex.prompt, labels[int(p)]) for ex, p, k in zip(rows, pred, keep) if k]
+        for agent in self.population.names:
+            self.messages.send(Message("pseudo_labels", COORDINATOR, agent, r, pseudo))
+        kept = int(keep.sum())
+        stats = {"arrived": len(rows), "kept": kept, "coverage": kept / len(rows),
+                 "precision": float((pred[keep] == gold[keep]).float().mean()) if kept else None,
+                 "precision_all": float((pred == gold).float().mean())}
+        log.info("selflearn cycle %d, %s: %d/%d pseudo-labelled, precision %s", r, task.name, kept, len(rows),
+                 stats["precision"])
+        return stats, (self._task(task, pseudo) if pseudo else None)
+
+    @staticmethod
+    def _task(task: Task, rows: list[Example]) -> Task:
+        return Task(task.name, task.kind, rows, task.val, task.test, task.labels, task.source, task.meta)
+
+    def _val_scores(self) -> dict[str, float]:
+        """The student's validation accuracy on every task."""
+        return {t.name: self.scorer.score(self.sl.student, self._eval_view(t, "val"), "val", t.labels)
+                for t in self.stream.tasks}
+
+    def gate(self, r: int, before: dict[str, float], snapshot: dict) -> dict:
+        """Accept the cycle unless the student's validation accuracy on a task fell by > tolerance."""
+        if r == 0:
+            return {"accepted": True, "val_before": None, "val_after": self._val_scores()}
+        after = self._val_scores()
+        drops = {t: before[t] - after[t] for t in before}
+        accepted = all(d <= self.sl.tolerance for d in drops.values())
+        if not accepted:
+            for agent, state in snapshot.items():
+                self._restore(agent, state)
+                self.population.agents[agent].history.append({"round": r, "event": "rejected",
+                                                              "restored_to_round": r - 1})
+            log.info("selflearn cycle %d rejected (val drops %s > %.3f): adapters restored", r, drops,
+                     self.sl.tolerance)
+        return {"accepted": accepted, "val_before": before, "val_after": after, "drops": drops}
+
+    def _snapshot(self, agent: str) -> dict:
+        return {a: self.population.adapter_state(agent, a) for a in self.population.agents[agent].adapters}
+
+    def _restore(self, agent: str, state: dict) -> None:
+        for adapter, tensors in state.items():
+            self.population.load_adapter_state(agent, tensors, adapter)
+
+    # --- outputs and checkpoints ---------------------------------------------------------------
+    def results(self, partial: bool = False) -> dict:
+        out = super().results(partial)
+        out["self_learning"] = self.cycles
+        return out
+
+    def extra_state(self) -> dict:
+        return {"cycles": self.cycles}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.cycles = list(state.get("cycles", []))

@@ -1,0 +1,141 @@
+"""The Distill strategy on the tiny model: cached and live teachers agree, the student moves
+towards its teachers, token-level KD on generation, teacher sets, and the MiniLM teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmas.data.sources import bbc_topics
+from lmas.data.task import Example, Task
+from lmas.data.stream import Stream
+from lmas.distill.strategy import Distill
+from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
+from lmas.modules.lm import Encoder, label_logprobs
+from lmas.population.allocation import Explicit
+from lmas.population.population import Population
+
+
+@pytest.fixture(scope="module")
+def news():
+    return bbc_topics("news", topics=["sports", "tech"], n_train=8, n_val=4, n_test=4, max_chars=60)
+
+
+def _randomise(pop, agents, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pop.model.named_parameters():
+            if "lora_B" in n and any(f".{a}." in n for a in agents):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    for a in agents:
+        pop.agents[a].history.append({"round": -1, "event": "trained", "task": "news"})
+
+
+class Recorder(Distill):
+    """Records the distillation term of every step."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.kd: list[float] = []
+
+    def loss_terms(self, module, batch, out):
+        terms = super().loss_terms(module, batch, out)
+        if "kd" in terms:
+            self.kd.append(terms["kd"].item())
+        return terms
+
+
+def _train_student(tiny_base, task, tmp_path, **distill):
+    pop = Population(tiny_base, agents=["t1", "t2", "student"], lora={"r": 4, "alpha": 8}, seed=0)
+    _randomise(pop, ["t1", "t2"])
+    strategy = Recorder(**distill)
+    loop = ContinualLoop(pop, Stream("s", [task]), strategy, tmp_path, seed=0,
+                         train=TrainConfig(lr=5e-3, max_steps=4, batch_size=4, epochs=2),
+                         eval=EvalConfig(batch_size=8, initial=False), allocation=Explicit([{"student": task.name}]),
+                         progress=False, save_adapters=False)
+    loop.run()
+    return pop, strategy
+
+
+def test_cached_and_live_teachers_give_the_same_losses(tiny_base, news, tmp_path):
+    _, cached = _train_student(tiny_base, news, tmp_path / "c", cache=True, temperature=2.0)
+    from lmas.models.providers import tiny
+
+    fresh = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    _, live = _train_student(fresh, news, tmp_path / "l", cache=False, temperature=2.0)
+    assert len(cached.kd) == 4 and all(v > 0 for v in cached.kd)
+    assert live.kd == pytest.approx(cached.kd, rel=1e-4)
+
+
+def test_distillation_alone_pulls_the_student_towards_the_teacher(tiny_base, news):
+    pop = Population(tiny_base, agents=["teacher", "student"], lora={"r": 4, "alpha": 8}, seed=0)
+    _randomise(pop, ["teacher"])
+    enc = Encoder(pop.tokenizer, 64)
+    prompts = [ex.prompt for ex in news.train]
+
+    def dist(agent):
+        pop.activate(agent)
+        pop.model.eval()
+        return label_logprobs(pop.model, enc, prompts, news.labels).softmax(-1)
+
+    teacher = dist("teacher")
+    gap_before = (dist("student") - teacher).abs().sum().item()
+    strategy = Distill(teachers=["teacher"], temperature=1.0)
+
+    class Module:  # the pieces of IncrementalLM the strategy reads
+        population, agent, encoder, net = pop, "student", enc, pop.model
+        examples = [(ex, "classification") for ex in news.train]
+
+    strategy.before_task(Module, news)
+    params = [p for p in pop.model.parameters() if p.requires_grad]
+    assert params and all(".student." in n for n, p in pop.model.named_parameters() if p.requires_grad)
+    opt = torch.optim.Adam(params, lr=2e-2)
+    pop.model.train()
+    batch = {"index": torch.arange(len(news.train))}
+    for _ in range(20):
+        opt.zero_grad()
+        strategy.loss_terms(Module, batch, {})["kd"].backward()
+        opt.step()
+    gap_after = (dist("student") - teacher).abs().sum().item()
+    assert gap_after < 0.5 * gap_before
+
+
+def test_token_level_distillation_on_a_generation_task(tiny_base, tmp_path):
+    rows = [Example(f"{a} + {b} =", str(a + b)) for a in range(4) for b in range(3)]
+    task = Task("add", "generation", rows[:8], rows[8:10], rows[10:])
+    _, strategy = _train_student(tiny_base, task, tmp_path, cache=True, top_k=8, loss="jsd")
+    assert strategy.kd and all(0 < v for v in strategy.kd)
+
+
+def test_specialists_route_each_task_to_the_agents_that_trained_it(tiny_base, news):
+    pop = Population(tiny_base, agents=["a", "b", "c"], lora={"r": 4, "alpha": 8})
+    pop.agents["a"].history.append({"event": "trained", "task": "news"})
+    pop.agents["b"].history.append({"event": "trained", "task": "other"})
+    assert Distill(teachers="specialists").teachers_for(pop, "c", news) == ["a"]
+    assert Distill(teachers="peers").teachers_for(pop, "c", news) == ["a", "b"]
+    assert Distill(teachers=["b", "c"]).teachers_for(pop, "c", news) == ["b"]
+    with pytest.raises(ValueError, match=r"unknown agents \['zz'\]"):
+        Distill(teachers=["zz"]).teachers_for(pop, "c", news)
+
+
+def test_minilm_teacher_teaches_a_smollm2_tokenizer_student_through_labels(tiny_base, news, tmp_path):
+    """A BERT-architecture teacher with its own tokenizer; the student (SmolLM2 tokenizer) learns
+    from its label distributions."""
+    from lmas.distill.encoder_teacher import EncoderTeacher
+
+    teacher = EncoderTeacher(steps=100)
+    pop = Population(tiny_base, agents=["student"], lora={"r": 4, "alpha": 8}, seed=0)
+    strategy = Recorder(teachers=[], external=[teacher], temperature=1.0)
+    loop = ContinualLoop(pop, Stream("s", [news]), strategy, tmp_path, seed=0,
+                         train=TrainConfig(lr=5e-3, max_steps=3, batch_size=4),
+                         eval=EvalConfig(batch_size=8, initial=False), progress=False, save_adapters=False)
+    loop.run()
+    assert len(strategy.kd) == 2 and all(v > 0 for v in strategy.kd)  # 8 examples, batch 4, one epoch
+    assert teacher.tokenizer.vocab_size != pop.tokenizer.vocab_size  # really another vocabulary
+    scores = teacher.label_scores([ex.prompt for ex in news.train], news.labels)
+    gold = torch.tensor([news.labels.index(ex.answer) for ex in news.train])
+    assert (scores.argmax(-1) == gold).float().mean() == 1.0  # the head learnt the training split
+    with pytest.raises(ValueError, match="token-level distillation needs teachers"):
+        Distill(teachers=[], external=[teacher]).before_task(
+            type("M", (), {"population": pop, "agent": "student", "encoder": None, "examples": []}),
+            Task("g", "generation", [Example("q", "a")], [], [Example("q", "a")]))

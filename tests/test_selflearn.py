@@ -1,0 +1,94 @@
+"""The self-learning loop: pseudo-labelling by agreement or confidence, precision against the
+withheld labels, consolidation into the student, the validation gate and its rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmas.selflearn import SelfLearnConfig, SelfLearningLoop
+
+SMALL = ["experiment=self_learning", "selflearn.seed_labels=4", "selflearn.chunk=6", "selflearn.cycles=2"]
+
+
+def test_cycles_label_train_consolidate_and_log(fast_overrides, tmp_path, run_lmas):
+    res = run_lmas(fast_overrides + SMALL, tmp_path / "sl")
+    cycles = res["self_learning"]
+    assert [c["cycle"] for c in cycles] == [0, 1, 2]
+    assert cycles[0]["tasks"]["bbc"] == {"arrived": 4, "kept": 4, "coverage": 1.0, "precision": 1.0}
+    for c in cycles[1:]:
+        for st in c["tasks"].values():
+            assert st["arrived"] == 6 and 0 <= st["kept"] <= 6 and st["coverage"] == st["kept"] / 6
+            assert st["precision"] is None or 0.0 <= st["precision"] <= 1.0
+        assert isinstance(c["accepted"], bool) and set(c["drops"]) == {"bbc", "chat"}
+    comm = res["population"]["communication"][1]["by_kind"]
+    assert comm["label_distribution"]["messages"] == 2 * 2  # 2 workers x 2 tasks
+    assert comm["pseudo_labels"]["messages"] == 3 * 2  # to the 2 workers and the student, per task
+    student = res["agents"]["student"]["history"]
+    assert [e["task"] for e in student if e["event"] == "trained"][:2] == ["bbc", "chat"]  # distilled per task
+    assert res["matrix"]["agents"] == ["agent0", "agent1", "student"]
+
+
+def test_a_rejected_cycle_restores_every_adapter(fast_overrides, tmp_path, run_lmas, monkeypatch):
+    calls = {"n": 0}
+
+    def falling(self):  # calls: round 0 after, then (before, after) per cycle: every cycle loses 0.5
+        calls["n"] += 1
+        return {t.name: 1.0 if calls["n"] % 2 == 0 else 0.5 for t in self.stream.tasks}
+
+    monkeypatch.setattr(SelfLearningLoop, "_val_scores", falling)
+    out = tmp_path / "rej"
+    res = run_lmas(fast_overrides + SMALL + ["selflearn.tolerance=0.1"], out)
+    assert [c["accepted"] for c in res["self_learning"]] == [True, False, False]
+    assert any(e["event"] == "rejected" for e in res["agents"]["agent0"]["history"])
+    # the final adapters are the ones of round 0 (every later cycle was rolled back)
+    for agent in ("agent0", "student"):
+        first = sorted((out / "adapters" / agent).glob("round000-*.safetensors"))[0]
+        final = out / "checkpoint" / "adapters" / f"{agent}.safetensors"
+        a, b = load_file(str(first)), load_file(str(final))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _loop_with_votes(run_lmas, fast_overrides, tmp_path, monkeypatch, votes, labelling, chunk, threshold=0.8):
+    """A run whose workers label the bbc chunk of cycle 1 with the given table (A, N, L)."""
+    from lmas.population.evaluation import PopulationScorer
+
+    real = PopulationScorer.label_logprobs
+
+    def fake(self, agents, prompts, labels):
+        if list(prompts) == chunk:
+            return votes.log()
+        return real(self, agents, prompts, labels)
+
+    monkeypatch.setattr(PopulationScorer, "label_logprobs", fake)
+    res = run_lmas(fast_overrides + SMALL + [f"selflearn.labelling={labelling}",
+                                            f"selflearn.threshold={threshold}", "selflearn.cycles=1"],
+                   tmp_path / labelling)
+    return res["self_learning"][1]["tasks"]["bbc"]
+
+
+def test_agreement_and_confidence_labelling(fast_overrides, tmp_path, run_lmas, monkeypatch):
+    from lmas.data.sources import bbc_topics
+
+    task = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)  # conf/stream/self_learning.yaml
+    gold = [task.labels.index(ex.answer) for ex in task.train[4:10]]
+    n_lab = len(task.labels)
+    votes = torch.full((2, 6, n_lab), 0.01)
+    for i, g in enumerate(gold):
+        wrong = (g + 1) % n_lab
+        votes[0, i, g] = 0.95  # worker 0 always right and sure
+        votes[1, i, g if i < 4 else wrong] = 0.9 if i < 2 else 0.3  # worker 1 agrees on 0..3, sure on 0..1
+    votes = votes / votes.sum(-1, keepdim=True)
+    chunk = [ex.prompt for ex in task.train[4:10]]
+    agree = _loop_with_votes(run_lmas, fast_overrides, tmp_path, monkeypatch, votes, "agreement", chunk)
+    assert agree["kept"] == 4 and agree["precision"] == 1.0
+    conf = _loop_with_votes(run_lmas, fast_overrides, tmp_path, monkeypatch, votes, "confidence", chunk, 0.94)
+    assert conf["kept"] == 2 and conf["precision"] == 1.0  # only the two where both are sure
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="selflearn.labelling='vote'"):
+        SelfLearnConfig(labelling="vote")
+    with pytest.raises(ValueError, match="selflearn.consolidate"):
+        SelfLearnConfig(consolidate="average")
