@@ -12,16 +12,20 @@ applied only at answer positions: ``lmas.modules.lm.answer_loss``, what ``Increm
 * lmas: ``ContinualLoop.fit`` itself (``Trainer.fit(IncrementalLM)``, progress bar off, no logger,
   the loop's step-logging callback with a no-op tracker, the naive strategy).
 
-One run is one experience: one epoch of 20 steps. A timestamp is taken at the start of every batch
-(after the batch is fetched; lmas: the strategy's ``on_train_batch_start`` hook), so
-*steady-state* throughput is steps/s from batch ``--warmup`` to the last batch start, and
-*end-to-end* time is the whole experience (tokenising, building the loader/optimizer or the
-Trainer, every step). Baseline and lmas alternate in one process (A B A B ...); the result is the
-ratio of medians, lmas / baseline throughput (≥ 1 means lmas is not slower). Both sides must end
-with the same adapter (checked). Target: steady-state ratio ≥ 0.95.
+One run is one experience, cut at ``--steps`` steps (``train.max_steps``; a full epoch is 20). A
+timestamp (wall and process CPU time) is taken at the start of every batch (after the batch is
+fetched; lmas: the strategy's ``on_train_batch_start`` hook), so *steady-state* throughput is
+steps/s from batch ``--warmup`` to the last batch start, and *end-to-end* time is the whole
+experience (tokenising, building the loader/optimizer or the Trainer, every step). Baseline and
+lmas alternate in one process (A B A B ...); the result is the ratio of medians, lmas / baseline
+throughput (≥ 1 means lmas is not slower). Both sides must end with the same adapter (checked).
+Target: steady-state ratio ≥ 0.95.
+
+The same comparison on the tiny random model (1 thread, 20 steps, ``--tiny-repeats``) shows the
+framework's own per-step cost, which SmolLM2's seconds-long steps hide: ``overhead_ms_per_step``.
 Writes benchmarks/results/framework_overhead.json.
 
-    .venv/bin/python benchmarks/framework_overhead.py [--repeats 5] [--warmup 2]
+    .venv/bin/python benchmarks/framework_overhead.py [--repeats 5] [--steps 12] [--warmup 2] [--tiny-repeats 15]
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class StepClock(Strategy):
     """The naive strategy, plus a timestamp at the start of every training batch."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []  # (wall, process CPU) seconds
 
     def on_train_batch_start(self, module, batch) -> None:
         self.stamps.append((time.perf_counter(), time.process_time()))

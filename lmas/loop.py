@@ -253,7 +253,7 @@ class ContinualLoop:
         strategy.after_task(module, task)
         if self.eval_cfg.curve_every > 0:
             self.curves[f"{agent}/{task.name}"] = curve.points
-        self._record_fit(agent, task, round_idx, trainer.global_step, len(examples))
+        self._record_fit(agent, task, round_idx, trainer.global_step, len(examples), strategy.fit_info())
         return module.losses
 
     def _eval_view(self, task: Task, split: str) -> Task:
@@ -263,10 +263,11 @@ class ContinualLoop:
         return Task(task.name, task.kind, task.train, task.train[: self.eval_cfg.val_fallback], task.test,
                     task.labels, task.source, task.meta)
 
-    def _record_fit(self, agent: str, task: Task, round_idx: int, steps: int, n_examples: int) -> None:
+    def _record_fit(self, agent: str, task: Task, round_idx: int, steps: int, n_examples: int,
+                    info: dict | None = None) -> None:
         self.step += steps
-        self.population.agents[agent].history.append(
-            {"round": round_idx, "event": "trained", "task": task.name, "steps": steps, "examples": n_examples})
+        self.population.agents[agent].history.append({"round": round_idx, "event": "trained", "task": task.name,
+                                                      "steps": steps, "examples": n_examples, **(info or {})})
 
     def score(self, agent: str, j: int, seen: int) -> float:
         """The metric of ``agent`` on task ``j`` (label space per the stream's scenario)."""

@@ -60,7 +60,7 @@ def test_every_experiment_preset_runs_fast(preset, fast_overrides, tmp_path, run
     results = run_lmas(fast_overrides + [f"experiment={preset}"], tmp_path / preset)
     assert results["complete"]
     assert len(results["tasks"]) >= 2
-    assert results["metrics"]["agent0"]
+    assert any(results["metrics"].values())  # some agent trained and has CL metrics
 
 
 def test_wandb_offline_logger_writes_an_offline_run(tmp_path, run_lmas):

@@ -77,7 +77,8 @@ class Distill(Strategy):
         self.val_acc: list[float] | None = None
         self.task: Task | None = None
         self._rows: set[tuple[str, str]] = set()
-        self._live: Tensor | None = None  # uncached: this batch's teacher distributions (K, ., C)
+        self._live: TeacherCache | None = None  # uncached: this batch's teachers' outputs
+        self._taught: list[str] = []  # teachers of the last experience (for the agent's history)
 
     # --- who teaches -----------------------------------------------------------------------
     def teachers_for(self, population, agent: str, task: Task) -> list[str]:
@@ -186,5 +187,10 @@ class Distill(Strategy):
         return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature)}
 
     def after_task(self, module, task: Task) -> None:
+        self._taught = list(self.current.teachers) if self.current else []
         self.current, self._live, self.val_acc = None, None, None
+
+    def fit_info(self) -> dict:
+        """The teachers of the experience just trained (lineage: distilled-from edges)."""
+        return {"teachers": self._taught} if self._taught else {}
 

@@ -64,6 +64,11 @@ class Strategy:
     def after_task(self, module: "IncrementalLM", task: Task) -> None:
         """Called after ``Trainer.fit`` of an experience (consolidation: Fisher, buffers, ...)."""
 
+    def fit_info(self) -> dict:
+        """What the agent's history should record about the experience just trained (e.g. its
+        distillation teachers, which the lineage graph draws as edges); JSON-safe."""
+        return {}
+
     def state_dict(self) -> dict:
         """Everything needed to resume this strategy (tensors and JSON-safe values)."""
         return {}

@@ -77,6 +77,12 @@ class Compose(Strategy):
         for p in self.parts:
             p.after_task(module, task)
 
+    def fit_info(self) -> dict:
+        info: dict = {}
+        for p in self.parts:
+            info.update(p.fit_info())
+        return info
+
     def state_dict(self) -> dict:
         return {"parts": [{"name": p.name, "state": p.state_dict()} for p in self.parts]}
 

@@ -222,3 +222,31 @@ def test_config_refuses_the_trunk_without_layers_to_transform(compose, tmp_path)
     assert "eval.shared_trunk=true" in text
     validate(compose(["train.trunk_cache=true", "eval.shared_trunk=true", "model=tiny",
                       "population.lora.layers_to_transform=[1]"], tmp_path))
+
+
+def test_lmas_train_with_the_trunk_gives_the_run_without_it(fast_overrides, tmp_path, run_lmas):
+    """The default stream, 2 agents, LoRA in the top of the tiny model's 2 layers: same results either way."""
+    import math
+
+    common = fast_overrides + ["population.agents=2", "population.lora.layers_to_transform=[1]",
+                               "model.num_layers=2", "stream.max_eval=4", "eval.next_task=false"]
+    plain = run_lmas(common, tmp_path / "plain")
+    shared = run_lmas(common + ["train.trunk_cache=true", "eval.shared_trunk=true"], tmp_path / "shared")
+    assert shared["config"]["train"]["trunk_cache"] and shared["config"]["eval"]["shared_trunk"]
+    for a, b in zip(_flat(plain["matrix"]), _flat(shared["matrix"])):
+        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, abs=1e-6)
+    for key, curve in plain["loss_curves"].items():
+        assert shared["loss_curves"][key] == pytest.approx(curve, rel=1e-4, abs=1e-5)
+
+
+def _flat(value):
+    if isinstance(value, dict):
+        for k in sorted(value):
+            yield from _flat(value[k])
+    elif isinstance(value, list):
+        for v in value:
+            yield from _flat(v)
+    elif isinstance(value, (int, float)):
+        yield float(value)
+    elif value is None:
+        yield float("nan")
