@@ -425,7 +425,7 @@ def _check_targets(ctx: _Ctx) -> None:
 
 
 def _check_cross(ctx: _Ctx) -> None:
-    """Options that must agree with each other (knowledge-distillation cross-checks belong here too)."""
+    """Options that must agree with each other."""
     agents = _agent_names(ctx.get("population.agents", default=None))
     tasks = ctx.get("stream.tasks", default=None)
     task_names = [t.get("name") for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else None
@@ -473,6 +473,33 @@ def _check_cross(ctx: _Ctx) -> None:
         if unknown:
             ctx.fail("population.topology.order", order, f"unknown agents {', '.join(map(str, unknown))}; "
                      f"the agents (population.agents) are {', '.join(agents)}")
+
+    # Distillation from external teachers (another tokenizer) gives label distributions only:
+    # token-level KD on a generation/lm task needs agent teachers (same tokenizer as the student)
+    distills = [("distill", ctx.get("distill", default=None))]
+    if isinstance(parts, list):
+        distills += [(f"strategy.parts[{i}]", p) for i, p in enumerate(parts)]
+    kinds = {t.get("name"): _task_kind(t) for t in tasks if isinstance(t, dict)} if isinstance(tasks, list) else {}
+    token_tasks = [n for n, k in kinds.items() if k in ("generation", "lm")]
+    for path, node in distills:
+        if not isinstance(node, dict) or not str(node.get("_target_", "")).endswith("Distill"):
+            continue
+        if node.get("external") and node.get("teachers") == [] and token_tasks:
+            ctx.fail(f"{path}.external", "[...]", "external teachers (another tokenizer) teach through label "
+                     f"distributions only, but tasks {token_tasks} need token-level distillation; add agent "
+                     f"teachers ({path}.teachers=peers) or use classification tasks only")
+
+
+def _task_kind(task: dict) -> str | None:
+    """A stream task's kind from its config (``kind``, or what its packaged source makes)."""
+    if task.get("kind"):
+        return str(task["kind"])
+    target = str(task.get("_target_", ""))
+    if target.endswith(("math_task", "chatterbot_qa")):
+        return "generation"
+    if target.endswith("bbc_text"):
+        return "lm"
+    return "classification" if target.endswith(("bbc_topics", "chatterbot_categories")) else None
 
 
 def _is_seqft(target: Any) -> bool:

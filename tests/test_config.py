@@ -178,3 +178,12 @@ def test_a_bad_option_fails_before_anything_is_built(fast_overrides, tmp_path, r
         run_lmas(fast_overrides + ["population.lora.r=-2"], run_dir)
     assert not (run_dir / "results.json").exists()
     assert not run_dir.exists()  # not even the run directory is made
+
+
+def test_token_level_distillation_between_tokenizers_is_refused(compose):
+    from lmas.config import ConfigError, validate
+
+    cfg = compose(["model=tiny", "distill=minilm"])  # the default stream has a math (generation) task
+    with pytest.raises(ConfigError, match=r"distill.external.*need token-level distillation"):
+        validate(cfg)
+    validate(compose(["model=tiny", "distill=minilm", "stream=self_learning"]))  # classification only: fine
