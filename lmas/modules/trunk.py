@@ -233,17 +233,21 @@ class SharedTrunk:
 
 # --- evaluation: N agents from one bottom pass ------------------------------------------------
 def _label_tree(encoder: Encoder, prompts: Sequence[str], label_ids: list[list[int]], lab_w: int):
-    """One row per prompt: the left-padded prompt, then every label's tokens side by side.
+    """One row per prompt: the left-padded prompt, then every label's tokens but its last, side by side.
 
     Label ``j``'s tokens see the prompt and their own label's earlier tokens only, and take the
     positions they would have right after the prompt, so each label is scored as if it followed
     the prompt alone (what :func:`lmas.modules.lm.label_logprobs` computes with a shared KV cache).
-    Returns ids (B, T), an additive mask (B, 1, T, T), positions (B, T) and the prompt width P.
+    A label's last token predicts nothing that is scored, so it is not an input (single-token
+    labels add no columns at all: the prompt's last position scores them).
+    Returns ids (B, T), a boolean mask of allowed attention (B, T, T), positions (B, T) and the
+    prompt width P.
     """
     room = encoder.max_length - lab_w
     enc = [encoder.encode_prompt(p)[-room:] for p in prompts]
     b, width = len(enc), max(len(e) for e in enc)
-    flat = [t for lab in label_ids for t in lab]
+    inputs = [lab[:-1] for lab in label_ids]
+    flat = [t for lab in inputs for t in lab]
     total = width + len(flat)
     ids = torch.full((b, total), encoder.pad_id, dtype=torch.long)
     real = torch.zeros((b, width), dtype=torch.bool)
@@ -256,7 +260,7 @@ def _label_tree(encoder: Encoder, prompts: Sequence[str], label_ids: list[list[i
     allowed = torch.zeros((b, total, total), dtype=torch.bool)
     allowed[:, :width, :width] = torch.tril(torch.ones(width, width, dtype=torch.bool)) & real[:, None, :]
     col = width
-    for lab in label_ids:
+    for lab in inputs:
         n = len(lab)
         pos[:, col : col + n] = pos[:, width - 1 : width] + 1 + torch.arange(n)
         allowed[:, col : col + n, :width] = real[:, None, :]
@@ -295,7 +299,7 @@ def shared_label_logprobs(
         rel += [off + k for k in range(len(lab) - 1)]
         tgt += lab[1:]
         owner += [j] * (len(lab) - 1)
-        off += len(lab)
+        off += len(lab) - 1
     device = trunk.body.embed_tokens.weight.device
     dtype = trunk.body.embed_tokens.weight.dtype
     first_ids = torch.tensor([lab[0] for lab in label_ids], device=device)
