@@ -168,3 +168,28 @@ def test_online_when_a_lineage_run_cannot_start_versions_come_from_the_main_run(
     _log_two_versions(t, tmp_path)
     (main,) = fake_wandb.runs
     assert len(main.logged) == 3 and main.used == main.logged[1::-1] and t.run is main
+
+
+def test_a_wandb_dir_that_cannot_be_written_does_not_stop_training(tmp_path, run_lmas, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "wandb").write_text("a file where W&B wants its folder")  # W&B cannot create its dir
+    over = ["model=tiny", "debug=fast", "logger=wandb", f"paths.output_dir={tmp_path}"]
+    with caplog.at_level("WARNING"):
+        results = run_lmas(over, out)
+    assert results["complete"] and (out / "results.json").is_file()
+    assert any("W&B" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow  # W&B waits for its init timeout before giving up
+def test_an_unreachable_wandb_server_in_online_mode_does_not_stop_training(tmp_path, run_lmas, caplog,
+                                                                           monkeypatch):
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "15")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    over = ["model=tiny", "debug=fast", "logger=wandb", "logger.mode=online", f"paths.output_dir={tmp_path}"]
+    with caplog.at_level("WARNING"):
+        results = run_lmas(over, tmp_path / "online")
+    assert results["complete"]
+    assert any("W&B" in r.getMessage() for r in caplog.records)
