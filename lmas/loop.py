@@ -305,18 +305,9 @@ class ContinualLoop:
                 log.info("initial %s on %s: %.4f", task.metric, task.name, value)
             self.timings["eval_s"] += time.perf_counter() - t0
         for r in range(first, len(self.plan)):
-            round_idx = self.matrix.start_round()
+            self.matrix.start_round()
             t0 = time.perf_counter()
-            assignments = self.assign(r, self.plan[r])
-            self._transfer(r, assignments)
-            for agent, j in assignments:
-                seen = [tasks[i] for i in self.trained_by(agent) if i != j]
-                self.loss_curves[f"{agent}/{tasks[j].name}"] = self.fit(agent, tasks[j], seen, round_idx)
-                self.matrix.mark_trained(round_idx, agent, tasks[j].name)
-                if self.topology.answers:
-                    self.matrix.mark_trained(round_idx, POPULATION, tasks[j].name)
-            senders = [a for a in self.population.names if self.population.agents[a].history]
-            self._log_events(self.topology.exchange(self.population, r, senders, self.messages))
+            self.train_round(r)
             self.timings["train_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             self.evaluate_round(r)
@@ -327,6 +318,20 @@ class ContinualLoop:
         report.write_run(self.run_dir, results, self.matrix)
         self.tracker.finish()
         return results
+
+    def train_round(self, r: int) -> None:
+        """Round ``r``'s learning: allocation, transfer, one fit per assignment, exchange."""
+        tasks = self.stream.tasks
+        assignments = self.assign(r, self.plan[r])
+        self._transfer(r, assignments)
+        for agent, j in assignments:
+            seen = [tasks[i] for i in self.trained_by(agent) if i != j]
+            self.loss_curves[f"{agent}/{tasks[j].name}"] = self.fit(agent, tasks[j], seen, r)
+            self.matrix.mark_trained(r, agent, tasks[j].name)
+            if self.topology.answers:
+                self.matrix.mark_trained(r, POPULATION, tasks[j].name)
+        senders = [a for a in self.population.names if self.population.agents[a].history]
+        self._log_events(self.topology.exchange(self.population, r, senders, self.messages))
 
     # --- checkpoints ---------------------------------------------------------------------
     def checkpoint(self, r: int) -> None:

@@ -22,7 +22,6 @@ decision; the knowledge matrix has one round per cycle.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +33,6 @@ from lmas.population.fusion import FUSIONS, fuse
 from lmas.population.messages import COORDINATOR, Message
 from lmas.strategies.base import Strategy
 from lmas.strategies.compose import Compose
-from lmas.tracking import report
 from lmas.transfer.merge import merge_adapters
 
 log = logging.getLogger(__name__)
@@ -86,31 +84,10 @@ class SelfLearningLoop(ContinualLoop):
         self.plan = [list(range(len(self.stream)))] * (self.sl.cycles + 1)
         self.cycles: list[dict] = []
 
-    # --- the run ---------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._started = time.perf_counter()
-        first = self.restore() + 1 if resume else 0
-        if not resume and self.eval_cfg.initial:
-            for j, task in enumerate(self.stream.tasks):
-                value = self.score(self.population.names[0], j, seen=0)
-                for agent in self.matrix.agents:
-                    self.matrix.record_initial(agent, task.name, value)
-        for r in range(first, len(self.plan)):
-            self.matrix.start_round()
-            self.assignments.append([])
-            t0 = time.perf_counter()
-            self.cycle(r)
-            t1 = time.perf_counter()
-            self.evaluate_round(r)
-            self.timings["train_s"] += t1 - t0
-            self.timings["eval_s"] += time.perf_counter() - t1
-            self.after_round(r)
-        self.timings["wall_s"] = self._wall_before + time.perf_counter() - self._started
-        results = self.results()
-        report.write_run(self.run_dir, results, self.matrix)
-        self.tracker.finish()
-        return results
+    # --- the run: ContinualLoop.run with a self-learning cycle as each round's learning -------
+    def train_round(self, r: int) -> None:
+        self.assignments.append([])
+        self.cycle(r)
 
     def cycle(self, r: int) -> dict:
         """One cycle (round ``r``; round 0 is the labelled seed). Returns its record."""
