@@ -37,6 +37,19 @@ log = logging.getLogger(__name__)
 TEACHER_SETS = ("peers", "specialists")
 
 
+def single_token_labels(encoder, task: Task) -> Tensor | None:
+    """The label token ids (L,) of a classification task whose labels are one token each, else None.
+
+    Then the student's label log-likelihoods are the log-softmax of the task-loss pass's logits at
+    each row's first answer position (the answer is encoded as ``" " + label``), gathered at these
+    ids: distillation costs no extra forward pass. Longer labels are scored by :func:`label_logprobs`.
+    """
+    if task.kind != "classification":
+        return None
+    ids = [encoder.tokens(" " + lab) for lab in task.labels]
+    return torch.tensor([t[0] for t in ids]) if all(len(t) == 1 for t in ids) else None
+
+
 class Distill(Strategy):
     """Multi-teacher distillation into the training agent (see the module docstring).
 
@@ -79,6 +92,7 @@ class Distill(Strategy):
         self._rows: set[tuple[str, str]] = set()
         self._live: TeacherCache | None = None  # uncached: this batch's teachers' outputs
         self._taught: list[str] = []  # teachers of the last experience (for the agent's history)
+        self._label_ids: Tensor | None = None  # (L,) when every label of the task is one token
 
     # --- who teaches -----------------------------------------------------------------------
     def teachers_for(self, population, agent: str, task: Task) -> list[str]:
@@ -100,6 +114,7 @@ class Distill(Strategy):
         if self.students is not None and agent not in self.students:
             return
         self._rows = {(ex.prompt, ex.answer) for ex in task.train}
+        self._label_ids = single_token_labels(module.encoder, task)
         teachers = self.teachers_for(pop, agent, task)
         if task.kind != "classification" and self.external and not teachers:
             raise ValueError(f"distill: task {task.name!r} is {task.kind}: token-level distillation needs teachers "
@@ -175,9 +190,14 @@ class Distill(Strategy):
             return {}
         cache, index = (self.current, batch["index"]) if self.cache else (self._live, torch.arange(len(rows)))
         if self.task.kind == "classification":
-            prompts = [ex.prompt for ex, keep in zip(rows, own.tolist()) if keep]
-            student = label_logprobs(module.net, module.encoder, prompts, self.task.labels,
-                                     batch_size=len(prompts), grad=True)  # (B', L)
+            if self._label_ids is not None:  # one-token labels: the task-loss pass already scored them
+                first = torch.ones_like(out["rows"], dtype=torch.bool)
+                first[1:] = out["rows"][1:] != out["rows"][:-1]  # each row's first answer position
+                student = out["logits"][first][own].log_softmax(-1)[:, self._label_ids]  # (B', L)
+            else:
+                prompts = [ex.prompt for ex, keep in zip(rows, own.tolist()) if keep]
+                student = label_logprobs(module.net, module.encoder, prompts, self.task.labels,
+                                         batch_size=len(prompts), grad=True)  # (B', L)
             teacher = cache.labels_for(index)[:, own]  # (K, B', L)
         else:
             keep = own[out["rows"]]  # answer positions of the current task's rows

@@ -11,7 +11,7 @@ from lmas.data.task import Example, Task
 from lmas.data.stream import Stream
 from lmas.distill.strategy import Distill
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.lm import Encoder, label_logprobs
+from lmas.modules.lm import Encoder, answer_logits, collate, label_logprobs
 from lmas.population.allocation import Explicit
 from lmas.population.population import Population
 
@@ -67,6 +67,19 @@ def test_cached_and_live_teachers_give_the_same_losses(tiny_base, news, tmp_path
     assert live.kd == pytest.approx(cached.kd, rel=1e-4)
 
 
+class _Module:
+    """The pieces of IncrementalLM the strategy reads."""
+
+    def __init__(self, pop, enc, task, agent="student"):
+        self.population, self.agent, self.encoder, self.net = pop, agent, enc, pop.model
+        self.examples = [(ex, task.kind) for ex in task.train]
+        items = [enc.encode_example(ex, task.kind) for ex in task.train]
+        self.batch = {**collate(items, enc.pad_id), "index": torch.arange(len(task.train))}
+
+    def out(self):
+        return dict(zip(("logits", "targets", "rows"), answer_logits(self.net, self.batch)))
+
+
 def test_distillation_alone_pulls_the_student_towards_the_teacher(tiny_base, news):
     pop = Population(tiny_base, agents=["teacher", "student"], lora={"r": 4, "alpha": 8}, seed=0)
     _randomise(pop, ["teacher"])
@@ -81,23 +94,44 @@ def test_distillation_alone_pulls_the_student_towards_the_teacher(tiny_base, new
     teacher = dist("teacher")
     gap_before = (dist("student") - teacher).abs().sum().item()
     strategy = Distill(teachers=["teacher"], temperature=1.0)
-
-    class Module:  # the pieces of IncrementalLM the strategy reads
-        population, agent, encoder, net = pop, "student", enc, pop.model
-        examples = [(ex, "classification") for ex in news.train]
-
-    strategy.before_task(Module, news)
+    module = _Module(pop, enc, news)
+    strategy.before_task(module, news)
     params = [p for p in pop.model.parameters() if p.requires_grad]
     assert params and all(".student." in n for n, p in pop.model.named_parameters() if p.requires_grad)
     opt = torch.optim.Adam(params, lr=2e-2)
     pop.model.train()
-    batch = {"index": torch.arange(len(news.train))}
     for _ in range(20):
         opt.zero_grad()
-        strategy.loss_terms(Module, batch, {})["kd"].backward()
+        strategy.loss_terms(module, module.batch, module.out())["kd"].backward()
         opt.step()
     gap_after = (dist("student") - teacher).abs().sum().item()
     assert gap_after < 0.5 * gap_before
+
+
+def test_one_token_labels_reuse_the_task_pass_and_match_separate_label_scoring(tiny_base, news):
+    """BBC's labels are one token each: the student's label distribution comes from the task-loss
+    logits (no second pass) and equals label_logprobs' prompt + label scoring, gradients included."""
+    pop = Population(tiny_base, agents=["teacher", "student"], lora={"r": 4, "alpha": 8}, seed=0)
+    _randomise(pop, ["teacher", "student"])
+    enc = Encoder(pop.tokenizer, 64)
+    module = _Module(pop, enc, news)
+    strategy = Distill(teachers=["teacher"], temperature=2.0, loss="jsd")
+    strategy.before_task(module, news)
+    assert strategy._label_ids is not None and len(strategy._label_ids) == len(news.labels)
+    pop.model.train()
+    params = [p for p in pop.model.parameters() if p.requires_grad]
+
+    def kd_and_grads():
+        pop.model.zero_grad()
+        kd = strategy.loss_terms(module, module.batch, module.out())["kd"]
+        kd.backward()
+        return kd.item(), torch.cat([p.grad.flatten() for p in params])
+
+    fast, fast_grad = kd_and_grads()
+    strategy._label_ids = None  # force the separate prompt + label pass
+    slow, slow_grad = kd_and_grads()
+    assert fast > 0 and fast == pytest.approx(slow, rel=1e-5)
+    assert torch.allclose(fast_grad, slow_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_token_level_distillation_on_a_generation_task(tiny_base, tmp_path):
