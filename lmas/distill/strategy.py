@@ -37,6 +37,13 @@ log = logging.getLogger(__name__)
 TEACHER_SETS = ("peers", "specialists")
 
 
+def external_accuracy(teacher, rows, labels) -> float:
+    """An external teacher's accuracy (argmax of its label scores) on ``rows``."""
+    scores = teacher.label_scores([ex.prompt for ex in rows], labels)
+    gold = torch.tensor([list(labels).index(ex.answer) for ex in rows])
+    return (scores.argmax(-1) == gold).float().mean().item()
+
+
 def single_token_labels(encoder, task: Task) -> Tensor | None:
     """The label token ids (L,) of a classification task whose labels are one token each, else None.
 
@@ -92,7 +99,9 @@ class Distill(Strategy):
         self._rows: set[tuple[str, str]] = set()
         self._live: TeacherCache | None = None  # uncached: this batch's teachers' outputs
         self._taught: list[str] = []  # teachers of the last experience (for the agent's history)
+        self._taught_external: dict[str, dict[str, float]] = {}  # their accuracies, for external teachers
         self._label_ids: Tensor | None = None  # (L,) when every label of the task is one token
+        self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}  # teacher -> task -> split -> acc
 
     # --- who teaches -----------------------------------------------------------------------
     def teachers_for(self, population, agent: str, task: Task) -> list[str]:
@@ -125,6 +134,10 @@ class Distill(Strategy):
             if (t.name, task.name) not in self._fitted:
                 t.fit(task)
                 self._fitted.add((t.name, task.name))
+                acc = {split: external_accuracy(t, rows, task.labels)
+                       for split, rows in (("val", task.val), ("test", task.test)) if rows}
+                self.external_accuracy.setdefault(t.name, {})[task.name] = acc
+                log.info("distill: external teacher %s on %s: accuracy %s", t.name, task.name, acc)
         self.current = TeacherCache(teachers + [t.name for t in external],
                                     labels=list(task.labels) if task.kind == "classification" else None)
         self._agents, self._external = teachers, external
@@ -145,10 +158,7 @@ class Distill(Strategy):
         for t in self._agents:
             pop.activate(t)
             out.append(evaluate(pop.model, encoder, view, "val", batch_size=self.batch_size))
-        for t in self._external:
-            scores = t.label_scores([ex.prompt for ex in split], task.labels)
-            gold = torch.tensor([task.labels.index(ex.answer) for ex in split])
-            out.append((scores.argmax(-1) == gold).float().mean().item())
+        out += [external_accuracy(t, split, task.labels) for t in self._external]
         return out
 
     def _fill(self, cache: TeacherCache, pop, encoder, examples) -> None:
@@ -208,9 +218,14 @@ class Distill(Strategy):
 
     def after_task(self, module, task: Task) -> None:
         self._taught = list(self.current.teachers) if self.current else []
+        self._taught_external = {t.name: self.external_accuracy[t.name][task.name]
+                                 for t in (self._external if self.current else [])}
         self.current, self._live, self.val_acc = None, None, None
 
     def fit_info(self) -> dict:
         """The teachers of the experience just trained (lineage: distilled-from edges)."""
-        return {"teachers": self._taught} if self._taught else {}
+        info = {"teachers": self._taught} if self._taught else {}
+        if self._taught_external:
+            info["external_teacher_accuracy"] = self._taught_external  # {teacher: {split: accuracy}}
+        return info
 

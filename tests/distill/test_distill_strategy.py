@@ -169,6 +169,14 @@ def test_minilm_teacher_teaches_a_smollm2_tokenizer_student_through_labels(tiny_
     scores = teacher.label_scores([ex.prompt for ex in news.train], news.labels)
     gold = torch.tensor([news.labels.index(ex.answer) for ex in news.train])
     assert (scores.argmax(-1) == gold).float().mean() == 1.0  # the head learnt the training split
+    # the teacher's own accuracy is recorded in the student's history (read by experiments/tables.py)
+    (fit,) = [e for e in pop.agents["student"].history if e["event"] == "trained"]
+    acc = fit["external_teacher_accuracy"]["minilm"]
+    for split in ("val", "test"):
+        rows = getattr(news, split)
+        expect = (teacher.label_scores([ex.prompt for ex in rows], news.labels).argmax(-1)
+                  == torch.tensor([news.labels.index(ex.answer) for ex in rows])).float().mean().item()
+        assert acc[split] == pytest.approx(expect)
     with pytest.raises(ValueError, match="token-level distillation needs teachers"):
         Distill(teachers=[], external=[teacher]).before_task(
             type("M", (), {"population": pop, "agent": "student", "encoder": None, "examples": []}),

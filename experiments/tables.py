@@ -1,0 +1,177 @@
+"""Print the README tables of experiments/ from finished runs' ``results.json``.
+
+    python experiments/tables.py forward_transfer <run dir or multirun dir> ...
+    python experiments/tables.py topologies <run or multirun dir> ...
+    python experiments/tables.py distillation <specialists run> [--joint <joint run>]
+    python experiments/tables.py minilm <run dir>
+    python experiments/tables.py self_learning <run or multirun dir> ...
+
+Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
+multirun). Values are read, never recomputed: accuracies from ``matrix`` (rows: agents, then the
+``population`` row where a topology answers jointly), curves from ``learning_curves``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    """Every finished run under ``paths``, in path order; each dict gets its ``dir``."""
+    runs = []
+    for p in map(Path, paths):
+        files = [p / "results.json"] if (p / "results.json").is_file() else sorted(p.glob("*/results.json"))
+        if not files:
+            raise SystemExit(f"{p}: no results.json here or one level below (is it a run or multirun directory?)")
+        for f in files:
+            run = json.loads(f.read_text())
+            if not run.get("complete", True):
+                print(f"note: {f.parent} is not complete (its last round is shown)", file=sys.stderr)
+            run["dir"] = str(f.parent)
+            runs.append(run)
+    return runs
+
+
+def final(run: dict) -> dict[str, dict[str, float | None]]:
+    """``{row: {task: value}}`` after the last round (rows: agents and, if any, ``population``)."""
+    m = run["matrix"]
+    out = {a: dict(zip(m["tasks"], row)) for a, row in zip(m["agents"], m["values"][-1])}
+    pop = m.get("population")
+    if pop:
+        out["population"] = dict(zip(m["tasks"], pop["values"][-1]))
+    return out
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# --- knowledge_transfer ---------------------------------------------------------------------------
+def forward_transfer(runs: list[dict]) -> str:
+    """Per run: the new agent's validation curve on the new task; then the mean per transfer."""
+    rows, by = [], {}
+    for run in runs:
+        (agent, task), = [(a, t) for r, a, t in run["matrix"]["trained"] if r == max(x[0] for x in run["matrix"]["trained"])]
+        curve = [acc for _, acc in run["learning_curves"][f"{agent}/{task}"]]
+        transfer, seed = run["population"]["transfer"], run["seed"]
+        test = final(run)[agent][task]
+        entry = {"start": curve[0], "curve_mean": statistics.mean(curve), "test": test}
+        by.setdefault(transfer, []).append(entry)
+        rows.append([transfer, str(seed), " ".join(f"{a:.2f}" for a in curve), fmt(entry["curve_mean"]), fmt(test)])
+    out = table(["transfer", "seed", f"{task} val accuracy every {runs[0]['config']['eval']['curve_every']} steps",
+                 "curve mean", f"{task} test after training"], rows)
+    summary = [[t, str(len(e)), mean_sd([x["start"] for x in e]), mean_sd([x["curve_mean"] for x in e]),
+                mean_sd([x["test"] for x in e])] for t, e in by.items()]
+    return out + "\n\n" + table(["transfer", "seeds", "val at step 0", "curve mean", "test after training"], summary)
+
+
+def topologies(runs: list[dict]) -> str:
+    rows = []
+    for run in runs:
+        name = run["population"]["topology"]["name"]
+        tasks = run["matrix"]["tasks"]
+        pop = final(run)["population"]
+        agents = {a: v for a, v in final(run).items() if a != "population"}
+        best = [max((v[t] for v in agents.values() if v[t] is not None), default=None) for t in tasks]
+        metrics = run["metrics"].get("population", {})
+        comm = run["population"]["communication"]
+        trained = "; ".join(f"r{r}: {a}←{t}" for r, a, t in run["matrix"]["trained"])
+        rows.append([name, str(run["seed"]), trained, " / ".join(fmt(pop[t], 2) for t in tasks),
+                     " / ".join(fmt(b, 2) for b in best), fmt(metrics.get("avg_acc")), fmt(metrics.get("forgetting")),
+                     str(sum(c["messages"] for c in comm)), f"{sum(c['bytes'] for c in comm) / 1e6:.2f}"])
+    return table(["topology", "seed", "trained (round: agent←task)", f"population {' / '.join(tasks)}",
+                  "best single agent per task", "population avg_acc", "population forgetting", "messages",
+                  "MB sent"], rows)
+
+
+# --- distillation ---------------------------------------------------------------------------------
+def distillation(spec: dict, joint: dict | None) -> str:
+    tasks = spec["matrix"]["tasks"]
+    rows = []
+    fin = final(spec)
+    initial = dict(zip(tasks, spec["matrix"]["initial"][0]))
+    rows.append(["untrained model", *[fmt(initial[t]) for t in tasks], fmt(statistics.mean(initial.values()))])
+    for agent, accs in fin.items():
+        vals = [accs[t] for t in tasks]
+        rows.append([agent, *[fmt(v) for v in vals], fmt(statistics.mean(vals))])
+    if joint:
+        jf = final(joint)
+        (agent, accs), = jf.items()
+        vals = [accs[t] for t in tasks]
+        rows.append([f"joint upper bound ({agent}, strategy=joint)", *[fmt(v) for v in vals], fmt(statistics.mean(vals))])
+    return table(["agent", *tasks, "mean"], rows)
+
+
+def minilm(run: dict) -> str:
+    """Both agents' test accuracy per round, and the external teacher's own accuracy per task."""
+    m = run["matrix"]
+    rows = [[str(r), agent, *[fmt(v) for v in accs]]
+            for r, values in enumerate(m["values"]) for agent, accs in zip(m["agents"], values)]
+    out = table(["round", "agent", *m["tasks"]], rows)
+    teacher_rows = [[name, e["task"], fmt(acc.get("val")), fmt(acc.get("test"))]
+                    for agent in run["agents"].values() for e in agent["history"]
+                    for name, acc in e.get("external_teacher_accuracy", {}).items()]
+    if teacher_rows:
+        out += "\n\n" + table(["external teacher", "task", "val accuracy", "test accuracy"], teacher_rows)
+    return out
+
+
+def self_learning(runs: list[dict]) -> str:
+    """Per run and cycle: pseudo-labels kept and their precision, the gate, the student's accuracies."""
+    parts = []
+    for run in runs:
+        sl = run["config"]["selflearn"]
+        m = run["matrix"]
+        rows = []
+        for cyc, values in zip(run["self_learning"], m["values"]):
+            r = cyc["cycle"]
+            accs = dict(zip(m["agents"], values))[sl["student"]]
+            label = "true labels (seed)" if r == 0 else "; ".join(
+                f"{t} {st['kept']}/{st['arrived']} ({fmt(st['precision'], 2)})" for t, st in cyc["tasks"].items())
+            gate = "–" if r == 0 else ("accepted" if cyc["accepted"] else "rejected, restored")
+            rows.append([str(r), label, gate, *[fmt(a) for a in accs]])
+        parts.append(f"labelling={sl['labelling']}, consolidate={sl['consolidate']}, seed={run['seed']}\n\n" +
+                     table(["cycle", "pseudo-labels kept/arrived (precision)", "gate",
+                            *[f"{sl['student']} {t} test" for t in m["tasks"]]], rows))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    for name in ("forward_transfer", "topologies", "self_learning", "minilm"):
+        sub.add_parser(name).add_argument("runs", nargs="+")
+    d = sub.add_parser("distillation")
+    d.add_argument("runs", nargs=1)
+    d.add_argument("--joint")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.runs)
+    if args.what == "forward_transfer":
+        print(forward_transfer(runs))
+    elif args.what == "topologies":
+        print(topologies(runs))
+    elif args.what == "distillation":
+        print(distillation(runs[0], load_runs([args.joint])[0] if args.joint else None))
+    elif args.what == "minilm":
+        print(minilm(runs[0]))
+    else:
+        print(self_learning(runs))
+
+
+if __name__ == "__main__":
+    main()
