@@ -2,8 +2,8 @@
 
     python experiments/tables.py forward_transfer <run dir or multirun dir> ...
     python experiments/tables.py topologies <run or multirun dir> ...
-    python experiments/tables.py distillation <specialists run> [--joint <joint run>]
-    python experiments/tables.py minilm <run dir>
+    python experiments/tables.py distillation <specialists runs> ... [--joint <joint runs> ...]
+    python experiments/tables.py minilm <run or multirun dir> ...
     python experiments/tables.py self_learning <run or multirun dir> ...
 
 Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
@@ -37,13 +37,9 @@ def load_runs(paths: list[str]) -> list[dict]:
 
 
 def final(run: dict) -> dict[str, dict[str, float | None]]:
-    """``{row: {task: value}}`` after the last round (rows: agents and, if any, ``population``)."""
+    """``{row: {task: value}}`` after the last round (rows: agents, then ``population`` where a topology answers)."""
     m = run["matrix"]
-    out = {a: dict(zip(m["tasks"], row)) for a, row in zip(m["agents"], m["values"][-1])}
-    pop = m.get("population")
-    if pop:
-        out["population"] = dict(zip(m["tasks"], pop["values"][-1]))
-    return out
+    return {a: dict(zip(m["tasks"], row)) for a, row in zip(m["agents"], m["values"][-1])}
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -90,45 +86,52 @@ def topologies(runs: list[dict]) -> str:
         best = [max((v[t] for v in agents.values() if v[t] is not None), default=None) for t in tasks]
         metrics = run["metrics"].get("population", {})
         comm = run["population"]["communication"]
-        trained = "; ".join(f"r{r}: {a}←{t}" for r, a, t in run["matrix"]["trained"])
+        last = run["population"]["answers"][-1]
+        escalation = " / ".join(fmt(last.get(t, {}).get("escalation_rate"), 2) for t in tasks)
+        trained = "; ".join(f"r{r}: {a}←{t}" for r, a, t in run["matrix"]["trained"] if a != "population")
         rows.append([name, str(run["seed"]), trained, " / ".join(fmt(pop[t], 2) for t in tasks),
-                     " / ".join(fmt(b, 2) for b in best), fmt(metrics.get("avg_acc")), fmt(metrics.get("forgetting")),
+                     " / ".join(fmt(b, 2) for b in best), fmt(metrics.get("avg_acc")), fmt(metrics.get("forgetting")), escalation,
                      str(sum(c["messages"] for c in comm)), f"{sum(c['bytes'] for c in comm) / 1e6:.2f}"])
     return table(["topology", "seed", "trained (round: agent←task)", f"population {' / '.join(tasks)}",
-                  "best single agent per task", "population avg_acc", "population forgetting", "messages",
+                  "best single agent per task", "population avg_acc", "population forgetting", "escalation rate (last round)", "messages",
                   "MB sent"], rows)
 
 
 # --- distillation ---------------------------------------------------------------------------------
-def distillation(spec: dict, joint: dict | None) -> str:
-    tasks = spec["matrix"]["tasks"]
+def distillation(specs: list[dict], joints: list[dict]) -> str:
+    """Every agent's final test accuracy per task (mean ± sd over the runs, usually seeds)."""
+    tasks = specs[0]["matrix"]["tasks"]
+    rows: dict[str, list[dict[str, float]]] = {"untrained model": [dict(zip(tasks, r["matrix"]["initial"][0])) for r in specs]}
+    for run in specs:
+        for agent, accs in final(run).items():
+            rows.setdefault(agent, []).append(accs)
+    for run in joints:
+        (agent, accs), = final(run).items()
+        rows.setdefault(f"joint upper bound ({agent}, strategy=joint)", []).append(accs)
+    out = []
+    for name, runs in rows.items():
+        per_task = [mean_sd([r[t] for r in runs]) for t in tasks]
+        out.append([name, *per_task, mean_sd([statistics.mean(r[t] for t in tasks) for r in runs])])
+    seeds = sorted({r["seed"] for r in specs})
+    return f"seeds {seeds}, {len(joints)} joint run(s)\n\n" + table(["agent", *tasks, "mean"], out)
+
+
+def minilm(runs: list[dict]) -> str:
+    """Per run: the agents' test accuracy per round, and each external teacher's own test accuracy."""
     rows = []
-    fin = final(spec)
-    initial = dict(zip(tasks, spec["matrix"]["initial"][0]))
-    rows.append(["untrained model", *[fmt(initial[t]) for t in tasks], fmt(statistics.mean(initial.values()))])
-    for agent, accs in fin.items():
-        vals = [accs[t] for t in tasks]
-        rows.append([agent, *[fmt(v) for v in vals], fmt(statistics.mean(vals))])
-    if joint:
-        jf = final(joint)
-        (agent, accs), = jf.items()
-        vals = [accs[t] for t in tasks]
-        rows.append([f"joint upper bound ({agent}, strategy=joint)", *[fmt(v) for v in vals], fmt(statistics.mean(vals))])
-    return table(["agent", *tasks, "mean"], rows)
-
-
-def minilm(run: dict) -> str:
-    """Both agents' test accuracy per round, and the external teacher's own accuracy per task."""
-    m = run["matrix"]
-    rows = [[str(r), agent, *[fmt(v) for v in accs]]
-            for r, values in enumerate(m["values"]) for agent, accs in zip(m["agents"], values)]
-    out = table(["round", "agent", *m["tasks"]], rows)
-    teacher_rows = [[name, e["task"], fmt(acc.get("val")), fmt(acc.get("test"))]
-                    for agent in run["agents"].values() for e in agent["history"]
-                    for name, acc in e.get("external_teacher_accuracy", {}).items()]
-    if teacher_rows:
-        out += "\n\n" + table(["external teacher", "task", "val accuracy", "test accuracy"], teacher_rows)
-    return out
+    for run in runs:
+        m, seed = run["matrix"], str(run["seed"])
+        rows.append([seed, "–", "untrained model", *[fmt(v) for v in m["initial"][0]]])
+        rows += [[seed, str(r), agent, *[fmt(v) for v in accs]]
+                 for r, values in enumerate(m["values"]) for agent, accs in zip(m["agents"], values)]
+        teacher: dict[str, dict[str, float]] = {}
+        for agent in run["agents"].values():
+            for e in agent["history"]:
+                for name, acc in e.get("external_teacher_accuracy", {}).items():
+                    teacher.setdefault(name, {})[e["task"]] = acc.get("test")
+        rows += [[seed, "–", f"teacher {name} (test)", *[fmt(accs.get(t)) for t in m["tasks"]]]
+                 for name, accs in teacher.items()]
+    return table(["seed", "round", "agent", *runs[0]["matrix"]["tasks"]], rows)
 
 
 def self_learning(runs: list[dict]) -> str:
@@ -157,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("forward_transfer", "topologies", "self_learning", "minilm"):
         sub.add_parser(name).add_argument("runs", nargs="+")
     d = sub.add_parser("distillation")
-    d.add_argument("runs", nargs=1)
-    d.add_argument("--joint")
+    d.add_argument("runs", nargs="+")
+    d.add_argument("--joint", nargs="*", default=[])
     args = parser.parse_args(argv)
     runs = load_runs(args.runs)
     if args.what == "forward_transfer":
@@ -166,9 +169,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.what == "topologies":
         print(topologies(runs))
     elif args.what == "distillation":
-        print(distillation(runs[0], load_runs([args.joint])[0] if args.joint else None))
+        print(distillation(runs, load_runs(args.joint) if args.joint else []))
     elif args.what == "minilm":
-        print(minilm(runs[0]))
+        print(minilm(runs))
     else:
         print(self_learning(runs))
 

@@ -1,0 +1,74 @@
+"""experiments/tables.py reads the README tables from real (tiny-model) runs of the presets."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("experiment_tables", ROOT / "experiments" / "tables.py")
+tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tables)
+
+
+def _rows(md: str) -> list[list[str]]:
+    """The body rows of the last markdown table in ``md``."""
+    last = md.strip().split("\n\n")[-1]
+    lines = [ln for ln in last.splitlines() if ln.startswith("|")]
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def test_forward_transfer_and_topologies(run_lmas, fast_overrides, tmp_path):
+    runs = []
+    for transfer in ("none", "merge_init"):
+        run_lmas(fast_overrides + ["experiment=knowledge_transfer/forward_transfer", f"transfer={transfer}"],
+                 tmp_path / "ft" / transfer)
+    runs = tables.load_runs([str(tmp_path / "ft")])
+    assert [r["population"]["transfer"] for r in runs] == ["merge_init", "none"]  # path order
+    md = tables.forward_transfer(runs)
+    for run, row in zip(runs, _rows(md.split("\n\n")[0])):
+        curve = [a for _, a in run["learning_curves"]["agent2/news_b"]]
+        assert row[0] == run["population"]["transfer"] and row[2] == " ".join(f"{a:.2f}" for a in curve)
+        assert row[4] == f"{run['matrix']['values'][-1][2][2]:.3f}"  # agent2 on news_b, last round
+    assert [r[0] for r in _rows(md)] == ["merge_init", "none"]
+
+    res = run_lmas(fast_overrides + ["experiment=knowledge_transfer/topologies", "population=hierarchical"],
+                   tmp_path / "topo")
+    (row,) = _rows(tables.topologies(tables.load_runs([str(tmp_path / "topo")])))
+    pop = res["matrix"]["values"][-1][res["matrix"]["agents"].index("population")]
+    assert row[0] == "hierarchical" and row[3] == " / ".join(f"{v:.2f}" for v in pop)
+    assert row[8] == str(sum(c["messages"] for c in res["population"]["communication"]))
+
+
+def test_distillation_minilm_and_self_learning(run_lmas, fast_overrides, tmp_path):
+    res = run_lmas(fast_overrides + ["experiment=distillation/specialists"], tmp_path / "spec")
+    joint = run_lmas(fast_overrides + ["experiment=distillation/joint"], tmp_path / "joint")
+    rows = _rows(tables.distillation(tables.load_runs([str(tmp_path / "spec")]),
+                                     tables.load_runs([str(tmp_path / "joint")])))
+    agents = res["matrix"]["agents"]
+    assert [r[0] for r in rows] == ["untrained model", *agents, "joint upper bound (student, strategy=joint)"]
+    for agent, row in zip(agents, rows[1:]):
+        accs = res["matrix"]["values"][-1][agents.index(agent)]
+        assert row[1:4] == [f"{a:.3f}" for a in accs]
+    assert rows[-1][1:4] == [f"{a:.3f}" for a in joint["matrix"]["values"][-1][0]]
+
+    res = run_lmas(fast_overrides + ["experiment=distillation/minilm"], tmp_path / "minilm")
+    rows = _rows(tables.minilm(tables.load_runs([str(tmp_path / "minilm")])))
+    teacher = [r for r in rows if r[2].startswith("teacher")]
+    (fit,) = [e for e in res["agents"]["minilm"]["history"] if e.get("task") == "bbc" and e["event"] == "trained"]
+    assert teacher and teacher[0][3] == f"{fit['external_teacher_accuracy']['minilm_l6']['test']:.3f}"
+
+    small = ["selflearn.seed_labels=4", "selflearn.chunk=6", "selflearn.cycles=2"]
+    res = run_lmas(fast_overrides + ["experiment=self_learning", *small], tmp_path / "sl")
+    rows = _rows(tables.self_learning(tables.load_runs([str(tmp_path / "sl")])))
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    for cycle, row in zip(res["self_learning"][1:], rows[1:]):
+        assert row[2] == ("accepted" if cycle["accepted"] else "rejected, restored")
+        assert f"{cycle['tasks']['bbc']['kept']}/{cycle['tasks']['bbc']['arrived']}" in row[1]
+
+
+def test_a_directory_without_results_is_named(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path)):
+        tables.load_runs([str(tmp_path)])
