@@ -474,6 +474,13 @@ def _check_cross(ctx: _Ctx) -> None:
             ctx.fail("population.topology.order", order, f"unknown agents {', '.join(map(str, unknown))}; "
                      f"the agents (population.agents) are {', '.join(agents)}")
 
+    # The self-learning loop adds its own distillation term (selflearn.distill) to the strategy
+    if ctx.get("selflearn", default=None) and (
+            str((ctx.get("distill", default=None) or {}).get("_target_", "")).endswith("Distill")
+            or any(str(t or "").endswith("Distill") for t in targets)):
+        ctx.fail("distill", "<a Distill>", "the self-learning loop consolidates with its own distillation "
+                 "term (selflearn.distill.*); keep distill=none and a strategy without Distill parts")
+
     # Distillation from external teachers (another tokenizer) gives label distributions only:
     # token-level KD on a generation/lm task needs agent teachers (same tokenizer as the student)
     distills = [("distill", ctx.get("distill", default=None))]

@@ -11,8 +11,13 @@ consolidates the workers' knowledge (``distill``: it trains on the pseudo-labels
 distillation term from the workers; ``merge``: it becomes the exact merge of the workers'
 adapters); finally a validation gate compares the student's validation accuracy on every task
 with its value before the cycle: if any task drops by more than ``tolerance``, the cycle is
-rejected and every agent's adapters are restored to what they were before it (the workers' CL
-strategy state, e.g. a replay buffer, is not rolled back).
+rejected and every agent's adapters, the CL strategy's state (e.g. replay buffers) and the
+labelled pool are restored to what they were before it.
+
+Workers and student train with the configured CL strategy (``strategy=``; the student adds the
+distillation term to it). What a strategy may see of earlier tasks (``seen``, e.g. for
+``strategy=joint``) is the *labelled pool*: the seed's true labels and the pseudo-labels of
+accepted cycles — never the withheld labels.
 
 Per cycle the loop logs (and ``results.json`` keeps under ``self_learning``) each task's
 pseudo-label coverage and precision against the withheld true labels, the gate's values and the
@@ -21,6 +26,7 @@ decision; the knowledge matrix has one round per cycle.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -31,7 +37,6 @@ from lmas.distill.strategy import Distill
 from lmas.loop import ContinualLoop
 from lmas.population.fusion import FUSIONS, fuse
 from lmas.population.messages import COORDINATOR, Message
-from lmas.strategies.base import Strategy
 from lmas.strategies.compose import Compose
 from lmas.transfer.merge import merge_adapters
 
@@ -83,6 +88,7 @@ class SelfLearningLoop(ContinualLoop):
             raise ValueError(f"selflearn: tasks {bad} are not classification tasks (pseudo-labels need label sets)")
         self.plan = [list(range(len(self.stream)))] * (self.sl.cycles + 1)
         self.cycles: list[dict] = []
+        self.pool: dict[str, list[Example]] = {}  # task -> labelled examples held (seed + accepted pseudo-labels)
 
     # --- the run: ContinualLoop.run with a self-learning cycle as each round's learning -------
     def train_round(self, r: int) -> None:
@@ -92,6 +98,7 @@ class SelfLearningLoop(ContinualLoop):
     def cycle(self, r: int) -> dict:
         """One cycle (round ``r``; round 0 is the labelled seed). Returns its record."""
         before = {a: self._snapshot(a) for a in self.population.names}
+        strategy_before = copy.deepcopy(self.strategy.state_dict())
         gate_before = self._val_scores() if r > 0 else {}
         record: dict = {"cycle": r, "tasks": {}}
         pseudo_tasks = []
@@ -101,7 +108,10 @@ class SelfLearningLoop(ContinualLoop):
             if ptask is None:
                 continue
             pseudo_tasks.append(ptask)
-            seen = [t for t in self.stream.tasks if t.name != task.name]
+            if r == 0:  # the seed's true labels are held from the start
+                self.pool[task.name] = list(ptask.train)
+            seen = [self._task(t, self.pool[t.name]) for t in self.stream.tasks
+                    if t.name != task.name and self.pool.get(t.name)]
             for w in self.workers:
                 self.loss_curves[f"{w}/{task.name}/{r}"] = self.fit(w, ptask, seen, r)
                 self.matrix.mark_trained(r, w, task.name)
@@ -109,7 +119,7 @@ class SelfLearningLoop(ContinualLoop):
             if self.sl.consolidate == "distill":
                 teacher = Distill(teachers=self.workers, **self.sl.distill)
                 self.loss_curves[f"{self.sl.student}/{task.name}/{r}"] = self.fit(
-                    self.sl.student, ptask, seen, r, strategy=Compose([Strategy(), teacher]))
+                    self.sl.student, ptask, seen, r, strategy=Compose([self.strategy, teacher]))
             self.matrix.mark_trained(r, self.sl.student, task.name)
         if self.sl.consolidate == "merge" and pseudo_tasks:
             merge_adapters(self.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
@@ -117,6 +127,11 @@ class SelfLearningLoop(ContinualLoop):
             self.population.agents[self.sl.student].history.append(
                 {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact"})
         record.update(self.gate(r, gate_before, before))
+        if not record["accepted"]:
+            self.strategy.load_state_dict(strategy_before)
+        elif r > 0:  # accepted pseudo-labels join the labelled pool
+            for ptask in pseudo_tasks:
+                self.pool.setdefault(ptask.name, []).extend(ptask.train)
         self.cycles.append(record)
         metrics = {"self_learning/accepted": float(record["accepted"])}
         for name, st in record["tasks"].items():
@@ -200,7 +215,9 @@ class SelfLearningLoop(ContinualLoop):
         return out
 
     def extra_state(self) -> dict:
-        return {"cycles": self.cycles}
+        return {"cycles": self.cycles,
+                "pool": {t: [[ex.prompt, ex.answer] for ex in rows] for t, rows in self.pool.items()}}
 
     def load_extra_state(self, state: dict) -> None:
         self.cycles = list(state.get("cycles", []))
+        self.pool = {t: [Example(p, a) for p, a in rows] for t, rows in state.get("pool", {}).items()}

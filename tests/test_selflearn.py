@@ -92,3 +92,69 @@ def test_bad_options_are_named():
         SelfLearnConfig(labelling="vote")
     with pytest.raises(ValueError, match="selflearn.consolidate"):
         SelfLearnConfig(consolidate="average")
+
+
+def _constant_gate(accept: bool):
+    """A validation gate that accepts (constant scores) or rejects (every cycle loses 0.5) each cycle."""
+    calls = {"n": 0}
+
+    def scores(self):
+        calls["n"] += 1
+        return {t.name: 1.0 if accept or calls["n"] % 2 == 0 else 0.5 for t in self.stream.tasks}
+
+    return scores
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_strategies_see_only_the_labelled_pool_never_the_withheld_labels(fast_overrides, tmp_path, run_lmas,
+                                                                         monkeypatch, accept):
+    """strategy=joint trains on `seen` tasks: in self-learning those hold the seed's true labels and
+    the pseudo-labels of accepted cycles only."""
+    from lmas.strategies.joint import Joint
+
+    seen_log = []
+    real = Joint.train_examples
+
+    def recording(self, agent, task, seen):
+        seen_log.append((agent, task.name, {t.name: [(ex.prompt, ex.answer) for ex in t.train] for t in seen}))
+        return real(self, agent, task, seen)
+
+    monkeypatch.setattr(Joint, "train_examples", recording)
+    monkeypatch.setattr(SelfLearningLoop, "_val_scores", _constant_gate(accept))
+    res = run_lmas(fast_overrides + SMALL + ["strategy=joint"], tmp_path / "sl")
+    from lmas.data.sources import bbc_topics
+
+    bbc = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)
+    seed_rows = [(ex.prompt, ex.answer) for ex in bbc.train[:4]]
+    kept = [c["tasks"]["bbc"]["kept"] for c in res["self_learning"]]
+    # training chat in cycle r, the bbc rows a strategy sees: the seed, plus accepted cycles' pseudo-labels
+    chat_fits = [s for a, t, s in seen_log if a == "student" and t == "chat"]
+    assert len(chat_fits) == 3 and chat_fits[0] == {"bbc": seed_rows}
+    for r, seen in enumerate(chat_fits):
+        expect = 4 + (sum(kept[1:r]) if accept else 0)
+        assert len(seen["bbc"]) == expect and seen["bbc"][:4] == seed_rows
+        chunk = {ex.prompt for ex in bbc.train[4:4 + 6 * max(r - 1, 0)]}
+        assert all(p in chunk for p, _ in seen["bbc"][4:])  # pseudo-labelled rows of earlier cycles only
+
+
+def test_a_rejected_cycle_also_restores_the_strategy_state(fast_overrides, tmp_path, run_lmas, monkeypatch):
+    from lmas.checkpoint import load
+
+    monkeypatch.setattr(SelfLearningLoop, "_val_scores", _constant_gate(False))
+    out = tmp_path / "replay"
+    res = run_lmas(fast_overrides + SMALL + ["strategy=replay"], out)
+    assert [c["accepted"] for c in res["self_learning"]] == [True, False, False]
+    state, _ = load(out)
+    buffers = state["strategy"]["buffers"]
+    assert set(buffers) == {"agent0", "agent1", "student"}  # the student replays too
+    for agent, buf in buffers.items():  # only round 0's seed examples (4 per task) are remembered
+        items = [it for _, group in buf["groups"] for it in group["items"]]
+        assert len(items) == 8, agent
+    assert state["strategy"]["trained"] == {"agent0": 2, "agent1": 2, "student": 2}
+
+
+def test_selflearn_refuses_a_second_distillation_term(compose):
+    from lmas.config import validate
+
+    with pytest.raises(ValueError, match="selflearn.distill"):
+        validate(compose(["experiment=self_learning", "distill=peers"]))
