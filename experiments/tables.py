@@ -1,6 +1,6 @@
 """Print the README tables of experiments/ from finished runs' ``results.json``.
 
-    python experiments/tables.py forward_transfer <run dir or multirun dir> ...
+    python experiments/tables.py forward_transfer <run dir or multirun dir> ... [--plot curves.png]
     python experiments/tables.py topologies <run or multirun dir> ...
     python experiments/tables.py distillation <specialists runs> ... [--joint <joint runs> ...]
     python experiments/tables.py minilm <run or multirun dir> ...
@@ -74,6 +74,34 @@ def forward_transfer(runs: list[dict]) -> str:
     summary = [[t, str(len(e)), mean_sd([x["start"] for x in e]), mean_sd([x["curve_mean"] for x in e]),
                 mean_sd([x["test"] for x in e])] for t, e in by.items()]
     return out + "\n\n" + table(["transfer", "seeds", "val at step 0", "curve mean", "test after training"], summary)
+
+
+def plot_forward_transfer(runs: list[dict], path: str) -> None:
+    """The new agent's validation curves: one thin line per run, the mean per transfer in bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    by: dict[str, list[list[tuple[int, float]]]] = {}
+    for run in runs:
+        (agent, task), = [(a, t) for r, a, t in run["matrix"]["trained"] if r == max(x[0] for x in run["matrix"]["trained"])]
+        by.setdefault(run["population"]["transfer"], []).append(run["learning_curves"][f"{agent}/{task}"])
+    for i, (transfer, curves) in enumerate(by.items()):
+        color = f"C{i}"
+        for c in curves:
+            ax.plot([s for s, _ in c], [a for _, a in c], color=color, alpha=0.25, lw=1)
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[k][1] for c in curves) for k in range(len(steps))]
+        ax.plot(steps, mean, color=color, lw=2.2, label=f"{transfer} (mean of {len(curves)})")
+    ax.set_xlabel("training step of the new task")
+    ax.set_ylabel(f"{task} validation accuracy")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def topologies(runs: list[dict]) -> str:
@@ -159,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     for name in ("forward_transfer", "topologies", "self_learning", "minilm"):
         sub.add_parser(name).add_argument("runs", nargs="+")
+    sub.choices["forward_transfer"].add_argument("--plot", help="also draw the learning curves into this PNG")
     d = sub.add_parser("distillation")
     d.add_argument("runs", nargs="+")
     d.add_argument("--joint", nargs="*", default=[])
@@ -166,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = load_runs(args.runs)
     if args.what == "forward_transfer":
         print(forward_transfer(runs))
+        if args.plot:
+            plot_forward_transfer(runs, args.plot)
     elif args.what == "topologies":
         print(topologies(runs))
     elif args.what == "distillation":

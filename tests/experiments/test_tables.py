@@ -33,6 +33,8 @@ def test_forward_transfer_and_topologies(run_lmas, fast_overrides, tmp_path):
         assert row[0] == run["population"]["transfer"] and row[2] == " ".join(f"{a:.2f}" for a in curve)
         assert row[4] == f"{run['matrix']['values'][-1][2][2]:.3f}"  # agent2 on news_b, last round
     assert [r[0] for r in _rows(md)] == ["merge_init", "none"]
+    tables.plot_forward_transfer(runs, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     res = run_lmas(fast_overrides + ["experiment=knowledge_transfer/topologies", "population=hierarchical"],
                    tmp_path / "topo")
