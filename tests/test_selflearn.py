@@ -158,3 +158,20 @@ def test_selflearn_refuses_a_second_distillation_term(compose):
 
     with pytest.raises(ValueError, match="selflearn.distill"):
         validate(compose(["experiment=self_learning", "distill=peers"]))
+
+
+def test_a_drop_equal_to_the_tolerance_passes_despite_float32_rounding(fast_overrides, tmp_path, run_lmas,
+                                                                         monkeypatch):
+    """Accuracies are float32 means: 0.8 - 0.7 reads 0.10000002. A drop of exactly `tolerance` (2 of
+    20 val examples) is accepted, a larger one is not."""
+    assert float(torch.tensor(0.8)) - float(torch.tensor(0.7)) > 0.1
+    calls = {"n": 0}
+
+    def scores(self):  # cycle 1 drops by exactly 2/20 on every task, cycle 2 by 3/20
+        calls["n"] += 1
+        after = {1: 0.8, 2: 0.8, 3: 0.7, 4: 0.8, 5: 0.65}[calls["n"]]
+        return {t.name: float(torch.tensor(after)) for t in self.stream.tasks}
+
+    monkeypatch.setattr(SelfLearningLoop, "_val_scores", scores)
+    res = run_lmas(fast_overrides + SMALL + ["selflearn.tolerance=0.1"], tmp_path / "eps")
+    assert [c["accepted"] for c in res["self_learning"]] == [True, True, False]
