@@ -58,11 +58,19 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # --- knowledge_transfer ---------------------------------------------------------------------------
+def new_task(run: dict) -> tuple[str, str]:
+    """(agent, task) trained in the run's last round: the new task of a forward-transfer run."""
+    trained = run["matrix"]["trained"]
+    last = max(r for r, _, _ in trained)
+    ((agent, task),) = [(a, t) for r, a, t in trained if r == last]
+    return agent, task
+
+
 def forward_transfer(runs: list[dict]) -> str:
     """Per run: the new agent's validation curve on the new task; then the mean per transfer."""
     rows, by = [], {}
     for run in runs:
-        (agent, task), = [(a, t) for r, a, t in run["matrix"]["trained"] if r == max(x[0] for x in run["matrix"]["trained"])]
+        agent, task = new_task(run)
         curve = [acc for _, acc in run["learning_curves"][f"{agent}/{task}"]]
         transfer, seed = run["population"]["transfer"], run["seed"]
         test = final(run)[agent][task]
@@ -86,7 +94,7 @@ def plot_forward_transfer(runs: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     by: dict[str, list[list[tuple[int, float]]]] = {}
     for run in runs:
-        (agent, task), = [(a, t) for r, a, t in run["matrix"]["trained"] if r == max(x[0] for x in run["matrix"]["trained"])]
+        agent, task = new_task(run)
         by.setdefault(run["population"]["transfer"], []).append(run["learning_curves"][f"{agent}/{task}"])
     for i, (transfer, curves) in enumerate(by.items()):
         color = f"C{i}"
@@ -118,18 +126,19 @@ def topologies(runs: list[dict]) -> str:
         escalation = " / ".join(fmt(last.get(t, {}).get("escalation_rate"), 2) for t in tasks)
         trained = "; ".join(f"r{r}: {a}←{t}" for r, a, t in run["matrix"]["trained"] if a != "population")
         rows.append([name, str(run["seed"]), trained, " / ".join(fmt(pop[t], 2) for t in tasks),
-                     " / ".join(fmt(b, 2) for b in best), fmt(metrics.get("avg_acc")), fmt(metrics.get("forgetting")), escalation,
-                     str(sum(c["messages"] for c in comm)), f"{sum(c['bytes'] for c in comm) / 1e6:.2f}"])
+                     " / ".join(fmt(b, 2) for b in best), fmt(metrics.get("avg_acc")), fmt(metrics.get("forgetting")),
+                     escalation, str(sum(c["messages"] for c in comm)), f"{sum(c['bytes'] for c in comm) / 1e6:.2f}"])
     return table(["topology", "seed", "trained (round: agent←task)", f"population {' / '.join(tasks)}",
-                  "best single agent per task", "population avg_acc", "population forgetting", "escalation rate (last round)", "messages",
-                  "MB sent"], rows)
+                  "best single agent per task", "population avg_acc", "population forgetting",
+                  "escalation rate (last round)", "messages", "MB sent"], rows)
 
 
 # --- distillation ---------------------------------------------------------------------------------
 def distillation(specs: list[dict], joints: list[dict]) -> str:
     """Every agent's final test accuracy per task (mean ± sd over the runs, usually seeds)."""
     tasks = specs[0]["matrix"]["tasks"]
-    rows: dict[str, list[dict[str, float]]] = {"untrained model": [dict(zip(tasks, r["matrix"]["initial"][0])) for r in specs]}
+    rows: dict[str, list[dict[str, float]]] = {
+        "untrained model": [dict(zip(tasks, r["matrix"]["initial"][0])) for r in specs]}
     for run in specs:
         for agent, accs in final(run).items():
             rows.setdefault(agent, []).append(accs)
