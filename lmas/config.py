@@ -474,23 +474,23 @@ def _check_cross(ctx: _Ctx) -> None:
             ctx.fail("population.topology.order", order, f"unknown agents {', '.join(map(str, unknown))}; "
                      f"the agents (population.agents) are {', '.join(agents)}")
 
+    # Distill strategies: the distill group, the strategy itself, or a part of a composed strategy
+    nodes = [("distill", ctx.get("distill", default=None)), ("strategy", ctx.get("strategy", default=None))]
+    if isinstance(parts, list):
+        nodes += [(f"strategy.parts[{i}]", p) for i, p in enumerate(parts)]
+    distills = [(path, node) for path, node in nodes
+                if isinstance(node, dict) and str(node.get("_target_", "")).endswith("Distill")]
+
     # The self-learning loop adds its own distillation term (selflearn.distill) to the strategy
-    if ctx.get("selflearn", default=None) and (
-            str((ctx.get("distill", default=None) or {}).get("_target_", "")).endswith("Distill")
-            or any(str(t or "").endswith("Distill") for t in targets)):
-        ctx.fail("distill", "<a Distill>", "the self-learning loop consolidates with its own distillation "
+    if ctx.get("selflearn", default=None) and distills:
+        ctx.fail(distills[0][0], "<a Distill>", "the self-learning loop consolidates with its own distillation "
                  "term (selflearn.distill.*); keep distill=none and a strategy without Distill parts")
 
     # Distillation from external teachers (another tokenizer) gives label distributions only:
     # token-level KD on a generation/lm task needs agent teachers (same tokenizer as the student)
-    distills = [("distill", ctx.get("distill", default=None))]
-    if isinstance(parts, list):
-        distills += [(f"strategy.parts[{i}]", p) for i, p in enumerate(parts)]
     kinds = {t.get("name"): _task_kind(t) for t in tasks if isinstance(t, dict)} if isinstance(tasks, list) else {}
     token_tasks = [n for n, k in kinds.items() if k in ("generation", "lm")]
     for path, node in distills:
-        if not isinstance(node, dict) or not str(node.get("_target_", "")).endswith("Distill"):
-            continue
         if node.get("external") and node.get("teachers") == [] and token_tasks:
             ctx.fail(f"{path}.external", "[...]", "external teachers (another tokenizer) teach through label "
                      f"distributions only, but tasks {token_tasks} need token-level distillation; add agent "

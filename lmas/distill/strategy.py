@@ -92,16 +92,15 @@ class Distill(Strategy):
         self.aggregation, self.cache, self.top_k, self.batch_size = aggregation, cache, top_k, batch_size
         self.external = list(external or [])
         self.students = None if students is None else list(students)
-        self._fitted: set[tuple[str, str]] = set()  # (external teacher, task) pairs already learnt
         self.current: TeacherCache | None = None
         self.val_acc: list[float] | None = None
         self.task: Task | None = None
         self._rows: set[tuple[str, str]] = set()
         self._live: TeacherCache | None = None  # uncached: this batch's teachers' outputs
         self._taught: list[str] = []  # teachers of the last experience (for the agent's history)
-        self._taught_external: dict[str, dict[str, float]] = {}  # their accuracies, for external teachers
         self._label_ids: Tensor | None = None  # (L,) when every label of the task is one token
-        self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}  # teacher -> task -> split -> acc
+        # external teacher -> task -> split -> accuracy, for every task it was fitted on
+        self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}
 
     # --- who teaches -----------------------------------------------------------------------
     def teachers_for(self, population, agent: str, task: Task) -> list[str]:
@@ -131,9 +130,8 @@ class Distill(Strategy):
                              "label distributions only")
         external = self.external if task.kind == "classification" else []
         for t in external:
-            if (t.name, task.name) not in self._fitted:
+            if task.name not in self.external_accuracy.get(t.name, {}):
                 t.fit(task)
-                self._fitted.add((t.name, task.name))
                 acc = {split: external_accuracy(t, rows, task.labels)
                        for split, rows in (("val", task.val), ("test", task.test)) if rows}
                 self.external_accuracy.setdefault(t.name, {})[task.name] = acc
@@ -158,7 +156,9 @@ class Distill(Strategy):
         for t in self._agents:
             pop.activate(t)
             out.append(evaluate(pop.model, encoder, view, "val", batch_size=self.batch_size))
-        out += [external_accuracy(t, split, task.labels) for t in self._external]
+        for t in self._external:  # measured on task.val when it was fitted (before_task)
+            known = self.external_accuracy[t.name][task.name].get("val") if task.val else None
+            out.append(known if known is not None else external_accuracy(t, split, task.labels))
         return out
 
     def _fill(self, cache: TeacherCache, pop, encoder, examples) -> None:
@@ -218,14 +218,12 @@ class Distill(Strategy):
 
     def after_task(self, module, task: Task) -> None:
         self._taught = list(self.current.teachers) if self.current else []
-        self._taught_external = {t.name: self.external_accuracy[t.name][task.name]
-                                 for t in (self._external if self.current else [])}
         self.current, self._live, self.val_acc = None, None, None
 
     def fit_info(self) -> dict:
         """The teachers of the experience just trained (lineage: distilled-from edges)."""
-        info = {"teachers": self._taught} if self._taught else {}
-        if self._taught_external:
-            info["external_teacher_accuracy"] = self._taught_external  # {teacher: {split: accuracy}}
-        return info
+        if not self._taught:
+            return {}
+        external = {t: self.external_accuracy[t][self.task.name] for t in self._taught if t in self.external_accuracy}
+        return {"teachers": self._taught, **({"external_teacher_accuracy": external} if external else {})}
 
