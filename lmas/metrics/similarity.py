@@ -2,8 +2,9 @@
 
 * **weights** — the cosine similarity of two agents' LoRA weight updates, each flattened over all
   adapted modules: ``cos(ΔW_a, ΔW_b)`` with ``ΔW = B·A·scale`` per module (an agent with several
-  stacked adapters, IncLoRA/O-LoRA, has the sum of their updates). Computed from the factors
-  without forming ``ΔW``: ``<B1 A1, B2 A2>_F = sum((B1ᵀ B2) ⊙ (A1 A2ᵀ))``, so the cost is
+  stacked adapters, IncLoRA/O-LoRA, has the sum of their updates: read by
+  :func:`lmas.transfer.merge.agent_factors`, the same function every transfer reads agents with).
+  Computed from the factors without forming ``ΔW``: ``<B1 A1, B2 A2>_F = sum((B1ᵀ B2) ⊙ (A1 A2ᵀ))``, so the cost is
   ``r × r`` per module whatever the module's size. A module only one agent adapts counts as a
   zero update for the other. An agent whose update is zero (untrained) has no direction: NaN.
 * **predictions** — the share of probe examples on which two agents predict the same label
@@ -18,29 +19,17 @@ import math
 from itertools import combinations
 from typing import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 Factors = Mapping[str, tuple[Tensor, Tensor]]
 """Module name -> ``(A, B)`` with ``ΔW = B @ A`` (scaling folded into ``B``), as
-:func:`lmas.transfer.merge.read_factors` returns."""
+:func:`lmas.transfer.merge.agent_factors` returns."""
 
 PROBE_SIZE = 16  # examples of the probe set (the first test examples of the first classification task)
 
 
 def pair_key(a: str, b: str) -> str:
     return f"{a}~{b}"
-
-
-def stack(factor_sets: Sequence[Factors]) -> dict[str, tuple[Tensor, Tensor]]:
-    """The factors of the summed update ``Σ_i B_i A_i`` of several adapters (concatenated ranks)."""
-    out: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
-    for factors in factor_sets:
-        for name, (a, b) in factors.items():
-            out.setdefault(name, ([], []))
-            out[name][0].append(a.detach().double())
-            out[name][1].append(b.detach().double())
-    return {n: (torch.cat(As, 0), torch.cat(Bs, 1)) for n, (As, Bs) in out.items()}
 
 
 def _inner(f: Factors, g: Factors) -> float:
@@ -110,9 +99,9 @@ def measure(population, scorer, agents: Sequence[str], probe) -> dict:
     ``scorer``: a :class:`lmas.population.evaluation.PopulationScorer` of ``population``.
     Returns ``{"weights": {"a~b": ...}, "predictions": {"a~b": ...}}`` (predictions omitted without a probe).
     """
-    from lmas.transfer.merge import read_factors
+    from lmas.transfer.merge import agent_factors
 
-    factors = {a: stack([read_factors(population, a, ad) for ad in population.agents[a].adapters]) for a in agents}
+    factors = {a: agent_factors(population, a) for a in agents}
     out: dict = {"weights": weight_similarity(factors)}
     if probe is not None:
         task, prompts, labels = probe

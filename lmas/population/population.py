@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,30 @@ class Population:
         self.activate(name)
         return new
 
+    def resize_adapter(self, name: str, rank: int, adapter: str | None = None) -> None:
+        """Re-create one adapter of an agent (default: its trainable one) at LoRA rank ``rank``.
+
+        Same targets and ``α/r`` (so the same scaling ``s``); the new weights are a fresh LoRA
+        (B = 0) for the caller to write. Grows a receiver so a merge stays exact
+        (``population.topology.max_rank``) and restores such an adapter from a file.
+        """
+        self._check(name)
+        adapter = adapter or self.agents[name].trainable
+        cfg = self.model.peft_config[adapter]
+        if rank < 1:
+            raise ValueError(f"resize_adapter: rank={rank} must be >= 1")
+        if cfg.r == rank:
+            return
+        active = next((n for n, a in self.agents.items() if a.adapters == list(self.model.active_adapters)), name)
+        alpha = cfg.lora_alpha * rank / cfg.r
+        alpha = int(alpha) if float(alpha).is_integer() else alpha
+        new = dataclasses.replace(cfg, r=rank, lora_alpha=alpha, rank_pattern={}, alpha_pattern={})
+        self.model.delete_adapter(adapter)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + 104729 * rank + self.names.index(name))
+            self.model.add_adapter(adapter, new)
+        self.activate(active)
+
     def delete_agent(self, name: str) -> None:
         self._check(name)
         if len(self.agents) == 1:
@@ -199,6 +224,9 @@ class Population:
         while len(self.agents[name].adapters) < len(states):
             self.add_task_adapter(name)
         for i, state in sorted(states.items()):
+            ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+            if len(ranks) == 1:  # an adapter grown by a merge (topology.max_rank) comes back at its rank
+                self.resize_adapter(name, ranks.pop(), self.agents[name].adapters[i])
             self.load_adapter_state(name, state, self.agents[name].adapters[i])
 
 

@@ -14,7 +14,8 @@ The topologies:
   the workers send it their label distributions and it fuses them (``fusion``).
 * :class:`PeerToPeer` — after each round every agent sends its adapter to its neighbours
   (``ring``, ``all_to_all`` or random ``gossip``) and merges what it receives with its own
-  (exact merge of the LoRA products, cut to its rank); peers answer by a fused vote.
+  (the exact weighted sum of the agents' whole updates; exact up to ``max_rank``, beyond it cut by
+  truncated SVD, with the relative residual recorded per merge); peers answer by a fused vote.
 * :class:`Hierarchical` — a cascade: the first agent answers when its top label probability
   reaches ``threshold``, otherwise the example escalates to the next agent; the escalation rate
   is logged.
@@ -36,7 +37,7 @@ from torch import Tensor
 from lmas.data.task import Task
 from lmas.population.fusion import FUSIONS, cascade, fuse
 from lmas.population.messages import COORDINATOR, Message, MessageLog
-from lmas.transfer.merge import exact_merge, read_factors, write_factors
+from lmas.transfer.merge import agent_factors, stack_sets, write_knowledge
 
 GRAPHS = ("ring", "all_to_all", "gossip")
 
@@ -143,16 +144,28 @@ class PeerToPeer(Topology):
         every: exchange period in rounds.
         fusion: how peers vote on an answer (``uniform`` by default).
         seed: the gossip's random choices (round ``r`` uses ``seed`` and ``r``).
+        max_rank: the largest rank a receiver's trainable adapter may grow to so that the merge
+            stays exact (the rank of a merge is the sum of the ranks); None keeps its LoRA rank
+            ``r`` (a rank-r approximation of the merge).
 
-    Only agents that have learnt something (trained or received) send. Merging is exact on the
-    products ``B·A`` of the trainable adapters, cut to the receiver's rank by truncated SVD.
+    Only agents that have learnt something (trained or received) send. An agent sends its whole
+    update ``ΔW`` (the sum of ALL its adapters, :func:`~lmas.transfer.merge.agent_factors`); the
+    receiver's update becomes ``w_own ΔW_own + Σ_p w_p ΔW_p`` (exact sum of products), written by
+    :func:`~lmas.transfer.merge.write_knowledge` with ``keep = w_own``: its frozen task adapters
+    are scaled by ``w_own`` (exact) and its trainable adapter takes ``w_own ΔW_trainable + Σ_p
+    w_p ΔW_p``, whose stacked rank is ``r + Σ_p rank_p``. With ``max_rank`` the adapter grows to
+    that rank, up to ``max_rank``, and the merge is exact; beyond the cap (and always without
+    ``max_rank``) it is cut by truncated SVD to the best approximation of that rank (Eckart–Young).
+    Each record carries ``residual``, the largest relative Frobenius error ``‖cut‖_F/‖ΔW‖_F`` of
+    the written trainable update over modules (0 = exact), and ``rank``, the adapter's rank after
+    the merge; the loop logs it as ``transfer/<agent>/merged_residual``.
     """
 
     name = "peer_to_peer"
     answers = True
 
     def __init__(self, graph: str = "ring", self_weight: float = 0.5, fanout: int = 1, every: int = 1,
-                 fusion: str = "uniform", seed: int = 0) -> None:
+                 fusion: str = "uniform", seed: int = 0, max_rank: int | None = None) -> None:
         if graph not in GRAPHS:
             raise ValueError(f"population.topology.graph={graph!r}: expected one of {GRAPHS}")
         if not 0.0 <= self_weight <= 1.0:
@@ -162,12 +175,14 @@ class PeerToPeer(Topology):
         if fusion not in FUSIONS or fusion == "val_acc":
             raise ValueError(f"population.topology.fusion={fusion!r}: peers vote with one of "
                              f"{[f for f in FUSIONS if f != 'val_acc']}")
+        if max_rank is not None and max_rank < 1:
+            raise ValueError(f"population.topology.max_rank={max_rank}: must be >= 1 (null keeps the LoRA rank)")
         self.graph, self.self_weight, self.fanout, self.every = graph, self_weight, fanout, every
-        self.fusion, self.seed = fusion, seed
+        self.fusion, self.seed, self.max_rank = fusion, seed, max_rank
 
     def describe(self) -> dict:
         return {"name": self.name, "graph": self.graph, "self_weight": self.self_weight, "fanout": self.fanout,
-                "every": self.every, "fusion": self.fusion}
+                "every": self.every, "fusion": self.fusion, "max_rank": self.max_rank}
 
     def neighbours(self, agents: list[str], round_idx: int) -> dict[str, list[str]]:
         """``receiver -> senders`` of one exchange."""
@@ -192,7 +207,7 @@ class PeerToPeer(Topology):
         if (round_idx + 1) % self.every:
             return []
         agents = population.names
-        snapshot = {a: read_factors(population, a) for a in senders}
+        snapshot = {a: agent_factors(population, a) for a in senders}
         plans = []
         for receiver, peers in self.neighbours(agents, round_idx).items():
             peers = [p for p in peers if p in snapshot]
@@ -201,15 +216,17 @@ class PeerToPeer(Topology):
             got = [log.send(Message("adapter", p, receiver, round_idx, snapshot[p])) for p in peers]
             own = receiver in snapshot
             w_own = self.self_weight if own else 0.0
-            weights = ([w_own] if own else []) + [(1.0 - w_own) / len(got)] * len(got)
-            sets = ([snapshot[receiver]] if own else []) + [m.payload for m in got]
-            plans.append((receiver, peers, weights, exact_merge(sets, weights)[0]))
+            w_peer = [(1.0 - w_own) / len(got)] * len(got)
+            incoming = stack_sets([m.payload for m in got], w_peer)  # exact: Σ_p w_p ΔW_p
+            plans.append((receiver, peers, w_own, ([w_own] if own else []) + w_peer, incoming))
         records = []
-        for receiver, peers, weights, factors in plans:  # write after every merge is computed
-            write_factors(population, receiver, factors, seed=self.seed)
+        for receiver, peers, w_own, weights, incoming in plans:  # write after every merge is computed
+            residual = write_knowledge(population, receiver, incoming, keep=w_own, seed=self.seed,
+                                       max_rank=self.max_rank)
             records.append({"round": round_idx, "event": "merged", "agent": receiver, "method": "exact",
                             "sources": ([receiver] if receiver in snapshot else []) + peers, "weights": weights,
-                            "via": f"{self.name}/{self.graph}"})
+                            "via": f"{self.name}/{self.graph}", "residual": residual,
+                            "rank": population.model.peft_config[population.agents[receiver].trainable].r})
         return records
 
     def answer(self, view, round_idx, log):

@@ -5,7 +5,8 @@ adapters that minimises ``loss(merge(w)) + 0.05 · mean|w_i|`` on a few examples
 with nevergrad's gradient-free optimiser. Two differences here:
 
 * the candidate adapter is the *exact* sum of products ``ΔW(w) = Σ w_i ΔW_i`` (LoraHub averages
-  A and B separately, see :mod:`lmas.transfer.merge`). It is held as a stacked ("cat") adapter of
+  A and B separately, see :mod:`lmas.transfer.merge`), ``ΔW_i`` being agent ``i``'s whole update
+  (the sum of all its adapters, IncLoRA/O-LoRA included). It is held as a stacked ("cat") adapter of
   rank ``Σ r_i`` in a scratch agent: ``A = [A_1; ...]`` is written once, and a candidate only
   rewrites ``B = [w_1 s_1 B_1, ...]``, so one evaluation is one forward pass, with no SVD;
 * the optimiser is a (1+1)-ES written here (:func:`one_plus_one_es`), not nevergrad.
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from lmas.data.task import Example
 from lmas.modules.lm import IGNORE, Encoder, answer_loss, collate
-from lmas.transfer.merge import check_merge, merge_adapters, read_factors, target_config
+from lmas.transfer.merge import agent_factors, check_merge, merge_adapters, target_config
 
 
 # --- search (pure) --------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class _Scratch:
 
     def __init__(self, population, sources: Sequence[str]) -> None:
         self.population = population
-        self.sets = [read_factors(population, s) for s in sources]
+        self.sets = [agent_factors(population, s) for s in sources]  # each agent: all its adapters
         modules = sorted(set().union(*self.sets))
         rank = max(sum(s[m][0].shape[0] for s in self.sets if m in s) for m in modules)
         self.name = "lorahubscratch"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lmas.transfer.merge import merge_adapters
+from lmas.transfer.merge import is_stacked, merge_adapters
 
 
 def init_from_merge(
@@ -12,14 +12,19 @@ def init_from_merge(
     weights: list[float] | None = None,
     method: str = "exact",
     **merge,
-) -> None:
+) -> float:
     """Start ``new_agent`` from a merge of ``sources`` (a thin wrapper over :func:`merge_adapters`).
 
-    A missing ``new_agent`` is created with the merge's rank; an existing one keeps its rank and
-    has its trainable adapter overwritten (e.g. a task adapter just added by
-    ``population.add_task_adapter``). ``weights`` default to uniform ``1/n``; ``merge`` passes
-    ``density``, ``majority_sign_method``, ``rank`` and ``seed`` on.
+    Each source contributes its whole update (all its adapters). A missing ``new_agent`` is created
+    with the merge's rank; an existing one keeps its rank and has its trainable adapter overwritten
+    (e.g. a task adapter just added by ``population.add_task_adapter``) while its earlier, frozen
+    adapters stay: its update becomes ``ΔW_frozen + merge``. ``weights`` default to uniform ``1/n``;
+    ``merge`` passes ``density``, ``majority_sign_method``, ``rank`` and ``seed`` on.
+    Returns the merge's relative truncation error (0 = exact).
     """
     if weights is None:
         weights = [1.0 / len(sources)] * len(sources) if sources else []
-    merge_adapters(population, sources, weights, new_agent, method, **merge)
+    if new_agent in sources and new_agent in population.agents and is_stacked(population, new_agent):
+        raise ValueError(f"init_from_merge: {new_agent!r} is one of its own sources and keeps its frozen adapters, "
+                         "which would count them twice; leave it out of `sources` or use merge_adapters")
+    return merge_adapters(population, sources, weights, new_agent, method, keep_frozen=True, **merge)

@@ -16,6 +16,12 @@ Methods:
 * ``task_arithmetic``: the same sum of products under its task-vector name, never truncated by
   request; weights are free signed scalars (``[1, -1]`` of one adapter gives ``ΔW = 0`` exactly).
 
+An agent's knowledge is the sum of ALL its adapters (IncLoRA/O-LoRA stack one per task, earlier
+ones frozen): :func:`agent_factors` reads it as stacked factors ``A = [A_1; A_2; ...]``,
+``B = [s_1 B_1, s_2 B_2, ...]`` (exact), and :func:`write_knowledge` writes a result back as
+``ΔW_target ← keep·ΔW_target + ΔW_new`` (frozen adapters scaled by ``keep``, the trainable one
+taking the rest), so no earlier task adapter is dropped from a source or counted twice in a target.
+
 Why averaging the factors is inexact (FedAvg of A and B is not the average of the products):
 ``(Σ_i b_i B_i)(Σ_j a_j A_j) = Σ_i b_i a_i B_i A_i + Σ_{i≠j} b_i a_j B_i A_j``. The cross terms
 ``B_i A_j`` pair one adapter's output directions with another's input directions and belong to no
@@ -52,6 +58,7 @@ OWN_METHODS = ("exact", "task_arithmetic")
 METHODS = PEFT_METHODS + OWN_METHODS
 NEEDS_DENSITY = frozenset(m for m in PEFT_METHODS if m.startswith(("ties", "dare", "magnitude")))
 SAME_RANK = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
+STACK_EXACT = ("cat", "svd")  # peft types that are linear in the products: exact on stacked agents too
 SIGN_METHODS = ("total", "frequency")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
@@ -112,6 +119,19 @@ def pad_rank(a: Tensor, b: Tensor, rank: int, generator: torch.Generator | None 
     return torch.cat([a, rows.to(a.device)]), torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1)
 
 
+def stack_sets(sets: Sequence[Factors], weights: Sequence[float] | None = None) -> Factors:
+    """Factors of ``Σ_i w_i ΔW_i`` per module by concatenation (:func:`stack_factors`): exact, rank ``Σ r_i``.
+
+    A module missing from some sets takes the sum over those that have it. ``weights``: 1 each by default.
+    """
+    weights = [1.0] * len(sets) if weights is None else list(weights)
+    out: Factors = {}
+    for module in dict.fromkeys(m for s in sets for m in s):  # first-seen order
+        present = [(s[module], w) for s, w in zip(sets, weights) if module in s]
+        out[module] = stack_factors([p for p, _ in present], [w for _, w in present])
+    return out
+
+
 def exact_merge(sets: Sequence[Factors], weights: Sequence[float], rank: int | None = None) -> tuple[Factors, float]:
     """``ΔW = Σ w_i ΔW_i`` per module, as factors of rank ``rank`` (None: sum of the ranks, exact).
 
@@ -148,7 +168,10 @@ def lora_layers(population) -> dict[str, LoraLayer]:
 
 
 def read_factors(population, agent: str, adapter: str | None = None) -> Factors:
-    """Detached ``(A, B·s)`` of one adapter of ``agent`` (default: its trainable one)."""
+    """Detached ``(A, B·s)`` of ONE adapter of ``agent`` (default: its trainable one).
+
+    Not an agent's knowledge when it stacks adapters (IncLoRA/O-LoRA): use :func:`agent_factors`.
+    """
     adapter = adapter or population.agents[agent].trainable
     out: Factors = {}
     for name, layer in lora_layers(population).items():
@@ -157,6 +180,20 @@ def read_factors(population, agent: str, adapter: str | None = None) -> Factors:
             b = layer.lora_B[adapter].weight.detach() * layer.scaling[adapter]
             out[name] = (a, b)
     return out
+
+
+def agent_factors(population, agent: str) -> Factors:
+    """An agent's whole update ``ΔW = Σ_i s_i B_i A_i`` over ALL its active adapters, as exact stacked factors.
+
+    Rank per module = the sum of its adapters' ranks. Every transfer (merges, the peer-to-peer
+    exchange, LoraHub, merge-initialisation) and the weight similarity read an agent through this.
+    """
+    return stack_sets([read_factors(population, agent, ad) for ad in population.agents[agent].adapters])
+
+
+def is_stacked(population, agent: str) -> bool:
+    """True when ``agent`` holds more than one adapter (IncLoRA/O-LoRA task adapters)."""
+    return len(population.agents[agent].adapters) > 1
 
 
 def adapter_config(population, agent: str) -> LoraConfig:
@@ -220,9 +257,44 @@ def write_factors(population, target: str, factors: Factors, seed: int = 0) -> f
     return worst
 
 
+def write_knowledge(population, target: str, factors: Factors, keep: float = 0.0, frozen: float | None = None,
+                    seed: int = 0, max_rank: int | None = None) -> float:
+    """Set ``target``'s whole update to ``frozen·ΔW_frozen + keep·ΔW_trainable + ΔW(factors)``.
+
+    ``ΔW_frozen``: the sum of its frozen adapters (earlier IncLoRA/O-LoRA tasks), whose ``B`` is
+    scaled by ``frozen`` (default ``keep``; exact, ranks and A subspaces kept). The trainable
+    adapter takes ``keep·ΔW_trainable + ΔW(factors)``, fitted to its rank by :func:`write_factors`.
+    The three uses: ``keep = 0`` replaces the agent's knowledge by ``factors`` (frozen adapters
+    zeroed, nothing counted twice); ``keep = w`` gives ``w·ΔW_target + ΔW(factors)`` (the
+    peer-to-peer exchange); ``keep = 0, frozen = 1`` overwrites only the trainable adapter.
+    For a single-adapter agent and ``keep = 0`` this is :func:`write_factors`.
+    ``max_rank``: grow the trainable adapter (never shrink it) to the written update's stacked rank
+    ``keep·r + Σ r_factors``, up to ``max_rank``, so that nothing is cut below the cap
+    (:meth:`~lmas.population.population.Population.resize_adapter`); None keeps its rank.
+    Returns the largest relative truncation error ``‖cut‖_F / ‖ΔW_trainable'‖_F`` over modules (0 = exact).
+    """
+    frozen = keep if frozen is None else frozen
+    adapters = population.agents[target].adapters
+    own = read_factors(population, target) if keep != 0.0 else {}
+    combined = stack_sets([own, factors], [keep, 1.0]) if own else dict(factors)
+    if max_rank is not None and combined:
+        rank = population.model.peft_config[adapters[-1]].r
+        needed = min(max_rank, max(a.shape[0] for a, _ in combined.values()))
+        if needed > rank:
+            population.resize_adapter(target, needed)
+    worst = write_factors(population, target, combined, seed)
+    if frozen != 1.0:
+        with torch.no_grad():
+            for layer in lora_layers(population).values():
+                for adapter in adapters[:-1]:
+                    if adapter in layer.lora_B:
+                        layer.lora_B[adapter].weight.mul_(frozen)
+    return worst
+
+
 def peft_merge(population, sources: Sequence[str], weights: Sequence[float], method: str, density: float | None,
                majority_sign_method: str, rank: int | None, seed: int) -> Factors:
-    """Run peft's ``add_weighted_adapter`` on the sources' trainable adapters; return its factors.
+    """Run peft's ``add_weighted_adapter`` on the sources' (single) adapters; return its factors.
 
     The temporary adapter is deleted again. peft's RNG use (init of the new adapter, DARE's
     random masks) runs under ``seed`` and leaves the global RNG untouched.
@@ -263,6 +335,13 @@ def check_merge(population, sources: Sequence[str], weights: Sequence[float], ta
     unknown = [s for s in sources if s not in population.agents]
     if unknown:
         raise ValueError(f"merge: unknown source agents {unknown}; the population has {population.names}")
+    stacked = [s for s in dict.fromkeys(sources) if is_stacked(population, s)]
+    if stacked and method in PEFT_METHODS and method not in STACK_EXACT:
+        raise ValueError(
+            f"merge method {method!r} combines single adapters (peft's add_weighted_adapter), but source agents "
+            f"{stacked} hold several stacked task adapters (strategy=inclora/olora), whose sum it cannot merge; "
+            f"use exact, task_arithmetic, {' or '.join(STACK_EXACT)}, which merge an agent's whole update"
+        )
     if not all(math.isfinite(float(w)) for w in weights):
         raise ValueError(f"merge: weights must be finite, got {list(weights)}")
     if not isinstance(target, str) or not _NAME.match(target):
@@ -294,8 +373,19 @@ def merge_adapters(
     majority_sign_method: str = "total",
     rank: int | None = None,
     seed: int = 0,
-) -> None:
-    """Merge the sources' trainable adapters into ``target``'s trainable adapter.
+    keep_frozen: bool = False,
+) -> float:
+    """Merge the sources' knowledge into ``target``: its whole update becomes ``merge(ΔW_s)``.
+
+    A source's knowledge is the sum of ALL its adapters (:func:`agent_factors`). ``exact`` and
+    ``task_arithmetic`` merge those sums; for agents that stack adapters (IncLoRA/O-LoRA) ``cat``
+    and ``svd`` are computed the same way (they are linear in the products: ``cat`` = ``exact``,
+    ``svd`` = ``exact`` cut to ``rank``, default the largest adapter rank, as peft does); the other
+    peft types combine single adapters and are refused for them (:func:`check_merge`).
+    The merge replaces the target's knowledge (:func:`write_knowledge` with ``keep = 0``): its
+    trainable adapter holds the merge and its frozen adapters are zeroed, so nothing counts twice
+    (the target may be a source). ``keep_frozen=True`` overwrites the trainable adapter only and
+    keeps the target's frozen adapters (initialising a task adapter: :func:`lmas.transfer.init_from_merge`).
 
     A missing ``target`` becomes a new agent whose adapter has the merge's rank (``cat``, ``exact``
     and ``task_arithmetic``: the sum of ranks; ``*_svd``: ``rank`` or the largest source rank;
@@ -303,6 +393,7 @@ def merge_adapters(
     rank: a merge of a higher rank is cut to the best approximation of its ``ΔW`` (logged), a lower
     one padded exactly. ``target`` may be one of the sources (sources are read before writing).
     The target ends as the active agent; the base model is never touched.
+    Returns the largest relative truncation error of ``ΔW`` over modules (0 = exact).
 
     Args:
         sources, weights: agents and one signed weight each.
@@ -311,11 +402,14 @@ def merge_adapters(
         majority_sign_method: ``total`` | ``frequency`` (TIES sign election).
         rank: output rank (``*_svd``: peft's ``svd_rank``; others: the merge is re-factorised).
         seed: seeds DARE's random pruning and the padding of a lower-rank merge.
+        keep_frozen: keep the target's frozen adapters (False: zero them; the merge is its whole update).
     """
     check_merge(population, sources, weights, target, method, density, majority_sign_method, rank)
     weights = [float(w) for w in weights]
-    if method in OWN_METHODS:
-        factors, worst = exact_merge([read_factors(population, s) for s in sources], weights, rank)
+    if method in OWN_METHODS or any(is_stacked(population, s) for s in sources):
+        if method == "svd" and rank is None:
+            rank = max(population.model.peft_config[ad].r for s in sources for ad in population.agents[s].adapters)
+        factors, worst = exact_merge([agent_factors(population, s) for s in sources], weights, rank)
     else:
         factors = peft_merge(population, sources, weights, method, density, majority_sign_method, rank, seed)
         worst = 0.0
@@ -324,7 +418,8 @@ def merge_adapters(
     if target not in population.agents:
         r = rank or max(a.shape[0] for a, _ in factors.values())
         population.add_agent(target, target_config(population, sources, r, list(factors)))
-    worst = max(worst, write_factors(population, target, factors, seed))
+    worst = max(worst, write_knowledge(population, target, factors, 0.0, 1.0 if keep_frozen else 0.0, seed))
     if worst > 0:
         log.info("merge %s -> %s (%s): rank cut, relative error of ΔW up to %.3g", sources, target, method, worst)
     population.activate(target)
+    return worst

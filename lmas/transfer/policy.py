@@ -13,7 +13,18 @@
 "Other agents" default to those that have learnt something (a non-empty history): a fresh
 adapter is ``ΔW = 0`` and would only dilute a merge.
 
+A source's knowledge is the sum of all its adapters (:func:`lmas.transfer.merge.agent_factors`).
+What is written (:func:`lmas.transfer.merge.write_knowledge`): :class:`Merge` and
+:class:`MergeMethods` *replace* the target's knowledge (its trainable adapter holds the merge, its
+frozen task adapters are zeroed: a target that is also a source is not counted twice);
+:class:`MergeInit` and :class:`LoraHub` *initialise* the agent's trainable adapter (its frozen
+adapters, if any, stay; the agent is never one of its own sources). In a run, the trainable adapter
+of an IncLoRA/O-LoRA agent that has trained is its last task's (the strategy adds the new one when
+training starts), so the config check refuses those strategies with ``merge_init``/``lorahub``.
+
 ``apply`` returns one record (a plain dict) per adapter it wrote, for the logs; ``[]`` when idle.
+Each record has ``residual``: the merge's relative truncation error of ``ΔW`` (0 = exact; the
+largest over modules), logged as ``transfer/<agent>/<transfer>_residual``.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from typing import Sequence
 from lmas.data.task import Task
 from lmas.modules.lm import Encoder
 from lmas.transfer.compose import lorahub_weights
-from lmas.transfer.merge import NEEDS_DENSITY, exact_merge, merge_adapters, read_factors, write_factors
+from lmas.transfer.merge import NEEDS_DENSITY, agent_factors, exact_merge, merge_adapters, write_knowledge
 
 
 def knowing_peers(population, agent: str | None = None) -> list[str]:
@@ -77,11 +88,13 @@ class Merge(Transfer):
         sources = list(self.sources or population.names)
         weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
         targets = list(self.targets or sources)
-        merge_adapters(population, sources, weights, targets[0], self.method, **self.options)
+        first = merge_adapters(population, sources, weights, targets[0], self.method, **self.options)
+        residual = {targets[0]: first}
         for t in targets[1:]:  # copy the one merge (exact when the ranks agree)
-            merge_adapters(population, [targets[0]], [1.0], t, "exact", seed=self.options["seed"])
+            residual[t] = max(first, merge_adapters(population, [targets[0]], [1.0], t, "exact",
+                                                    seed=self.options["seed"]))
         return [{"round": round_idx, "transfer": self.name, "method": self.method, "agent": t,
-                 "sources": sources, "weights": weights} for t in targets]
+                 "sources": sources, "weights": weights, "residual": residual[t]} for t in targets]
 
 
 class LoraHub(Transfer):
@@ -90,7 +103,8 @@ class LoraHub(Transfer):
     Weights are searched on the task's first ``shots`` training examples
     (:func:`lmas.transfer.compose.lorahub_weights`), with ``sources`` (default: every other agent
     that has learnt something)
-    read before any agent is written; the merge is exact, cut to the agent's rank.
+    read before any agent is written (each source's whole update, all its adapters); the merge is
+    exact, cut to the agent's rank, and written into the agent's trainable adapter.
     """
 
     name = "lorahub"
@@ -118,13 +132,13 @@ class LoraHub(Transfer):
                 continue
             w = lorahub_weights(population, sources, task.train[: self.shots], task.kind, encoder, **self.search)
             plans.append((agent, task, sources, w))
-        snapshot = {s: read_factors(population, s) for _, _, sources, _ in plans for s in sources}
+        snapshot = {s: agent_factors(population, s) for _, _, sources, _ in plans for s in sources}
         records = []
         for agent, task, sources, w in plans:
             factors, _ = exact_merge([snapshot[s] for s in sources], w)
-            write_factors(population, agent, factors, self.search["seed"])
+            residual = write_knowledge(population, agent, factors, keep=0.0, frozen=1.0, seed=self.search["seed"])
             records.append({"round": round_idx, "transfer": self.name, "agent": agent, "task": task.name,
-                            "sources": sources, "weights": w})
+                            "sources": sources, "weights": w, "residual": residual})
         return records
 
 
@@ -133,7 +147,7 @@ class MergeInit(Transfer):
 
     ``sources`` default to every other agent that has learnt something; ``weights`` to ``1/n``.
     The merge (any method of :func:`lmas.transfer.merge.merge_adapters`) is written into the
-    agent's trainable adapter, which keeps its rank.
+    agent's trainable adapter, which keeps its rank; its frozen adapters, if any, stay.
     """
 
     name = "merge_init"
@@ -160,14 +174,15 @@ class MergeInit(Transfer):
         merged = {}
         for agent, task, sources, weights in plans:
             tmp = f"mergeinit_{agent}"
-            merge_adapters(population, sources, weights, tmp, self.method, **self.options)
-            merged[agent] = tmp
+            merged[agent] = (tmp, merge_adapters(population, sources, weights, tmp, self.method, **self.options))
         records = []
         for agent, task, sources, weights in plans:
-            merge_adapters(population, [merged[agent]], [1.0], agent, "exact", seed=self.options["seed"])
-            population.delete_agent(merged[agent])
+            tmp, first = merged[agent]
+            residual = max(first, merge_adapters(population, [tmp], [1.0], agent, "exact", seed=self.options["seed"],
+                                                 keep_frozen=True))
+            population.delete_agent(tmp)
             records.append({"round": round_idx, "transfer": self.name, "method": self.method, "agent": agent,
-                            "task": task.name, "sources": sources, "weights": weights})
+                            "task": task.name, "sources": sources, "weights": weights, "residual": residual})
         return records
 
 
@@ -199,8 +214,8 @@ class MergeMethods(Transfer):
         for method in self.methods:
             target = f"merged_{method}"
             density = self.density if method in NEEDS_DENSITY else None
-            merge_adapters(population, sources, weights, target, method, density=density,
-                           majority_sign_method=self.majority_sign_method, seed=self.seed)
+            residual = merge_adapters(population, sources, weights, target, method, density=density,
+                                      majority_sign_method=self.majority_sign_method, seed=self.seed)
             records.append({"round": round_idx, "transfer": self.name, "method": method, "agent": target,
-                            "sources": sources, "weights": weights})
+                            "sources": sources, "weights": weights, "residual": residual})
         return records

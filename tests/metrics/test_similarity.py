@@ -11,7 +11,7 @@ from lmas.data.stream import Stream
 from lmas.data.task import Example, Task
 from lmas.metrics import similarity as sim
 from lmas.population.population import Population
-from lmas.transfer.merge import lora_layers, read_factors
+from lmas.transfer.merge import agent_factors, delta, lora_layers, merge_adapters
 
 
 def _set(population, adapter: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -67,7 +67,7 @@ def population(tiny_base):
 
 
 def _factors(pop, agent):
-    return sim.stack([read_factors(pop, agent, ad) for ad in pop.agents[agent].adapters])
+    return agent_factors(pop, agent)
 
 
 def test_weight_cosine_of_constructed_adapters(population):
@@ -151,3 +151,22 @@ def test_measure_with_the_real_scorer_identical_agents_agree(population):
     out = sim.measure(population, scorer, ["a", "d", "g"], sim.probe_set(_stream(6)))
     assert out["predictions"]["a~d"] == 1.0  # the same ΔW gives the same predictions
     assert 0.0 <= out["predictions"]["a~g"] <= 1.0
+
+
+def test_similarity_and_merges_read_an_agent_the_same_way(population):
+    """h stacks two adapters; a merge of h copies its whole update, and similarity sees that same update."""
+    merge_adapters(population, ["h"], [1.0], "hcopy", "exact")
+    assert population.agents["hcopy"].adapters == ["hcopy"]  # one adapter of rank 4 + 4
+    whole = _explicit_delta(population, "h")
+    copied = _explicit_delta(population, "hcopy")
+    torch.testing.assert_close(copied, whole, rtol=0, atol=1e-5)
+    out = sim.measure(population, None, ["h", "hcopy", "g"], None)["weights"]
+    assert out["h~hcopy"] == pytest.approx(1.0, abs=1e-6)
+    assert out["h~g"] == pytest.approx(out["hcopy~g"], abs=1e-6)
+    assert out["h~g"] == pytest.approx(_cos(whole, _explicit_delta(population, "g")), abs=1e-6)
+    for module, (a, b) in agent_factors(population, "h").items():  # the stacked factors are the sum, rank 8
+        assert a.shape[0] == 8
+        layer = dict(population.model.named_modules())[module]
+        want = sum(layer.lora_B[ad].weight @ layer.lora_A[ad].weight * layer.scaling[ad]
+                   for ad in population.agents["h"].adapters)
+        torch.testing.assert_close(delta(a, b), want, rtol=1e-6, atol=1e-5)

@@ -10,7 +10,7 @@ from lmas.data.task import Example, Task
 from lmas.population.messages import MessageLog
 from lmas.population.population import Population
 from lmas.population.topology import Hierarchical, MasterWorker, PeerToPeer, TaskView, Topology
-from lmas.transfer.merge import delta, read_factors
+from lmas.transfer.merge import delta, lora_layers, read_factors
 
 
 def test_neighbour_graphs():
@@ -63,6 +63,7 @@ def test_p2p_exchange_merges_neighbours_and_counts_adapter_messages(tiny_base):
     assert summary["by_kind"] == {"adapter": {"messages": 4, "bytes": 4 * size}}  # a<->b, a->c, b->c
     rec_c = next(r for r in records if r["agent"] == "c")
     assert rec_c["sources"] == ["a", "b"] and rec_c["weights"] == [0.5, 0.5]
+    assert all(r["residual"] < 1e-6 and r["rank"] == 4 for r in records)  # shared A: the sum has rank 4
 
 
 def test_p2p_exchange_respects_its_period(tiny_base):
@@ -70,6 +71,101 @@ def test_p2p_exchange_respects_its_period(tiny_base):
     log = MessageLog()
     assert PeerToPeer("ring", every=2).exchange(pop, 0, ["a", "b"], log) == []
     assert len(PeerToPeer("ring", every=2).exchange(pop, 1, ["a", "b"], log)) == 2
+
+
+def _random_population(tiny_base, names, r=4):
+    """Agents with independent random A and B (different A's: a sum of two updates has rank 2r);
+    agent ``names[0]`` stacks a second random task adapter (IncLoRA)."""
+    pop = Population(tiny_base, agents=names, lora={"r": r, "alpha": 2 * r})
+    pop.add_task_adapter(names[0])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pop.model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return pop
+
+
+def _update(pop, agent, adapters=None):
+    """Σ s·B·A over the agent's adapters (default: all of them), per module, from peft's modules."""
+    out = {}
+    for name, layer in lora_layers(pop).items():
+        out[name] = sum(layer.lora_B[ad].weight @ layer.lora_A[ad].weight * layer.scaling[ad]
+                        for ad in (adapters or pop.agents[agent].adapters))
+    return out
+
+
+def _eckart_young(want: torch.Tensor, rank: int) -> tuple[float, float]:
+    """(‖best rank-k error‖_F, relative error) of approximating ``want``."""
+    s = torch.linalg.svdvals(want.double())
+    cut = float(s[rank:].square().sum().sqrt())
+    return cut, cut / float(s.square().sum().sqrt())
+
+
+def _exchange_case(tiny_base, max_rank):
+    names = ["a", "b", "c"]
+    pop = _random_population(tiny_base, names)
+    whole = {n: _update(pop, n) for n in names}
+    trainable = {n: _update(pop, n, [pop.agents[n].trainable]) for n in names}
+    frozen = _update(pop, "a", ["a"])
+    records = PeerToPeer("all_to_all", self_weight=0.5, max_rank=max_rank).exchange(pop, 0, names, MessageLog())
+    return pop, names, whole, trainable, frozen, {r["agent"]: r for r in records}
+
+
+def test_p2p_exchange_of_different_a_and_stacked_agents_is_the_weighted_sum_up_to_max_rank(tiny_base):
+    pop, names, whole, _, frozen, rec = _exchange_case(tiny_base, max_rank=64)
+    for x in names:  # ΔW_x <- ½ ΔW_x + ¼ Σ ΔW_peer, every ΔW the sum of ALL the agent's adapters
+        want = {m: 0.5 * whole[x][m] + 0.25 * sum(whole[p][m] for p in names if p != x) for m in whole[x]}
+        got = _update(pop, x)
+        for m in want:
+            torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
+        assert rec[x]["residual"] == 0.0
+    # ranks grew to own trainable + what arrived: a 4 + 4 + 4; b and c 4 + 8 (a's two adapters) + 4
+    assert {x: rec[x]["rank"] for x in names} == {"a": 12, "b": 16, "c": 16}
+    assert pop.model.peft_config["b"].r == 16 and pop.model.peft_config["b"].lora_alpha == 32  # same scaling
+    after = _update(pop, "a", ["a"])  # a's frozen adapter kept, scaled by its own weight
+    for m in frozen:
+        torch.testing.assert_close(after[m], 0.5 * frozen[m], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_rank, rank", [(None, 4), (8, 8)])
+def test_p2p_exchange_cut_to_a_rank_records_its_residual(tiny_base, max_rank, rank):
+    pop, names, whole, trainable, frozen, rec = _exchange_case(tiny_base, max_rank)
+    for x in names:
+        # the trainable adapter gets ½ its own update + ¼ Σ peers' whole updates, cut to `rank`
+        want = {m: 0.5 * trainable[x][m] + 0.25 * sum(whole[p][m] for p in names if p != x) for m in whole[x]}
+        kept = {m: 0.5 * frozen[m] for m in frozen} if x == "a" else {m: 0 for m in whole[x]}
+        got = _update(pop, x)
+        worst = 0.0
+        for m in want:
+            cut, rel = _eckart_young(want[m], rank)
+            err = float((got[m] - kept[m] - want[m]).double().norm())
+            assert err == pytest.approx(cut, rel=1e-3, abs=1e-5)  # the best rank-k approximation
+            worst = max(worst, rel)
+        assert rec[x]["rank"] == rank and pop.model.peft_config[pop.agents[x].trainable].r == rank
+        assert rec[x]["residual"] == pytest.approx(worst, rel=1e-4) and worst > 0.05
+
+
+def test_a_grown_adapter_is_saved_and_loaded_at_its_rank(tiny_base, tmp_path):
+    from lmas.models.providers import tiny
+
+    pop, names, _, _, _, _ = _exchange_case(tiny_base, max_rank=64)
+    want = {n: _update(pop, n) for n in names}
+    for n in names:
+        pop.save_adapter(n, tmp_path / f"{n}.safetensors")
+    fresh = Population(tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0), agents=names,
+                       lora={"r": 4, "alpha": 8})
+    for n in names:
+        fresh.load_adapter(n, tmp_path / f"{n}.safetensors")
+        got = _update(fresh, n)
+        for m in want[n]:
+            torch.testing.assert_close(got[m], want[n][m], rtol=1e-6, atol=1e-6)
+    assert [fresh.model.peft_config[fresh.agents[n].trainable].r for n in names] == [12, 16, 16]
+
+
+def test_max_rank_is_checked():
+    with pytest.raises(ValueError, match="population.topology.max_rank=0: must be >= 1"):
+        PeerToPeer(max_rank=0)
 
 
 def _view(logprobs, gold, agents, val=None, kind="classification"):
@@ -125,3 +221,24 @@ def test_generation_tasks_are_routed_to_the_best_validation_agent():
 def test_hierarchical_order_is_checked():
     with pytest.raises(ValueError, match=r"unknown agents \['zz'\]"):
         Hierarchical(order=["zz"]).check(["a", "b"])
+
+
+@pytest.mark.slow
+def test_p2p_run_records_each_merges_residual_in_results_and_tracker(fast_overrides, tmp_path, run_lmas):
+    """A run with stacked agents (IncLoRA): every exchange is recorded with its residual and rank in
+    results.json and as transfer/<agent>/merged_residual in the tracker; exact (0) while under max_rank."""
+    import csv
+
+    out = tmp_path / "p2p"
+    res = run_lmas(fast_overrides + ["population=peer_to_peer", "strategy=inclora",
+                                     "population.topology.max_rank=12"], out)
+    merged = {(a, e["round"]): e for a, v in res["agents"].items() for e in v["history"] if e["event"] == "merged"}
+    assert set(merged) == {("agent1", 0), ("agent2", 0), ("agent0", 1), ("agent1", 1), ("agent2", 1),
+                           ("agent0", 2), ("agent1", 2), ("agent2", 2)}
+    assert merged[("agent1", 0)]["residual"] == 0.0 and merged[("agent1", 0)]["rank"] == 8  # agent0's r=8
+    assert all(e["rank"] <= 12 for e in merged.values())
+    assert any(e["residual"] > 0 for e in merged.values())  # by round 2 the exact merge outgrows rank 12
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    logged = {(row["key"], int(row["step"])): float(row["value"]) for row in rows
+              if row.get("key", "").endswith("/merged_residual")}
+    assert logged == {(f"transfer/{a}/merged_residual", r): e["residual"] for (a, r), e in merged.items()}
