@@ -8,7 +8,10 @@
 
 Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
 multirun). Values are read, never recomputed: accuracies from ``matrix`` (rows: agents, then the
-``population`` row where a topology answers jointly), curves from ``learning_curves``.
+``population`` row where a topology answers jointly; the last round, which is also the round
+``avg_acc`` is defined on), continual-learning metrics (avg_acc, forgetting, ...) from ``metrics``
+(computed once, by ``KnowledgeMatrix.summary``; formulas in ``lmas/metrics/cl.py``), curves from
+``learning_curves``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """``lmas-compare DIR...``: aggregate the results.json of runs into one comparison table.
 
 Runs are grouped by the Hydra overrides they differ in (the ``seed`` is what repeats inside a
-group); each group reports mean ± std over its runs of the continual-learning metrics and the
-training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
+group); each group reports mean ± std over its runs of the continual-learning metrics (read from each
+results.json's ``metrics``, computed once by ``KnowledgeMatrix.summary``; never recomputed here)
+and the training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
 
     lmas-compare outputs/multiruns/2026-11-29_10-00-00
 """

@@ -8,11 +8,35 @@ training examples arrive *without their labels*; the workers label them (their l
 distributions, fused; an example is kept when the workers agree, or when the fused top
 probability reaches ``threshold``); the workers train on the kept pseudo-labels; the student
 consolidates the workers' knowledge (``distill``: it trains on the pseudo-labels with a
-distillation term from the workers; ``merge``: it becomes the exact merge of the workers'
-adapters); finally a validation gate compares the student's validation accuracy on every task
-with its value before the cycle: if any task drops by more than ``tolerance``, the cycle is
-rejected and every agent's adapters, the CL strategy's state (e.g. replay buffers) and the
-labelled pool are restored to what they were before it.
+distillation term from the workers; ``merge``: it becomes the exact sum of the workers'
+updates, cut to its LoRA rank, with the relative residual in its ``merged`` event); finally a
+validation gate compares the student's validation accuracy on every task with its value before
+the cycle: if any task drops by more than ``tolerance``, the cycle is rejected and the whole
+population is restored to its state before the cycle
+(:meth:`SelfLearningLoop.snapshot` / :meth:`SelfLearningLoop.rollback`):
+
+* every agent's adapter set: adapters added during the cycle (IncLoRA/O-LoRA task adapters) are
+  deleted, adapters changed in shape or config are rebuilt, every weight is loaded back
+  bit-identical, and each agent's adapter list (what is active, which one trains) is restored;
+* the CL strategy's state (replay buffers, IncLoRA's task counts, ...), the allocation's state;
+* each agent's history: the cycle's events are replaced by one ``rejected`` event (they are kept
+  under its ``undone`` key), so the lineage shows the restored version coming from the previous one;
+* the knowledge matrix marks training of a cycle only once it is accepted (a rejected cycle's
+  training was undone: metrics treat the agents as not having trained in that round);
+* the labelled pool only grows by accepted cycles.
+
+What is *not* rolled back, because it happened: the messages the cycle sent (counted in
+``communication``), its loss curves, the global step counter, and its ``assignments`` entry (what
+was trained, accepted or not); ``self_learning[r]`` records the decision.
+
+Withheld labels never enter a decision. They are read only for the logged precision. Every
+validation split the loop uses (the gate, learning curves, the distillation term's ``val_acc``
+teacher weights, a topology's validation scores) is the task's own val split, or, for a task
+without one, the first ``min(eval.val_fallback, seed_labels)`` *seed-labelled* training examples
+(the base loop would cut ``eval.val_fallback`` training examples, most of them withheld); like the
+base loop's fallback, it overlaps the seed's training data. Options the cycle does not use
+(``transfer``, a topology's exchange, an allocation other than ``Broadcast``) are refused by
+:func:`lmas.config.validate`.
 
 Workers and student train with the configured CL strategy (``strategy=``; the student adds the
 distillation term to it). What a strategy may see of earlier tasks (``seen``, e.g. for
@@ -98,11 +122,10 @@ class SelfLearningLoop(ContinualLoop):
 
     def cycle(self, r: int) -> dict:
         """One cycle (round ``r``; round 0 is the labelled seed). Returns its record."""
-        before = {a: self._snapshot(a) for a in self.population.names}
-        strategy_before = copy.deepcopy(self.strategy.state_dict())
+        before = self.snapshot()
         gate_before = self._val_scores() if r > 0 else {}
         record: dict = {"cycle": r, "tasks": {}}
-        pseudo_tasks = []
+        pseudo_tasks, trained = [], []  # trained: (agent, task), marked in the matrix once accepted
         for j, task in enumerate(self.stream.tasks):
             stats, ptask = self.label(r, task)
             record["tasks"][task.name] = stats
@@ -115,24 +138,26 @@ class SelfLearningLoop(ContinualLoop):
                     if t.name != task.name and self.pool.get(t.name)]
             for w in self.workers:
                 self.loss_curves[f"{w}/{task.name}/{r}"] = self.fit(w, ptask, seen, r)
-                self.matrix.mark_trained(r, w, task.name)
+                trained.append((w, task.name))
                 self.assignments[r].append((w, j))
             if self.sl.consolidate == "distill":
                 teacher = Distill(teachers=self.workers, **self.sl.distill)
                 self.loss_curves[f"{self.sl.student}/{task.name}/{r}"] = self.fit(
                     self.sl.student, ptask, seen, r, strategy=Compose([self.strategy, teacher]))
-            self.matrix.mark_trained(r, self.sl.student, task.name)
+            trained.append((self.sl.student, task.name))
         if self.sl.consolidate == "merge" and pseudo_tasks:
-            merge_adapters(self.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
-                           self.sl.student, "exact", seed=self.seed)
-            self.population.agents[self.sl.student].history.append(
-                {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact"})
+            residual = merge_adapters(self.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
+                                      self.sl.student, "exact", seed=self.seed)
+            self.population.agents[self.sl.student].history.append(  # residual: cut to the student's rank
+                {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact",
+                 "residual": residual})
         record.update(self.gate(r, gate_before, before))
-        if not record["accepted"]:
-            self.strategy.load_state_dict(strategy_before)
-        elif r > 0:  # accepted pseudo-labels join the labelled pool
-            for ptask in pseudo_tasks:
-                self.pool.setdefault(ptask.name, []).extend(ptask.train)
+        if record["accepted"]:
+            for agent, task_name in trained:
+                self.matrix.mark_trained(r, agent, task_name)
+            if r > 0:  # accepted pseudo-labels join the labelled pool
+                for ptask in pseudo_tasks:
+                    self.pool.setdefault(ptask.name, []).extend(ptask.train)
         self.cycles.append(record)
         metrics = {"self_learning/accepted": float(record["accepted"])}
         for name, st in record["tasks"].items():
@@ -177,9 +202,22 @@ class SelfLearningLoop(ContinualLoop):
                  stats["precision"])
         return stats, (self._task(task, pseudo) if pseudo else None)
 
-    @staticmethod
-    def _task(task: Task, rows: list[Example]) -> Task:
-        return Task(task.name, task.kind, rows, task.val, task.test, task.labels, task.source, task.meta)
+    def _task(self, task: Task, rows: list[Example]) -> Task:
+        """``task`` training on ``rows``, with a validation split of labelled examples only."""
+        return Task(task.name, task.kind, rows, self._labelled_val(task), task.test, task.labels, task.source,
+                    task.meta)
+
+    def _labelled_val(self, task: Task) -> list[Example]:
+        """The task's val split, or (none) its first ``min(eval.val_fallback, seed_labels)`` seed-labelled
+        training examples: never an example whose label is withheld (module docstring)."""
+        return task.val or task.train[: min(self.eval_cfg.val_fallback, self.sl.seed_labels)]
+
+    def _eval_view(self, task: Task, split: str) -> Task:
+        """The base loop's view, with the fallback val split cut from the seed-labelled examples only."""
+        if split != "val" or task.val:
+            return task
+        return Task(task.name, task.kind, task.train, self._labelled_val(task), task.test, task.labels,
+                    task.source, task.meta)
 
     def _val_scores(self) -> dict[str, float]:
         """The student's validation accuracy on every task."""
@@ -195,20 +233,55 @@ class SelfLearningLoop(ContinualLoop):
         # accuracies are float32 means: a drop of exactly 2/20 reads 0.10000002, so allow rounding
         accepted = all(d <= self.sl.tolerance + GATE_EPS for d in drops.values())
         if not accepted:
-            for agent, state in snapshot.items():
-                self._restore(agent, state)
-                self.population.agents[agent].history.append({"round": r, "event": "rejected",
-                                                              "restored_to_round": r - 1})
-            log.info("selflearn cycle %d rejected (val drops %s > %.3f): adapters restored", r, drops,
+            self.rollback(snapshot, r)
+            log.info("selflearn cycle %d rejected (val drops %s > %.3f): population restored", r, drops,
                      self.sl.tolerance)
         return {"accepted": accepted, "val_before": before, "val_after": after, "drops": drops}
 
-    def _snapshot(self, agent: str) -> dict:
-        return {a: self.population.adapter_state(agent, a) for a in self.population.agents[agent].adapters}
+    # --- the whole population's state, for the rollback of a rejected cycle ---------------------
+    def snapshot(self) -> dict:
+        """Everything a cycle changes that a rejection restores (module docstring): per agent its
+        adapter names in order, each adapter's peft config and weights, its history length; the
+        strategy's and the allocation's state."""
+        model = self.population.model
+        agents = {}
+        for name, agent in self.population.agents.items():
+            agents[name] = {
+                "adapters": list(agent.adapters),
+                "configs": {a: copy.deepcopy(model.peft_config[a]) for a in agent.adapters},
+                "weights": {a: self.population.adapter_state(name, a) for a in agent.adapters},
+                "history": len(agent.history),
+            }
+        return {"agents": agents, "strategy": copy.deepcopy(self.strategy.state_dict()),
+                "allocation": copy.deepcopy(self.allocation.state_dict())}
 
-    def _restore(self, agent: str, state: dict) -> None:
-        for adapter, tensors in state.items():
-            self.population.load_adapter_state(agent, tensors, adapter)
+    def rollback(self, snap: dict, r: int) -> None:
+        """Restore :meth:`snapshot` after the rejected cycle ``r``."""
+        pop, model = self.population, self.population.model
+        for name in [n for n in pop.names if n not in snap["agents"]]:  # agents the cycle created
+            pop.delete_agent(name)
+        for name, state in snap["agents"].items():
+            agent = pop.agents[name]
+            for adapter in [a for a in agent.adapters if a not in state["adapters"]]:  # added in the cycle
+                model.delete_adapter(adapter)
+            for adapter in state["adapters"]:
+                current = pop.adapter_state(name, adapter) if adapter in model.peft_config else None
+                same = (current is not None and model.peft_config[adapter] == state["configs"][adapter]
+                        and {k: v.shape for k, v in current.items()}
+                        == {k: v.shape for k, v in state["weights"][adapter].items()})
+                if not same:  # deleted or rebuilt in the cycle (e.g. another rank): build it again
+                    if adapter in model.peft_config:
+                        model.delete_adapter(adapter)
+                    with torch.random.fork_rng():
+                        model.add_adapter(adapter, copy.deepcopy(state["configs"][adapter]))
+                pop.load_adapter_state(name, state["weights"][adapter], adapter)
+            agent.adapters = list(state["adapters"])
+            undone = agent.history[state["history"]:]
+            del agent.history[state["history"]:]
+            agent.history.append({"round": r, "event": "rejected", "restored_to_round": r - 1, "undone": undone})
+        self.strategy.load_state_dict(snap["strategy"])
+        self.allocation.load_state_dict(snap["allocation"])
+        pop.activate(pop.names[0])
 
     # --- outputs and checkpoints ---------------------------------------------------------------
     def results(self, partial: bool = False) -> dict:

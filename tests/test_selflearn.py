@@ -175,3 +175,140 @@ def test_a_drop_equal_to_the_tolerance_passes_despite_float32_rounding(fast_over
     monkeypatch.setattr(SelfLearningLoop, "_val_scores", scores)
     res = run_lmas(fast_overrides + SMALL + ["selflearn.tolerance=0.1"], tmp_path / "eps")
     assert [c["accepted"] for c in res["self_learning"]] == [True, True, False]
+
+
+# --- the whole population is rolled back; withheld labels never decide; unused options refused -----
+def _tiny_loop(tiny_base, tmp_path, strategy):
+    from lmas.data.stream import Stream
+    from lmas.data.task import Example, Task
+    from lmas.population.population import Population
+
+    labels = ["red", "blue"]
+    rows = [Example(f"colour {i}?", labels[i % 2]) for i in range(12)]
+    stream = Stream("colours", [Task("c", "classification", rows, [], rows[:4], labels)])
+    pop = Population(tiny_base, ["agent0", "student"], lora={"r": 2})
+    return SelfLearningLoop(pop, stream, strategy, tmp_path, selflearn={"seed_labels": 3, "chunk": 3},
+                            progress=False, save_adapters=False)
+
+
+@pytest.mark.parametrize("name", ["inclora", "olora"])
+def test_rollback_deletes_added_adapters_and_restores_weights_bit_identical(tiny_base, tmp_path, name):
+    """What a rejected IncLoRA/O-LoRA cycle does to the population, undone: a task adapter added and
+    trained, an existing adapter's weights changed, history and strategy state grown."""
+    from lmas.strategies.olora import IncLoRA, OLoRA
+
+    loop = _tiny_loop(tiny_base, tmp_path, IncLoRA() if name == "inclora" else OLoRA())
+    pop, model = loop.population, loop.population.model
+    pop.add_task_adapter("agent0")  # as after round 0: two task adapters
+    loop.strategy.trained = {"agent0": 2, "student": 1}
+    with torch.no_grad():  # trained-looking weights (B != 0)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    before = {a: {ad: pop.adapter_state(a, ad) for ad in pop.agents[a].adapters} for a in pop.names}
+    names_before = {a: list(pop.agents[a].adapters) for a in pop.names}
+    configs_before = set(model.peft_config)
+    snap = loop.snapshot()
+    # the cycle: a new task adapter per agent (IncLoRA's before_task), trained; events; strategy counts
+    for agent in pop.names:
+        pop.add_task_adapter(agent)
+        pop.agents[agent].history.append({"round": 1, "event": "trained", "task": "c"})
+    with torch.no_grad():  # every adapter, old and new, trained further
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(0.5)
+    loop.strategy.trained = {"agent0": 3, "student": 2}
+    loop.rollback(snap, 1)
+    assert {a: pop.agents[a].adapters for a in pop.names} == names_before
+    assert set(model.peft_config) == configs_before  # the added adapters are gone from the model
+    for agent in pop.names:
+        for ad, state in before[agent].items():
+            now = pop.adapter_state(agent, ad)
+            assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+        (event,) = pop.agents[agent].history
+        assert event["event"] == "rejected" and event["undone"] == [{"round": 1, "event": "trained", "task": "c"}]
+    assert loop.strategy.trained == {"agent0": 2, "student": 1}
+    pop.activate("agent0")  # what is active and trainable is the pre-cycle set
+    assert model.base_model.active_adapter == ["agent0", "agent0-t1"]
+    assert all(("agent0-t1" in n) == p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_the_fallback_val_split_is_seed_labelled(tiny_base, tmp_path):
+    """A task without a val split: every val view the loop builds holds seed-labelled examples only."""
+    from lmas.strategies.base import Strategy
+
+    loop = _tiny_loop(tiny_base, tmp_path, Strategy())
+    task = loop.stream.tasks[0]
+    assert loop.eval_cfg.val_fallback > loop.sl.seed_labels  # the base loop would cut 12 training rows
+    assert loop._eval_view(task, "val").val == task.train[:3]
+    assert loop._task(task, task.train[5:8]).val == task.train[:3]  # what fits and Distill's val_acc see
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["inclora", "olora"])
+def test_a_rejected_inclora_cycle_ends_with_the_pre_cycle_adapters(fast_overrides, tmp_path, run_lmas, monkeypatch,
+                                                                    strategy):
+    monkeypatch.setattr(SelfLearningLoop, "_val_scores", _constant_gate(False))
+    out = tmp_path / strategy
+    res = run_lmas(fast_overrides + SMALL + [f"strategy={strategy}", "selflearn.cycles=1"], out)
+    assert [c["accepted"] for c in res["self_learning"]] == [True, False]
+    for agent in ("agent0", "agent1", "student"):
+        first = sorted((out / "adapters" / agent).glob("round000-*.safetensors"))[0]
+        final = out / "checkpoint" / "adapters" / f"{agent}.safetensors"
+        a, b = load_file(str(first)), load_file(str(final))
+        assert {k.split("/")[0] for k in a} == {"0", "1"}  # two tasks in round 0: two adapters
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        history = res["agents"][agent]["history"]
+        assert [e["event"] for e in history if e["round"] == 1] == ["rejected"]
+    # the rejected cycle's training is not marked in the matrix; its messages were sent and counted
+    assert {r for r, _, _ in res["matrix"]["trained"]} == {0}
+    assert res["population"]["communication"][1]["by_kind"]["pseudo_labels"]["messages"] > 0
+
+
+@pytest.mark.slow
+def test_no_withheld_label_enters_the_gate_or_the_teacher_weights(fast_overrides, tmp_path, run_lmas, monkeypatch,
+                                                                   compose):
+    """Tasks without a val split, distillation weighted by teachers' val accuracy: every example
+    scored as validation is one of the seed's labelled examples."""
+    from hydra.utils import instantiate
+
+    import lmas.distill.strategy as distill_strategy
+    from lmas.population.evaluation import PopulationScorer
+
+    scored: list[str] = []
+    real_score, real_eval = PopulationScorer.score, distill_strategy.evaluate
+
+    def score(self, agent, task, split, labels=None):
+        if split == "val":
+            scored.extend(ex.prompt for ex in task.val)
+        return real_score(self, agent, task, split, labels)
+
+    def evaluate(model, encoder, task, split, **kw):
+        if split == "val":
+            scored.extend(ex.prompt for ex in task.val)
+        return real_eval(model, encoder, task, split, **kw)
+
+    monkeypatch.setattr(PopulationScorer, "score", score)
+    monkeypatch.setattr(distill_strategy, "evaluate", evaluate)
+    no_val = ["stream.tasks.0.n_val=0", "stream.tasks.1.n_val=0", "selflearn.distill.aggregation=val_acc"]
+    res = run_lmas(fast_overrides + SMALL + no_val, tmp_path / "noval")
+    assert len(res["self_learning"]) == 3 and scored
+    stream = instantiate(compose(fast_overrides + SMALL + no_val).stream, _convert_="all")  # the run's tasks
+    assert all(not t.val for t in stream.tasks)
+    labelled = {ex.prompt for t in stream.tasks for ex in t.train[:4]}
+    withheld = {ex.prompt for t in stream.tasks for ex in t.train[4:]}
+    assert set(scored) <= labelled and not set(scored) & withheld
+
+
+@pytest.mark.parametrize("override, option", [
+    ("transfer=merge_init", "transfer._target_"),
+    ("population=peer_to_peer", "population.topology._target_"),
+    ("population=peer_to_peer", "population.allocation._target_"),
+    ("population=master_worker", "population.allocation._target_"),
+])
+def test_options_the_loop_does_not_use_are_refused_by_name(compose, override, option):
+    from lmas.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=rf"{option}=\S+: is not used by the self-learning loop"):
+        validate(compose(["experiment=self_learning", override]))
+    validate(compose(["experiment=self_learning"]))  # the preset itself is fine

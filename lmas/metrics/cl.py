@@ -33,6 +33,35 @@ and the perplexity tasks of one mixed stream separately). Per-task functions ret
 
 NaN. Only the entries a metric needs are read; a needed NaN raises ``ValueError`` that names the
 round (row) and the task (column). Unneeded entries (e.g. ``R[0][2]`` for forgetting) may be NaN.
+
+Runs of a population (:func:`run_metrics`). An agent of a population may train several tasks in
+one round, a task in several rounds, nothing in some rounds, and change after its last training
+(merges, exchanges, transfers). The metrics of every run are therefore defined once on the
+agent's values over *all rounds of the run*: ``V[r][j]`` (its metric on task ``j`` at the end of
+round ``r``, ``F`` = the final round), ``b[j]``, and, for each task ``j`` it trained, the rounds
+``first[j]`` and ``last[j]`` in which it first and last trained ``j``; ``s0 = min_j first[j]`` is
+its first training round and ``s = +1`` (``-1`` when lower is better). Means run over the tasks the
+agent trained (of one metric group):
+
+==============  ==========================================================  ====================
+key             formula                                                     tasks averaged
+==============  ==========================================================  ====================
+``avg_acc``     ``V[F][j]``  (the final round, after every later merge)     all trained
+``forgetting``  ``s * (V[last[j]][j] - V[F][j])``                           ``last[j] < F``
+``bwt``         ``-forgetting``
+``fwt``         ``s * (V[first[j]-1][j] - b[j])`` (just before ``j`` was    ``first[j] > s0``
+                first trained)
+``plasticity``  ``V[last[j]][j]`` (right after ``j`` was last trained)      all trained
+==============  ==========================================================  ====================
+
+Tasks trained in the same round share that round as their ``R[j][j]`` row: two tasks trained
+together in round ``r`` (both last) each count ``V[r][j] - V[F][j]`` as forgetting, and tasks
+trained in the final round count none (Avalanche's ``j < T-1``); two tasks first trained together
+in round ``r > s0`` both take ``V[r-1]`` for forward transfer, and those of the agent's first round
+have none (Avalanche's ``j >= 1``). ``forgetting``/``bwt`` are ``0.0`` when no task qualifies (as
+above); ``fwt`` is omitted when none qualifies or a value it needs was not evaluated. With one task
+per round, trained in stream order in rounds ``0..T-1`` (``first = last = j``, ``F = T-1``), every
+value equals the Avalanche function of the square matrix ``V`` above (tested).
 """
 
 from __future__ import annotations
@@ -51,6 +80,7 @@ __all__ = [
     "forward_transfer",
     "forward_transfer_per_task",
     "plasticity",
+    "run_metrics",
 ]
 
 
@@ -188,3 +218,54 @@ def accuracy_after_each(R: ArrayLike, higher_is_better: bool = True) -> list[flo
     name = "accuracy_after_each"
     a = _square(R, name)
     return [_mean([_get(a, i, j, name) for j in range(i + 1)]) for i in range(a.shape[0])]
+
+
+def run_metrics(
+    V: ArrayLike,
+    b: ArrayLike,
+    first: Sequence[int],
+    last: Sequence[int],
+    higher_is_better: bool = True,
+    start: int | None = None,
+) -> dict[str, float]:
+    """An agent's metrics over a whole run (module docstring, "Runs of a population").
+
+    Args:
+        V: ``(rounds, T)``: the agent's metric on each of its ``T`` trained tasks at the end of
+            every round of the run (``F = rounds - 1`` is the final round).
+        b: ``(T,)``: the untrained model's metric on each task.
+        first, last: the round in which the agent first / last trained each task.
+        higher_is_better: the direction of the metric (signs of forgetting and FWT).
+        start: the agent's first training round over *all* its tasks (default ``min(first)``);
+            tasks first trained then have no forward transfer.
+
+    Returns ``{"average", "forgetting", "bwt", "plasticity"}`` and ``"fwt"`` when it is known.
+    """
+    name = "run_metrics"
+    a = np.asarray(V, dtype=float)
+    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name}: V must be a (rounds, tasks) matrix with both >= 1, got shape {a.shape}")
+    F, T = a.shape[0] - 1, a.shape[1]
+    v = _initial(b, T, name)
+    first, last = [int(x) for x in first], [int(x) for x in last]
+    if len(first) != T or len(last) != T:
+        raise ValueError(f"{name}: need one first and one last training round per task ({T}), "
+                         f"got {len(first)} and {len(last)}")
+    bad = [j for j in range(T) if not 0 <= first[j] <= last[j] <= F]
+    if bad:
+        raise ValueError(f"{name}: task {bad[0]} has first={first[bad[0]]}, last={last[bad[0]]}; "
+                         f"need 0 <= first <= last <= F={F}")
+    s0 = min(first) if start is None else int(start)
+    sign = 1.0 if higher_is_better else -1.0
+    forgetting = _mean([sign * (_get(a, last[j], j, name) - _get(a, F, j, name)) for j in range(T) if last[j] < F])
+    out = {
+        "average": _mean([_get(a, F, j, name) for j in range(T)]),
+        "forgetting": forgetting,
+        "bwt": 0.0 - forgetting,
+        "plasticity": _mean([_get(a, last[j], j, name) for j in range(T)]),
+    }
+    later = [j for j in range(T) if first[j] > s0]
+    before = [(float(a[first[j] - 1, j]), float(v[j])) for j in later]
+    if later and not any(np.isnan(x) or np.isnan(y) for x, y in before):
+        out["fwt"] = _mean([sign * (x - y) for x, y in before])
+    return out

@@ -4,8 +4,10 @@ Every round, each agent (and any extra pseudo-agent such as ``"population"``, th
 the whole population) is evaluated on some or all tasks; unevaluated entries stay NaN. Which agent
 trained which task in which round is recorded separately with :meth:`KnowledgeMatrix.mark_trained`,
 so agents may train different tasks in different rounds, several tasks in one round, or nothing
-at all. From this, :meth:`KnowledgeMatrix.task_matrix` extracts the Avalanche-style square matrix of
-one agent and :meth:`KnowledgeMatrix.summary` computes the metrics of :mod:`lmas.metrics.cl`.
+at all. From the values of all rounds and these training records, :meth:`KnowledgeMatrix.summary`
+computes every continual-learning metric of an agent with :func:`lmas.metrics.cl.run_metrics`
+(formulas in :mod:`lmas.metrics.cl`): avg_acc on the final round, forgetting/BWT from the round in
+which each task was last trained, FWT from the round before it was first trained.
 """
 
 from __future__ import annotations
@@ -165,89 +167,57 @@ class KnowledgeMatrix:
         ev = [e for e in self._trained if agent is None or e[1] == agent]
         return sorted(ev, key=lambda e: e[0])
 
-    def trained_order(self, agent: str) -> list[tuple[str, int]]:
-        """``(task, round)`` for each task ``agent`` trained, in the order first trained.
-
-        A task trained again later keeps the position and round of its first training, so the
-        square matrix of :meth:`task_matrix` measures forgetting from when it was first learned.
-        """
+    def training_rounds(self, agent: str) -> dict[str, tuple[int, int]]:
+        """``{task: (first, last)}``: the rounds in which ``agent`` first and last trained each task,
+        ordered by the last one (ties: stream order). Empty for an agent that trained nothing."""
         self._agent(agent)
-        seen: dict[str, int] = {}
+        out: dict[str, tuple[int, int]] = {}
         for r, _, t in self.trained(agent):
-            seen.setdefault(t, r)
-        return list(seen.items())
-
-    def task_matrix(self, agent: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The Avalanche-style square matrix of ``agent``.
-
-        Returns ``(R, b, names)``: for the ``k`` tasks the agent trained, in the order trained,
-        ``R[i][j]`` is its value on task ``j`` at the end of the round in which it trained its
-        ``i``-th task, ``b[j]`` its initial value on task ``j``, and ``names`` the task names.
-        An agent that trained nothing gets a ``0 x 0`` matrix.
-        """
-        a = self._agent(agent)
-        order = self.trained_order(agent)
-        cols = [self._t[t] for t, _ in order]
-        rows = [r for _, r in order]
-        R = self._values[np.ix_(rows, [a], cols)][:, 0, :] if order else np.zeros((0, 0))
-        b = self._initial[a, cols] if order else np.zeros(0)
-        return R.copy(), b.copy(), [t for t, _ in order]
+            out[t] = (out[t][0] if t in out else r, r)
+        return dict(sorted(out.items(), key=lambda kv: (kv[1][1], self._t[kv[0]])))
 
     def summary(self, agent: str) -> dict[str, float]:
-        """Continual-learning metrics of ``agent`` over the tasks it trained.
+        """The continual-learning metrics of ``agent``: the one place they are computed.
 
-        Tasks scored by ``accuracy`` or ``exact_match`` (in ``[0, 1]``, higher is better) are
-        pooled into ``avg_acc``, ``forgetting``, ``bwt``, ``fwt`` and ``plasticity``; perplexity
-        tasks (lower is better, signs flipped as in :mod:`lmas.metrics.cl`) into ``avg_ppl``,
-        ``ppl_forgetting``, ``ppl_bwt`` and ``ppl_fwt``. Both groups are read from the whole
-        :meth:`task_matrix` (``tasks=`` of :mod:`lmas.metrics.cl`): rows are the agent's training
-        rounds of *all* its tasks, so e.g. forgetting of an accuracy task counts the damage done
-        by later perplexity tasks, exactly as Avalanche run over the whole stream and averaged
-        over the group's experiences; ``avg_acc``/``avg_ppl`` are the values at the end of the
-        round of the agent's last training (rounds after it are ignored). A group is omitted when the agent trained no task of it;
-        ``fwt``/``ppl_fwt`` are given only when the agent trained >= 2 tasks, some task of the
-        group was not its first (with a single group: when the group has >= 2 tasks), and each
-        such task was evaluated at the end of the agent's previous training round. An agent
-        that trained nothing (e.g. ``"population"``) gets ``{}``.
+        :func:`lmas.metrics.cl.run_metrics` (its module docstring has the table of formulas) over
+        the agent's values in every round of the matrix (the final round is the last one: the
+        values after every later merge or exchange), with the first and last training round of
+        each task from :meth:`mark_trained`. Tasks scored by ``accuracy`` or ``exact_match`` (in
+        ``[0, 1]``, higher is better) are pooled into ``avg_acc``, ``forgetting``, ``bwt``, ``fwt``
+        and ``plasticity``; perplexity tasks (lower is better, signs flipped) into ``avg_ppl``,
+        ``ppl_forgetting``, ``ppl_bwt`` and ``ppl_fwt``. A group is omitted when the agent trained
+        no task of it; ``fwt``/``ppl_fwt`` when no task of the group was first trained after the
+        agent's first training round or a value it needs was not evaluated. An agent that trained
+        nothing (e.g. ``"population"`` without a topology answer) gets ``{}``.
+        results.json ``metrics``, the tracker's ``cl/*`` (``until(r).summary``: as they stood after
+        round ``r``), the report, ``lmas-compare`` and ``experiments/tables.py`` all read this.
         """
-        R, b, names = self.task_matrix(agent)
-        rounds = [r for _, r in self.trained_order(agent)]
+        rounds = self.training_rounds(agent)
+        if not rounds:
+            return {}
+        a = self._agent(agent)
+        start = min(f for f, _ in rounds.values())
         out: dict[str, float] = {}
-        groups = (
-            (True, [j for j, t in enumerate(names) if HIGHER_IS_BETTER[self.metrics[t]]]),
-            (False, [j for j, t in enumerate(names) if not HIGHER_IS_BETTER[self.metrics[t]]]),
-        )
-        for hib, idx in groups:
-            if not idx:
+        for hib, keys in ((True, ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")),
+                          (False, ("avg_ppl", "ppl_forgetting", "ppl_bwt", "ppl_fwt", None))):
+            names = [t for t in rounds if HIGHER_IS_BETTER[self.metrics[t]] == hib]
+            if not names:
                 continue
-            keys = (
-                ("avg_acc", "forgetting", "bwt", "fwt")
-                if hib
-                else ("avg_ppl", "ppl_forgetting", "ppl_bwt", "ppl_fwt")
-            )
+            cols = [self._t[t] for t in names]
             try:
-                out[keys[0]] = cl.average_accuracy(R, hib, tasks=idx)
-                out[keys[1]] = cl.forgetting(R, hib, tasks=idx)
-                out[keys[2]] = cl.bwt(R, hib, tasks=idx)
-                if any(j >= 1 for j in idx) and self._fwt_known(R, b, idx):
-                    out[keys[3]] = cl.forward_transfer(R, b, hib, tasks=idx)
-                if hib:
-                    out["plasticity"] = cl.plasticity(R, hib, tasks=idx)
+                m = cl.run_metrics(self._values[:, a, cols], self._initial[a, cols], [rounds[t][0] for t in names],
+                                   [rounds[t][1] for t in names], hib, start)
             except ValueError as e:
-                raise ValueError(
-                    f"KnowledgeMatrix.summary({agent!r}): {e}; in the agent's task matrix row i is "
-                    f"global round {rounds}[i] and task j is {names}[j]"
-                ) from e
+                raise ValueError(f"KnowledgeMatrix.summary({agent!r}): {e}; row i is round i and task j is "
+                                 f"{names}[j]") from e
+            for key, src in zip(keys, ("average", "forgetting", "bwt", "fwt", "plasticity")):
+                if key is not None and src in m:
+                    out[key] = m[src]
         return out
 
-    @staticmethod
-    def _fwt_known(R: np.ndarray, b: np.ndarray, idx: list[int]) -> bool:
-        """Whether every ``R[j-1][j]`` and ``b[j]`` forward transfer needs was evaluated.
-
-        An agent of a population may train its next task several rounds later, after rounds that
-        evaluated only the tasks of the round that followed them; its FWT is then unknown.
-        """
-        return all(not math.isnan(R[j - 1, j]) and not math.isnan(b[j]) for j in idx if j >= 1)
+    def summaries(self) -> dict[str, dict[str, float]]:
+        """``{agent: summary(agent)}`` for every row of the matrix (results.json ``metrics``)."""
+        return {agent: self.summary(agent) for agent in self.agents}
 
     def until(self, round: int) -> "KnowledgeMatrix":
         """A copy holding only rounds ``0..round`` (and the training events of those rounds).

@@ -2,7 +2,8 @@
 
 The loop talks to one :class:`Tracker`; ``logger=wandb`` and ``logger=csv`` choose the class.
 Keys are ``<section>/<name>``: ``train/<agent>/loss`` against ``step``; ``eval/<agent>/<task>``,
-``cl/<agent>/<metric>``, ``comm/*``, ``similarity/<a>~<b>/{weights,predictions}`` and the
+``cl/<agent>/<metric>``, ``comm/*``, ``similarity/<a>~<b>/{weights,predictions}``,
+``transfer/<agent>/<event>_residual`` (a merge's relative truncation error of ΔW, 0 = exact) and the
 ``knowledge_matrix`` heatmap and ``knowledge_table`` table against ``round``. Adapter versions
 are artifacts ``adapter-<agent>`` with the alias ``roundNNN`` and their parents (lineage, see
 :mod:`lmas.tracking.lineage`).

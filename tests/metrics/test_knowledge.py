@@ -69,44 +69,34 @@ def test_shapes_and_values() -> None:
     assert km.values()[0, 0, 0] == 0.80
 
 
-def test_task_matrix_picks_rows_of_training_rounds() -> None:
+def test_training_rounds_are_first_and_last_ordered_by_last() -> None:
     km = build()
-    # alice: t0 @ r0, t1 @ r1, lm @ r2 -> rows r0, r1, r2 ; columns t0, t1, lm (r3 unused)
-    R, b, names = km.task_matrix("alice")
-    assert names == ["t0", "t1", "lm"]
-    np.testing.assert_array_equal(R, [[0.80, 0.20, 30.0], [0.70, 0.90, 32.0], [0.60, 0.85, 12.0]])
-    np.testing.assert_array_equal(b, [0.25, 0.10, 40.0])
-    # bob: t1 @ r0, t2 @ r2, t0 @ r3 -> rows r0, r2, r3 ; columns t1, t2, t0 (r1 unused)
-    R, b, names = km.task_matrix("bob")
-    assert names == ["t1", "t2", "t0"]
-    np.testing.assert_array_equal(R, [[0.75, 0.32, 0.30], [0.65, 0.85, 0.40], [0.60, 0.80, 0.90]])
-    np.testing.assert_array_equal(b, [0.15, 0.30, 0.20])
-    # the population trained nothing
-    R, b, names = km.task_matrix("population")
-    assert R.shape == (0, 0) and b.shape == (0,) and names == []
+    assert km.training_rounds("alice") == {"t0": (0, 0), "t1": (1, 1), "lm": (2, 2)}
+    assert list(km.training_rounds("bob")) == ["t1", "t2", "t0"]
+    assert km.training_rounds("population") == {}
 
 
 def test_summary_alice_mixed_metrics() -> None:
     s = build().summary("alice")
-    # accuracy-like tasks t0, t1 (matrix columns 0, 1; last row is r2, the round of the
-    # perplexity task lm, so its damage counts: a t0/t1-only square would end at r1 and give
-    # avg_acc (0.70 + 0.90) / 2 = 0.80 and forgetting (0.80 - 0.70 + 0) / 1 = 0.10 instead):
-    #   avg_acc = (0.60 + 0.85) / 2 = 0.725
-    #   forgetting = ((0.80 - 0.60) + (0.90 - 0.85)) / 2 = (0.20 + 0.05) / 2 = 0.125
-    #   fwt: only t1 -> R[0][1] - b = 0.20 - 0.10 = 0.10
-    #   plasticity = (0.80 + 0.90) / 2 = 0.85
-    # perplexity task lm (column 2, the last one trained):
-    #   avg_ppl = 12.0 ; no later task -> forgetting 0.0 ;
-    #   fwt = b - R[1][2] = 40.0 - 32.0 = 8.0 (lower perplexity after training t1)
+    # alice trains t0 @ r0, t1 @ r1, lm @ r2 and nothing in r3, the final round F = 3 (a merge or an
+    # exchange may change an agent after its last training: the final round counts).
+    # accuracy-like tasks t0, t1:
+    #   avg_acc = V[3] = (0.55 + 0.80) / 2 = 0.675          (the last training round r2 would give 0.725)
+    #   forgetting = ((V[0][t0] - V[3][t0]) + (V[1][t1] - V[3][t1])) / 2 = (0.25 + 0.10) / 2 = 0.175
+    #   fwt: t1 (first trained r1 > alice's first round r0): V[0][t1] - b = 0.20 - 0.10 = 0.10
+    #   plasticity = (V[0][t0] + V[1][t1]) / 2 = (0.80 + 0.90) / 2 = 0.85
+    # perplexity task lm (lower is better, signs flipped), trained r2:
+    #   avg_ppl = V[3][lm] = 14.0 ; ppl_forgetting = V[3] - V[2] = 14.0 - 12.0 = 2.0
+    #   ppl_fwt = b - V[1][lm] = 40.0 - 32.0 = 8.0
     expected = {
-        "avg_acc": 0.725,
-        "forgetting": 0.125,
-        "bwt": -0.125,
+        "avg_acc": 0.675,
+        "forgetting": 0.175,
+        "bwt": -0.175,
         "fwt": 0.10,
         "plasticity": 0.85,
-        "avg_ppl": 12.0,
-        "ppl_forgetting": 0.0,
-        "ppl_bwt": 0.0,
+        "avg_ppl": 14.0,
+        "ppl_forgetting": 2.0,
+        "ppl_bwt": -2.0,
         "ppl_fwt": 8.0,
     }
     assert s.keys() == expected.keys()
@@ -116,12 +106,13 @@ def test_summary_alice_mixed_metrics() -> None:
 
 def test_summary_bob_accuracy_only() -> None:
     s = build().summary("bob")
-    # R = [[0.75, 0.32, 0.30], [0.65, 0.85, 0.40], [0.60, 0.80, 0.90]], b = [0.15, 0.30, 0.20]
+    # bob: t1 @ r0, t2 @ r2, t0 @ r3 = F
     #   avg_acc = (0.60 + 0.80 + 0.90) / 3 = 2.30 / 3
-    #   forgetting = ((0.75 - 0.60) + (0.85 - 0.80)) / 2 = (0.15 + 0.05) / 2 = 0.10
-    #   fwt = ((0.32 - 0.30) + (0.40 - 0.20)) / 2 = (0.02 + 0.20) / 2 = 0.11
+    #   forgetting (tasks last trained before F: t1, t2) = ((0.75 - 0.60) + (0.85 - 0.80)) / 2 = 0.10
+    #   fwt, from the round just before each task was first trained:
+    #     t2: V[1][t2] - b = 0.33 - 0.30 = 0.03 ; t0: V[2][t0] - b = 0.40 - 0.20 = 0.20 -> 0.115
     #   plasticity = (0.75 + 0.85 + 0.90) / 3 = 2.50 / 3
-    expected = {"avg_acc": 2.30 / 3, "forgetting": 0.10, "bwt": -0.10, "fwt": 0.11, "plasticity": 2.50 / 3}
+    expected = {"avg_acc": 2.30 / 3, "forgetting": 0.10, "bwt": -0.10, "fwt": 0.115, "plasticity": 2.50 / 3}
     assert s.keys() == expected.keys()
     for k, v in expected.items():
         assert s[k] == pytest.approx(v, abs=1e-12), k
@@ -139,18 +130,22 @@ def test_summary_single_task_and_untrained() -> None:
 
 def test_summary_nan_names_agent_round_and_task() -> None:
     km = build()
-    km.record(2, "alice", "t0", math.nan)  # alice's final value on t0 is now missing
-    with pytest.raises(ValueError, match=r"summary\('alice'\).*R\[2\]\[0\].*round 2"):
+    km.record(2, "alice", "t0", math.nan)  # not needed: t0 was last trained in r0, the final round is r3
+    assert km.summary("alice")["avg_acc"] == pytest.approx(0.675)
+    km.record(3, "alice", "t0", math.nan)  # alice's final value on t0 is now missing
+    with pytest.raises(ValueError, match=r"summary\('alice'\).*R\[3\]\[0\].*round 3.*\['t0', 't1'\]"):
         km.summary("alice")
 
 
-def test_retraining_keeps_first_position_and_mark_is_idempotent() -> None:
+def test_retraining_counts_from_the_last_training_and_mark_is_idempotent() -> None:
     km = build()
     km.mark_trained(3, "alice", "t0")
     km.mark_trained(3, "alice", "t0")
     km.mark_trained(0, "alice", "t0")
     assert km.trained("alice") == [(0, "alice", "t0"), (1, "alice", "t1"), (2, "alice", "lm"), (3, "alice", "t0")]
-    assert km.trained_order("alice") == [("t0", 0), ("t1", 1), ("lm", 2)]
+    assert km.training_rounds("alice") == {"t1": (1, 1), "lm": (2, 2), "t0": (0, 3)}
+    s = km.summary("alice")  # t0 last trained in the final round: it counts no forgetting
+    assert s["forgetting"] == pytest.approx(0.90 - 0.80) and s["plasticity"] == pytest.approx((0.55 + 0.90) / 2)
 
 
 def test_bad_inputs() -> None:
