@@ -8,15 +8,29 @@
 * ``tensors.safetensors`` — the strategy's tensors (EWC Fisher and anchors, ...);
 * ``adapters/<agent>.safetensors`` — every adapter of every agent.
 
-The folder is written as ``checkpoint.new`` and swapped in by renames, so a crash at any moment
-leaves either the previous checkpoint or the new one. Only safetensors and JSON are read back:
+* ``manifest.json`` — written last: the SHA-256 of every other file of the folder.
+
+The folder is written as ``checkpoint.new``; its files and folders are fsynced, then it is swapped
+in by two renames (``checkpoint`` -> ``checkpoint.old``, ``checkpoint.new`` -> ``checkpoint``) and
+the run dir is fsynced. A crash at any moment leaves a complete checkpoint to resume from:
+
+* before the swap: ``checkpoint`` (the previous round);
+* between the two renames: ``checkpoint.new`` (complete: it has its ``manifest.json``) or, if it
+  does not, ``checkpoint.old`` — :func:`find` takes them in that order, and the next :func:`save`
+  first finishes the interrupted swap.
+
+:func:`load` checks every file against the manifest, so a truncated or corrupted file is an error
+naming that file (never a half checkpoint loaded). Only safetensors and JSON are read back:
 nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -24,12 +38,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 DIR = "checkpoint"
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
 _TENSOR = "__tensor__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated or corrupted; the message starts with its path."""
+
+
 _LORA_FIELDS = ("r", "lora_alpha", "target_modules", "layers_to_transform", "lora_dropout", "fan_in_fan_out")
 
 
@@ -101,7 +123,12 @@ def restore_population(population, specs: dict[str, list[dict]], folder: Path, h
         if name not in population.agents:
             population.add_agent(name, dataclasses.replace(population.lora, rank_pattern={}, alpha_pattern={},
                                                            **adapters[0]))
-        population.load_adapter(name, folder / f"{name}.safetensors")
+        path = folder / f"{name}.safetensors"
+        try:
+            population.load_adapter(name, path)
+        except SafetensorError as err:
+            raise CheckpointError(f"{path.resolve()}: not a readable safetensors file ({err}); the checkpoint "
+                                  "is damaged") from None
         population.agents[name].history = list(histories.get(name, []))
     extra = [n for n in population.names if n not in specs]
     if extra:
@@ -109,11 +136,97 @@ def restore_population(population, specs: dict[str, list[dict]], folder: Path, h
                          "resume with the run's own config")
 
 
+# --- durability ---------------------------------------------------------------------------
+def fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to disk (a folder that cannot be fsynced is skipped)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if not path.is_dir() or err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def seal(folder: Path) -> None:
+    """Write ``manifest.json`` (the SHA-256 of every file) last, then fsync every file and folder."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"version": FORMAT_VERSION, "sha256": {p.relative_to(folder).as_posix(): sha256(p) for p in files}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for path in [*files, folder / MANIFEST]:
+        fsync(path)
+    for sub in sorted({p.parent for p in files} | {folder}, key=lambda p: -len(p.parts)):
+        fsync(sub)
+
+
+def verify(folder: Path) -> None:
+    """Check every file of ``folder`` against its ``manifest.json``; raise :class:`CheckpointError` naming
+    the first file that is missing or differs. A folder without a manifest (older lmas) is not checked."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return
+    manifest = read_json(manifest_path)
+    sums = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{manifest_path.resolve()}: no 'sha256' table; the checkpoint is damaged")
+    for rel, expected in sums.items():
+        path = folder / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path.resolve()}: missing (listed in {manifest_path.name}); the checkpoint "
+                                  "is damaged")
+        if sha256(path) != expected:
+            raise CheckpointError(f"{path.resolve()}: truncated or corrupted (its SHA-256 differs from "
+                                  f"{manifest_path.name}); the checkpoint is damaged")
+
+
+def read_json(path: Path) -> Any:
+    """A checkpoint's JSON file; :class:`CheckpointError` naming it if it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path.resolve()}: not readable JSON ({err}); the checkpoint is damaged") from None
+
+
+def read_tensors(path: Path) -> dict[str, Tensor]:
+    """A checkpoint's safetensors file; :class:`CheckpointError` naming it if it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path.resolve()}: not a readable safetensors file ({err}); the checkpoint "
+                              "is damaged") from None
+
+
 # --- the folder -----------------------------------------------------------------------------
-def save(run_dir: Path, state: dict, population) -> Path:
-    """Write ``state`` (tensors allowed anywhere) and every agent's adapters; atomic swap."""
+def _complete(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
+def finish_swap(run_dir: Path) -> None:
+    """Finish a swap that a crash interrupted between its two renames (see the module doc)."""
     run_dir = Path(run_dir)
     new, final, old = run_dir / f"{DIR}.new", run_dir / DIR, run_dir / f"{DIR}.old"
+    if not final.exists() and _complete(new):
+        new.rename(final)
+        fsync(run_dir)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(run_dir: Path, state: dict, population) -> Path:
+    """Write ``state`` (tensors allowed anywhere) and every agent's adapters; fsync; atomic swap."""
+    run_dir = Path(run_dir)
+    new, final, old = run_dir / f"{DIR}.new", run_dir / DIR, run_dir / f"{DIR}.old"
+    finish_swap(run_dir)
     shutil.rmtree(new, ignore_errors=True)
     (new / "adapters").mkdir(parents=True)
     for name in population.names:
@@ -122,30 +235,40 @@ def save(run_dir: Path, state: dict, population) -> Path:
                                     "version": FORMAT_VERSION})
     save_file(tensors, str(new / "tensors.safetensors"))
     (new / "state.json").write_text(json.dumps(plain))
+    seal(new)  # manifest last, every byte on disk before the swap
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
+        final.rename(old)  # a crash from here until the next rename leaves checkpoint.new complete
     new.rename(final)
+    fsync(run_dir)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def find(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder of ``run_dir`` (``checkpoint``, or ``checkpoint.old``
-    if a crash hit between the two renames of :func:`save`), or None."""
-    for name in (DIR, f"{DIR}.old"):
-        folder = Path(run_dir) / name
-        if (folder / "state.json").is_file():
-            return folder
+    """The newest complete checkpoint folder of ``run_dir``, or None: ``checkpoint``; else, after a
+    crash between the two renames of :func:`save`, ``checkpoint.new`` if complete, else ``checkpoint.old``."""
+    run_dir = Path(run_dir)
+    final, new, old = run_dir / DIR, run_dir / f"{DIR}.new", run_dir / f"{DIR}.old"
+    if (final / "state.json").is_file():
+        return final
+    if _complete(new):
+        return new
+    if (old / "state.json").is_file():
+        return old
     return None
 
 
 def load(run_dir: Path) -> tuple[dict, Path]:
-    """The saved state (tensors restored) and the folder it came from."""
+    """The saved state (tensors restored) and the folder it came from; every file checked first."""
     folder = find(run_dir)
     if folder is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint/state.json; nothing to resume (was a round completed?)")
-    plain = json.loads((folder / "state.json").read_text())
-    if plain.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{folder}: checkpoint format {plain.get('version')} is not {FORMAT_VERSION}")
-    return join_tensors(plain, load_file(str(folder / "tensors.safetensors"))), folder
+        raise FileNotFoundError(f"{Path(run_dir).resolve()}: no checkpoint/state.json; nothing to resume "
+                                "(was a round completed?)")
+    verify(folder)
+    plain = read_json(folder / "state.json")
+    if not isinstance(plain, dict) or plain.get("version") != FORMAT_VERSION:
+        version = plain.get("version") if isinstance(plain, dict) else None
+        raise CheckpointError(f"{(folder / 'state.json').resolve()}: checkpoint format {version} is not "
+                              f"{FORMAT_VERSION}")
+    return join_tensors(plain, read_tensors(folder / "tensors.safetensors")), folder

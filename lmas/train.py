@@ -125,7 +125,9 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     if extra:
         raise ValueError(f"resume={run_dir} continues that run with its own saved config ({CONFIG}); "
                          f"drop the other overrides {extra}")
-    path = Path(run_dir) / CONFIG
+    path = Path(run_dir).expanduser().resolve() / CONFIG
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"resume={run_dir}: no such folder: {path.parent}")
     if not path.is_file():
         raise FileNotFoundError(f"resume={run_dir}: {path} not found (not an lmas run dir?)")
     return OmegaConf.load(path)

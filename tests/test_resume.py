@@ -68,6 +68,36 @@ def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overri
     assert reference["timings"].keys() == resumed["timings"].keys()
 
 
+def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_resumes_to_the_uninterrupted_results(
+        fast_overrides, tmp_path, run_lmas, monkeypatch):
+    """Round 1's checkpoint swap dies after `checkpoint` -> `checkpoint.old`, before `checkpoint.new` ->
+    `checkpoint`: the resume takes the complete new folder (round 1) and ends as an uninterrupted run."""
+    from lmas import checkpoint
+
+    class Killed(BaseException):
+        pass
+
+    rename = Path.rename
+
+    def dying(self, target):
+        if self.name == f"{checkpoint.DIR}.new" and (self.parent / f"{checkpoint.DIR}.old").exists():
+            raise Killed
+        return rename(self, target)
+
+    reference = run_lmas(fast_overrides + ["strategy=ewc"], tmp_path / "reference")
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as m:
+        m.setattr(Path, "rename", dying)
+        with pytest.raises(Killed):
+            run_lmas(fast_overrides + ["strategy=ewc"], crashed)
+    assert not (crashed / "checkpoint").exists()
+    assert json.loads((crashed / "checkpoint.new" / "state.json").read_text())["round"] == 1
+    resumed = run(resume_config(crashed, []), crashed, resume=True)
+    for key in COMPARED:
+        _same(reference[key], resumed[key], tol=0.0)
+    assert sorted(p.name for p in crashed.glob("checkpoint*")) == ["checkpoint"]
+
+
 def test_a_run_dir_with_a_checkpoint_is_refused_without_resume(fast_overrides, tmp_path, run_lmas, monkeypatch):
     out = tmp_path / "run"
     _crash_in_round(monkeypatch, 1)

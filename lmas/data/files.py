@@ -15,7 +15,13 @@ seeded sample of ``n_val`` / ``n_test`` records.
 Sizes: an int is a count, a float in (0, 1) a fraction, ``None`` the default (10 % val, 10 % test,
 the rest train). For classification, ``labels`` default to the sorted answers of the train split.
 
-Bad input -> what happens. Every error is a ``ValueError`` whose message starts with the place:
+A file that does not exist (or is a folder) -> ``FileNotFoundError`` naming the option and the
+absolute path, ``task 'NAME': val_path=data/v.jsonl: no such file: /abs/data/v.jsonl``
+(:func:`lmas.paths.require`; ``lmas-train`` reports it earlier, from the config check, with the full
+option path ``stream.tasks[i].val_path``). For ``hf_task`` the same holds for every ``data_files``
+entry (a glob must match a file) and for a ``path`` written as a path.
+
+Bad input -> what happens. Every other error is a ``ValueError`` whose message starts with the place:
 ``<file> line N`` (1-based; for CSV the line where the row starts, the header being line 1),
 ``<dataset> split 'S' row I`` for ``hf_task``, or ``task 'NAME'``:
 
@@ -54,6 +60,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from lmas import paths
 from lmas.data.common import Size, fill_template, resolve_sizes, template_fields, truncate
 from lmas.data.task import METRIC_OF_KIND, Example, Task
 
@@ -105,7 +112,7 @@ def _not_utf8(path: str | Path) -> ValueError:
 
 def read_jsonl(path: str | Path) -> Iterator[Located]:
     """Records of a JSON Lines file (blank lines skipped) with ``"<file> line N"`` locations."""
-    with open(path, encoding="utf-8-sig") as fh:
+    with open(paths.require(path, paths.FILE, "path"), encoding="utf-8-sig") as fh:
         try:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
@@ -128,7 +135,7 @@ def read_csv(path: str | Path, delimiter: str = ",") -> Iterator[Located]:
     N is the line where the row starts (the header is line 1; a quoted value may span lines).
     Blank rows are skipped; a row with more or fewer values than the header has columns raises.
     """
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with open(paths.require(path, paths.FILE, "path"), encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header: list[str] | None = None
         header_line = end = 0
@@ -250,6 +257,9 @@ def build_file_task(
 
 def _file_task(name: str, kind: str, reader, path, val_path, test_path, conv: dict, **split: Any) -> Task:
     _check_kind(name, kind)
+    for option, value in (("path", path), ("val_path", val_path), ("test_path", test_path)):
+        if value is not None or option == "path":
+            paths.require(value, paths.FILE, f"task {name!r}: {option}")
     rows = {p: _examples(reader(p), str(p), kind=kind, **conv) for p in (path, val_path, test_path) if p is not None}
     return build_file_task(
         name,
@@ -340,6 +350,10 @@ def hf_task(
     "generation", data_files="data.jsonl")``.
     """
     _check_kind(name, kind)
+    missing = paths.node_problems("lmas.data.files.hf_task", {"path": path, "data_files": data_files}.get)
+    if missing:
+        option, value, what = missing[0]
+        raise FileNotFoundError(f"task {name!r}: {option}={value}: {what}")
     import datasets  # heavy and optional: imported only here
 
     label = path if data_files is None else f"{path}:{data_files}"

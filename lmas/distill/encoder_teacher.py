@@ -42,7 +42,9 @@ class EncoderTeacher:
                  lr: float = 0.05, seed: int = 0, batch_size: int = 64) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        folder = str(path or minilm_folder())
+        from lmas.paths import MODEL, require
+
+        folder = str(require(path, MODEL, f"teacher {name!r}: path") if path else minilm_folder())
         self.name, self.max_length, self.steps, self.lr, self.seed = name, max_length, steps, lr, seed
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
