@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
 import yaml
 
@@ -16,8 +18,6 @@ def _outputs(nb, kind: str) -> list:
 
 
 def test_analysis_notebook_on_a_small_multirun(tmp_path, fast_overrides, run_lmas, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
     multirun = tmp_path / "multirun"
     results = {}
     for i, (strategy, seed) in enumerate([("naive", 0), ("naive", 1), ("l2", 0)]):

@@ -309,7 +309,7 @@ def test_hf_task_errors_name_split_and_row(monkeypatch):
 
 
 def test_hf_task_real_json_loader(tmp_path):
-    pytest.importorskip("datasets")  # needs pandas, pyarrow, ...
+    import datasets  # noqa: F401  (a hard dependency with pandas, pyarrow: no skip)
     path = _write_jsonl(tmp_path / "data.jsonl", _records(30))
     task = hf_task("t", "json", "classification", data_files=str(path), prompt_field="text",
                    answer_field="label", cache_dir=str(tmp_path / "cache"))

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mathematics_dataset")
+import mathematics_dataset  # noqa: F401  (a hard dependency: failing to import it fails the tests)
 
-from lmas.data import mathgen  # noqa: E402
-from lmas.data.mathgen import list_math_problems, math_task  # noqa: E402
+from lmas.data import mathgen
+from lmas.data.mathgen import list_math_problems, math_task
 
 ROOT = Path(__file__).resolve().parents[2]
 
