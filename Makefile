@@ -1,4 +1,5 @@
-# lmas: `make demo` runs the default experiment, `make test` runs the tests.
+# lmas: `make demo` runs the default experiment, `make test` runs the tests (not `slow`, not `gpu`);
+# `make test-slow` the long ones, `make test-gpu` the CUDA ones (tests/gpu; they skip without CUDA).
 # Both create .venv on first use from the committed lock; a second call skips what is done.
 PYTHON ?= python3.11
 VENV   ?= .venv
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.lmas-installed
 LOCK   := requirements/lock.txt
 export LMAS_CACHE ?= $(HOME)/.cache/lmas
 
-.PHONY: venv demo test test-slow clean-venv
+.PHONY: venv demo test test-slow test-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -25,11 +26,15 @@ demo: venv
 
 # pytest exit 5 (no test collected) counts as a failure
 test: venv
-	$(PY) -m pytest -m "not slow" $(ARGS); rc=$$?; \
+	$(PY) -m pytest -m "not slow and not gpu" $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 test-slow: venv
 	$(PY) -m pytest -m slow $(ARGS)
+
+# on a machine with CUDA (torch.cuda.is_available()); elsewhere every test skips with the reason
+test-gpu: venv
+	$(PY) -m pytest -m gpu tests/gpu $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,6 +15,7 @@ Where the checks live:
     _check_stream        stream.tasks, stream.scenario, stream.order, stream.max_*
     _check_trainer       trainer.* (keyword arguments of lightning.Trainer not set by the loop)
     _check_targets       every ``_target_`` imports, and its node's keys are its parameters
+    _check_paths         every local file or folder an option names exists (lmas.paths)
     _check_cross         options that must agree with each other (agent and task names, SeqFT
                          with one agent). Cross-option checks of knowledge distillation (teacher
                          and student choices, once lmas/distill exists) go here too.
@@ -39,6 +40,7 @@ PRIMARY = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"  # lmas-tr
 EVAL_SPLITS = ("val", "test")
 SCENARIOS = ("task", "class", "domain")  # lmas.data.stream.SCENARIOS
 ORDERS = ("fixed", "shuffle")
+PROMPT_FORMATS = ("plain", "chat")  # lmas.modules.lm.PROMPT_FORMATS
 AGENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # as lmas.population.population checks
 # lightning.Trainer arguments the loop sets itself (lmas/loop.py, ContinualLoop._fit), and where to set them
 TRAINER_SET_BY_LOOP = {
@@ -81,7 +83,7 @@ def validate(cfg: DictConfig) -> None:
         errors.append(f"{key}=???: this option has no value; set it, e.g. {key}=<value>")
     ctx = _Ctx(cfg, errors, set(missing))
     for check in (_check_top_level, _check_train, _check_population, _check_stream, _check_trainer,
-                  _check_targets, _check_cross):
+                  _check_targets, _check_paths, _check_cross, _check_adapter_transfer):
         check(ctx)
     if errors:
         raise ConfigError(errors)
@@ -242,7 +244,28 @@ def _check_train(ctx: _Ctx) -> None:
     ctx.check("progress", lambda v: isinstance(v, bool), "expected true or false")
 
     ctx.check("data.max_length", _int_at_least(8), "expected an integer >= 8 (tokens per sequence)")
+    fmt = ctx.check("model.prompt_format", lambda v: v in PROMPT_FORMATS, _one_of(PROMPT_FORMATS))
+    path = ctx.get("model.name_or_path", None)
+    if fmt == "chat" and isinstance(path, str) and _local_chat_template(path) is False:
+        ctx.fail("model.prompt_format", fmt, f"the tokenizer in model.name_or_path={_show(path)} has no chat "
+                 f"template (tokenizer_config.json: chat_template); use model.prompt_format=plain")
     ctx.check("seed", lambda v: _is_int(v) and 0 <= v <= SEED_MAX, f"expected an integer in [0, {SEED_MAX}]")
+
+
+def _local_chat_template(path: str) -> bool | None:
+    """Whether the local HF folder ``path`` ships a chat template; ``None`` if not a local folder."""
+    import json
+
+    folder = Path(path).expanduser()
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    if any((folder / f).is_file() for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        return bool(json.loads(config.read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return None
 
 
 def _agent_names(agents: Any) -> list[str] | None:
@@ -330,6 +353,11 @@ def _check_trainer(ctx: _Ctx) -> None:
         if key in trainer:
             ctx.fail(f"trainer.{key}", trainer[key],
                      "set by the loop itself" + (f"; use {where} instead" if where else "; remove it"))
+    from lmas.modules.device import PRECISIONS  # what the loop and the evaluator support (autocast)
+
+    ctx.check("trainer.precision", lambda v: str(v) in PRECISIONS,
+              "expected 32-true, bf16-mixed or 16-mixed (mixed precision autocasts the forward and keeps the "
+              "LoRA weights in float32; '*-true' half precisions would cast the shared base and the adapters)")
     try:
         import lightning
 
@@ -424,6 +452,26 @@ def _check_targets(ctx: _Ctx) -> None:
                                   + f"; allowed: {', '.join(allowed) or 'none'}")
 
 
+def _check_paths(ctx: _Ctx) -> None:
+    """Files and folders the config names (lmas.paths.PATH_OPTIONS) exist: ``<option>=<value>: no such file: <abs>``."""
+    from lmas import paths
+
+    tree = OmegaConf.to_container(ctx.cfg, resolve=False)
+    for path, node in _target_nodes(tree, ""):
+        target = ctx.get(f"{path}._target_", default=None)
+        try:
+            obj = _locate(target)
+        except ImportError:  # reported by _check_targets
+            continue
+        name = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        for option, value, what in paths.node_problems(name, lambda key: ctx.get(f"{path}.{key}", default=None)):
+            ctx.fail(f"{path}.{option}", value, what)
+    for key in ("paths.output_dir", "paths.cache_dir"):
+        value = ctx.get(key, default=None)
+        if isinstance(value, str) and value and paths.absolute(value).is_file():
+            ctx.fail(key, value, f"{paths.absolute(value)} is a file; expected a folder (made if missing)")
+
+
 def _check_cross(ctx: _Ctx) -> None:
     """Options that must agree with each other."""
     agents = _agent_names(ctx.get("population.agents", default=None))
@@ -485,6 +533,8 @@ def _check_cross(ctx: _Ctx) -> None:
     if ctx.get("selflearn", default=None) and distills:
         ctx.fail(distills[0][0], "<a Distill>", "the self-learning loop consolidates with its own distillation "
                  "term (selflearn.distill.*); keep distill=none and a strategy without Distill parts")
+    if ctx.get("selflearn", default=None):
+        _check_selflearn(ctx)
 
     # Distillation from external teachers (another tokenizer) gives label distributions only:
     # token-level KD on a generation/lm task needs agent teachers (same tokenizer as the student)
@@ -495,6 +545,107 @@ def _check_cross(ctx: _Ctx) -> None:
             ctx.fail(f"{path}.external", "[...]", "external teachers (another tokenizer) teach through label "
                      f"distributions only, but tasks {token_tasks} need token-level distillation; add agent "
                      f"teachers ({path}.teachers=peers) or use classification tasks only")
+
+
+def _check_selflearn(ctx: _Ctx) -> None:
+    """Options the self-learning loop (lmas/selflearn.py) does not use are refused, not ignored: each
+    cycle trains every agent on every task (no allocation), with no transfer step and no exchange."""
+    from lmas.population.allocation import Broadcast
+    from lmas.population.topology import Topology
+    from lmas.transfer.policy import Transfer
+
+    why = "is not used by the self-learning loop (selflearn.*), whose cycles "
+    for path, base, what, default in (
+            ("transfer", Transfer, "have no transfer step", "transfer=none"),
+            ("population.allocation", Broadcast, "train every agent on every task",
+             "population.allocation._target_=lmas.population.allocation.Broadcast")):
+        target = ctx.get(f"{path}._target_", default=None)
+        try:
+            obj = _locate(target) if target else None
+        except ImportError:  # _check_targets names it
+            continue
+        if obj is not None and obj is not base:
+            ctx.fail(f"{path}._target_", target, f"{why}{what}; use {default}")
+    target = ctx.get("population.topology._target_", default=None)
+    try:
+        topo = _locate(target) if target else None
+    except ImportError:
+        return
+    if isinstance(topo, type) and issubclass(topo, Topology) and topo.exchange is not Topology.exchange:
+        ctx.fail("population.topology._target_", target, f"{why}have no exchange step, and this topology exchanges "
+                 "adapters between agents; use a topology without exchange (population=single, or master_worker/"
+                 "hierarchical with population.allocation._target_=lmas.population.allocation.Broadcast)")
+
+
+def _strategy_classes(ctx: _Ctx) -> list[tuple[str, type]]:
+    """``(name, class)`` of the strategy and of each part of a composed strategy (importable ones)."""
+    nodes = [("strategy", ctx.get("strategy", default=None))]
+    parts = ctx.get("strategy.parts", default=None)
+    if isinstance(parts, list):
+        nodes += [(f"strategy.parts[{i}]", p) for i, p in enumerate(parts)]
+    out = []
+    for path, node in nodes:
+        target = node.get("_target_") if isinstance(node, dict) else None
+        try:
+            obj = _locate(target) if isinstance(target, str) else None
+        except ImportError:  # _check_targets names it
+            continue
+        if isinstance(obj, type):
+            out.append((str(getattr(obj, "name", obj.__name__)), obj))
+    return out
+
+
+def _check_adapter_transfer(ctx: _Ctx) -> None:
+    """Adapter transfers that cannot honour a strategy's adapters are refused (lmas/transfer/merge.py).
+
+    * IncLoRA/O-LoRA stack one adapter per task: peft's single-adapter merge types (all but cat and
+      svd) cannot merge their sum, and merge_init/lorahub write the trainable adapter before the
+      strategy adds the new task's one, so they would overwrite the agent's last task adapter.
+    * population.topology.max_rank grows an agent's adapter: strategies that keep per-parameter
+      state of a fixed shape (EWC, L2, LwF, Avalanche's) cannot follow it.
+    """
+    from lmas.strategies.olora import IncLoRA
+    from lmas.transfer.merge import OWN_METHODS, STACK_EXACT
+    from lmas.transfer.policy import LoraHub, MergeInit
+
+    strategies = _strategy_classes(ctx)
+    stacking = [cls for _, cls in strategies if issubclass(cls, IncLoRA)]
+    target = ctx.get("transfer._target_", default=None)
+    try:
+        transfer = _locate(target) if isinstance(target, str) else None
+    except ImportError:
+        transfer = None
+    if stacking:
+        name = getattr(stacking[0], "name", stacking[0].__name__)
+        if isinstance(transfer, type) and issubclass(transfer, (MergeInit, LoraHub)):
+            ctx.fail("transfer._target_", target, f"strategy={name} stacks one adapter per task and adds the new "
+                     f"task's adapter when training starts, after this transfer has written the agent's trainable "
+                     f"adapter (its last task's): it would overwrite that task; use transfer=merge or none, or a "
+                     f"strategy with one adapter per agent")
+        ok = set(OWN_METHODS) | set(STACK_EXACT)
+        for key in ("transfer.method", "transfer.methods"):
+            value = ctx.get(key, default=None)
+            bad = [m for m in ([value] if isinstance(value, str) else value or []) if m not in ok]
+            if bad:
+                ctx.fail(key, value, f"strategy={name} stacks one adapter per task, and merge method(s) "
+                         f"{', '.join(map(str, bad))} (peft's add_weighted_adapter) combine single adapters, not an "
+                         f"agent's sum of adapters; use {', '.join(sorted(ok))}")
+    if ctx.get("population.topology.max_rank", default=None) is not None:
+        from lmas.strategies.lwf import LwF
+        from lmas.strategies.regularizers import EWC, L2
+
+        fixed_shape: tuple[type, ...] = (EWC, L2, LwF)
+        if any(cls.__module__ == "lmas.strategies.avalanche_bridge" for _, cls in strategies):
+            from lmas.strategies.avalanche_bridge import AvalancheStrategy
+
+            fixed_shape += (AvalancheStrategy,)
+        fixed = [n for n, cls in strategies if issubclass(cls, fixed_shape)]
+        if fixed:
+            ctx.fail("population.topology.max_rank", ctx.get("population.topology.max_rank"),
+                     f"grows an agent's adapter during the run, but strategy {fixed[0]} keeps per-parameter state "
+                     "of the adapter's initial shape; use population.topology.max_rank=null (a rank-r approximation "
+                     "with its residual recorded) or a strategy without such state (naive, replay, agem, inclora, "
+                     "olora, joint)")
 
 
 def _task_kind(task: dict) -> str | None:

@@ -32,6 +32,7 @@ from lmas.data.stream import Stream
 from lmas.data.task import Task
 from lmas.metrics import similarity
 from lmas.metrics.knowledge import KnowledgeMatrix
+from lmas.modules.device import trainer_device
 from lmas.modules.incremental import ExperienceData, IncrementalLM
 from lmas.modules.lm import Encoder
 from lmas.modules.trunk import SharedTrunk
@@ -133,7 +134,8 @@ class ContinualLoop:
         seed: seeds every experience (``seed``, round and agent index are mixed into each fit's seed).
         train, eval: :class:`TrainConfig` / :class:`EvalConfig`.
         trainer: extra keyword arguments for ``lightning.Trainer`` (accelerator, devices, strategy, ...).
-        max_length: longest token sequence (prompts are cut from the start).
+        max_length: longest token sequence (prompts are cut from the start; the start token and a chat
+            template are kept). The prompt format is the base model's (``model.prompt_format``).
         tracker: where metrics go (W&B, CSV, or nothing).
         allocation: who trains what in each round (default: every agent every task, in order).
         topology: exchange between agents and the population's joint answer (default: none).
@@ -168,7 +170,11 @@ class ContinualLoop:
         self.train_cfg = train or TrainConfig()
         self.eval_cfg = eval or EvalConfig()
         self.trainer_kwargs = dict(trainer or {})
-        self.encoder = Encoder(population.tokenizer, max_length)
+        # the base moves to the trainer's device once; every fit and every evaluation run there
+        # (IncrementalLM.cpu keeps Lightning from moving it back after each fit)
+        self.device = trainer_device(self.trainer_kwargs)
+        population.model.to(self.device)
+        self.encoder = Encoder(population.tokenizer, max_length, population.base.prompt_format)
         self.tracker = tracker or Tracker()
         self.allocation = allocation or Allocation()
         self.topology = topology or Topology()
@@ -180,7 +186,8 @@ class ContinualLoop:
                       if self.train_cfg.trunk_cache or self.eval_cfg.shared_trunk else None)
         self.scorer = PopulationScorer(population, self.encoder, self.eval_cfg.batch_size,
                                        self.eval_cfg.max_new_tokens, self.eval_cfg.mixed_adapters,
-                                       trunk=self.trunk if self.eval_cfg.shared_trunk else None)
+                                       trunk=self.trunk if self.eval_cfg.shared_trunk else None,
+                                       precision=self.trainer_kwargs.get("precision"))
         self.messages = MessageLog()
         self.step = 0  # global optimisation step over all experiences (the W&B x-axis)
         self.topology.check(population.names)
@@ -490,6 +497,9 @@ class ContinualLoop:
         metrics["comm/messages"], metrics["comm/bytes"] = comm["messages"], comm["bytes"]
         for kind, c in comm["by_kind"].items():
             metrics[f"comm/{kind}/messages"], metrics[f"comm/{kind}/bytes"] = c["messages"], c["bytes"]
+        for rec in self.events:  # each merge's relative truncation error of ΔW (0 = exact)
+            if rec.get("round") == r and "residual" in rec:
+                metrics[f"transfer/{rec['agent']}/{rec.get('event', 'transfer')}_residual"] = float(rec["residual"])
         for task, info in self.answers[r].items():
             if "escalation_rate" in info:
                 metrics[f"cascade/{task}/escalation_rate"] = info["escalation_rate"]
@@ -546,7 +556,7 @@ class ContinualLoop:
             "strategy": self.strategy.name,
             "seed": self.seed,
             "matrix": self.matrix.to_dict(),
-            "metrics": {agent: self.matrix.summary(agent) for agent in self.matrix.agents},
+            "metrics": self.matrix.summaries(),  # the one computation of the metrics (KnowledgeMatrix.summary)
             "loss_curves": self.loss_curves,
             "learning_curves": self.curves,
             "similarity": self.similarity,

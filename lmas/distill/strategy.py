@@ -16,6 +16,8 @@ training (label distributions for classification, top-``k`` token probabilities 
 for generation), so the student's epochs never run the teachers again. ``cache=False`` computes
 them at every step from the teachers' *current* adapters: among peers that train in the same round
 this is (sequential) deep mutual learning — each agent learns from the others as they are then.
+The teachers' outputs (cached or live) live on the student's device, where the batch's ``index``
+is; an external teacher's scores, computed by its own model on the CPU, are moved there.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from lmas.data.task import Task
 from lmas.distill.losses import LOSSES, kd_loss, soften
 from lmas.distill.teachers import (AGGREGATIONS, ExternalTeacher, TeacherCache, agent_label_distributions,
                                    agent_token_topk, aggregate)
+from lmas.modules.device import model_device
 from lmas.modules.lm import evaluate, label_logprobs
 from lmas.strategies.base import Strategy
 
@@ -40,7 +43,7 @@ TEACHER_SETS = ("peers", "specialists")
 def external_accuracy(teacher, rows, labels) -> float:
     """An external teacher's accuracy (argmax of its label scores) on ``rows``."""
     scores = teacher.label_scores([ex.prompt for ex in rows], labels)
-    gold = torch.tensor([list(labels).index(ex.answer) for ex in rows])
+    gold = torch.tensor([list(labels).index(ex.answer) for ex in rows], device=scores.device)
     return (scores.argmax(-1) == gold).float().mean().item()
 
 
@@ -48,12 +51,12 @@ def single_token_labels(encoder, task: Task) -> Tensor | None:
     """The label token ids (L,) of a classification task whose labels are one token each, else None.
 
     Then the student's label log-likelihoods are the log-softmax of the task-loss pass's logits at
-    each row's first answer position (the answer is encoded as ``" " + label``), gathered at these
+    each row's first answer position (the answer is encoded as :meth:`Encoder.answer_tokens`), gathered at these
     ids: distillation costs no extra forward pass. Longer labels are scored by :func:`label_logprobs`.
     """
     if task.kind != "classification":
         return None
-    ids = [encoder.tokens(" " + lab) for lab in task.labels]
+    ids = [encoder.answer_tokens(lab) for lab in task.labels]
     return torch.tensor([t[0] for t in ids]) if all(len(t) == 1 for t in ids) else None
 
 
@@ -175,10 +178,11 @@ class Distill(Strategy):
         if self._agents:
             parts.append(agent_label_distributions(pop, self._agents, encoder, prompts, self.task.labels,
                                                    self.temperature, self.batch_size))
+        device = model_device(pop.model)  # external teachers run their own models (on the CPU)
         for t in self._external:
             with torch.no_grad():
-                parts.append(soften(t.label_scores(prompts, self.task.labels), self.temperature)[None])
-        return torch.cat(parts)
+                parts.append(soften(t.label_scores(prompts, self.task.labels), self.temperature)[None].to(device))
+        return torch.cat(parts).to(device)  # the cache lives on the student's device, like batch["index"]
 
     def on_train_batch_start(self, module, batch: dict[str, Tensor]) -> None:
         if self.cache or not self.current or not self.current.teachers:
@@ -195,17 +199,20 @@ class Distill(Strategy):
         if not self.current or not self.current.teachers or self.weight == 0:
             return {}
         rows = [module.examples[i][0] for i in batch["index"].tolist()]
-        own = torch.tensor([(ex.prompt, ex.answer) in self._rows for ex in rows])  # rows of the current task
-        if not own.any():
+        device = out["logits"].device
+        mine = [(ex.prompt, ex.answer) in self._rows for ex in rows]  # rows of the current task
+        if not any(mine):
             return {}
-        cache, index = (self.current, batch["index"]) if self.cache else (self._live, torch.arange(len(rows)))
+        own = torch.tensor(mine, device=device)
+        index = batch["index"].to(device) if self.cache else torch.arange(len(rows), device=device)
+        cache = self.current if self.cache else self._live
         if self.task.kind == "classification":
             if self._label_ids is not None:  # one-token labels: the task-loss pass already scored them
                 first = torch.ones_like(out["rows"], dtype=torch.bool)
                 first[1:] = out["rows"][1:] != out["rows"][:-1]  # each row's first answer position
-                student = out["logits"][first][own].log_softmax(-1)[:, self._label_ids]  # (B', L)
+                student = out["logits"][first][own].log_softmax(-1)[:, self._label_ids.to(device)]  # (B', L)
             else:
-                prompts = [ex.prompt for ex, keep in zip(rows, own.tolist()) if keep]
+                prompts = [ex.prompt for ex, keep in zip(rows, mine) if keep]
                 student = label_logprobs(module.net, module.encoder, prompts, self.task.labels,
                                          batch_size=len(prompts), grad=True)  # (B', L)
             teacher = cache.labels_for(index)[:, own]  # (K, B', L)

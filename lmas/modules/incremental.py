@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lmas.data.task import Example
+from lmas.modules.device import model_device, to_device
 from lmas.modules.lm import Encoded, Encoder, answer_logits, collate
 
 
@@ -103,9 +104,22 @@ class IncrementalLM(L.LightningModule):
         self.strategy.on_train_batch_start(self, batch)
 
     def batch_of(self, examples: Sequence[tuple[Example, str]]) -> dict[str, Tensor]:
-        """Collate (example, kind) pairs into a batch on this module's device."""
+        """Collate (example, kind) pairs into a batch on the model's device."""
         items = [self.encoder.encode_example(ex, kind) for ex, kind in examples]
-        return {k: v.to(self.device) for k, v in collate(items, self.encoder.pad_id).items()}
+        return to_device(collate(items, self.encoder.pad_id), model_device(self.net))
+
+    def cpu(self) -> "IncrementalLM":
+        """Keep the shared base where the loop put it: a no-op.
+
+        Lightning's ``Strategy.teardown`` (2.6, ``lightning/pytorch/strategies/strategy.py``) calls
+        ``lightning_module.cpu()`` at the end of every ``Trainer.fit`` to free the accelerator. This
+        module is used for one fit, but its ``net`` is the population's model, shared by every fit
+        and every evaluation of the run: moved back it would be copied CPU <-> GPU twice per fit
+        and evaluated on the CPU. Nothing else calls ``cpu()`` on this module; to move the
+        population, move ``population.model``. (Strategy subclasses would need one per Lightning
+        strategy, auto/ddp/fsdp/deepspeed; this covers them all.)
+        """
+        return self
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.trunk is not None:  # the same logits; layers below the LoRA ones come from the cache

@@ -1,17 +1,16 @@
-"""Tokenisation, answer-only log-likelihoods and the three scorers (rank, exact match, perplexity).
+"""Answer-only log-likelihoods and the three scorers (rank, exact match, perplexity).
 
-Every sequence is ``[start] + prompt + answer``: the answer (with a leading space, and an EOS for
-generation tasks) is the only part that carries loss. The LM head is applied only at the
+Every sequence is ``head + prompt + tail + answer`` (:class:`lmas.modules.encoding.Encoder`, re-exported
+here; ``plain``: ``[start] + prompt + " " + answer``, ``chat``: the tokenizer's chat template); the answer
+is the only part that carries loss, and only the prompt is ever cut. The LM head is applied only at the
 positions that predict an answer token: for SmolLM2 the tied 49k-token head is ~a fifth of the
 model, and a prompt is usually much longer than its answer.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -19,110 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmas.data.task import Example, Task
-
-IGNORE = -100
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """Token ids of one sequence and the index where its target (answer) tokens start."""
-
-    ids: tuple[int, ...]
-    target_start: int
-
-
-class Encoder:
-    """Turns examples into token ids the same way for training and for scoring.
-
-    Args:
-        tokenizer: an HF tokenizer.
-        max_length: longest sequence (``data.max_length``). Over-long examples: a prompt loses
-            tokens from its *start* (the instruction and the text's beginning go first, the
-            ``Answer:`` cue is kept) and the answer is kept whole; an answer that alone does not
-            fit raises ``ValueError``. Raw text (empty prompt, ``lm`` tasks) longer than the window
-            keeps its beginning. Each shortened example is counted in ``truncated``; the first one
-            is logged as a warning.
-    """
-
-    def __init__(self, tokenizer, max_length: int = 128) -> None:
-        if max_length < 8:
-            raise ValueError(f"data.max_length={max_length} is too small (need >= 8)")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.start_id: int = int(start)
-        self.eos_id: int = int(tokenizer.eos_token_id)
-        self.pad_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
-        self.truncated = 0  # number of examples shortened so far (results: truncated_prompts)
-
-    def tokens(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
-
-    def answer_too_long(self, n_tokens: int, answer: str, where: str = "") -> ValueError:
-        """The error for an answer of ``n_tokens`` that leaves no room in ``max_length``."""
-        head = answer if len(answer) <= 60 else answer[:57] + "..."
-        return ValueError(
-            f"{where or 'example'}: the answer {head!r} alone is {n_tokens} tokens, more than the "
-            f"{self.max_length - 1} that data.max_length={self.max_length} leaves after the start token; "
-            f"raise data.max_length or shorten the answers"
-        )
-
-    def _count_truncation(self, what: str, before: int, after: int, where: str) -> None:
-        self.truncated += 1
-        if self.truncated == 1:
-            log.warning(
-                "%s%s of %d tokens cut to %d to fit data.max_length=%d (%s); further cuts are only "
-                "counted (truncated_prompts in the results)",
-                f"{where}: " if where else "", what, before, after, self.max_length,
-                "its start dropped, the answer kept whole" if what == "prompt" else "its beginning kept",
-            )
-
-    def encode(self, prompt: str, answer: str, eos: bool, where: str = "") -> Encoded:
-        """Encode one prompt/answer pair; ``eos`` appends EOS to the answer.
-
-        ``where`` names the example (task, split, index) in the error and the log line.
-        """
-        answer_ids = self.tokens((" " + answer) if prompt else answer)
-        if eos:
-            answer_ids.append(self.eos_id)
-        prompt_ids = self.tokens(prompt)
-        room = self.max_length - 1 - len(answer_ids)
-        if room < 0:
-            if prompt:
-                raise self.answer_too_long(len(answer_ids), answer, where)
-            # raw text longer than the window: keep its beginning
-            self._count_truncation("text", len(answer_ids), self.max_length - 1, where)
-            answer_ids = answer_ids[: self.max_length - 1]
-            room = 0
-        if len(prompt_ids) > room:
-            self._count_truncation("prompt", len(prompt_ids), room, where)
-            prompt_ids = prompt_ids[len(prompt_ids) - room :]
-        ids = [self.start_id] + prompt_ids + answer_ids
-        return Encoded(tuple(ids), 1 + len(prompt_ids))
-
-    def encode_example(self, ex: Example, kind: str, where: str = "") -> Encoded:
-        return self.encode(ex.prompt, ex.answer, eos=(kind == "generation"), where=where)
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        """Prompt ids for generation, truncated from the start like :meth:`encode`."""
-        ids = self.tokens(prompt)[-(self.max_length - 1) :]
-        return [self.start_id] + ids
-
-
-def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, Tensor]:
-    """Right-pad a batch. ``targets`` holds the token id at answer positions and -100 elsewhere."""
-    width = max(len(it.ids) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    targets = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    for row, it in enumerate(items):
-        n = len(it.ids)
-        ids[row, :n] = torch.tensor(it.ids)
-        mask[row, :n] = 1
-        targets[row, it.target_start : n] = ids[row, it.target_start : n]
-    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+from lmas.modules.device import model_device, to_device
+from lmas.modules.encoding import (  # noqa: F401 - re-exported: the encoding lives in encoding.py
+    IGNORE,
+    PROMPT_FORMATS,
+    Encoded,
+    Encoder,
+    chat_template_parts,
+    collate,
+)
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -139,8 +43,11 @@ def answer_logits(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, T
         logits: (N, V) float logits for the N target positions of the batch.
         targets: (N,) the target token ids.
         rows: (N,) the batch row of each target position.
+
+    A batch built on the CPU (:func:`collate`) is moved to the model's device first.
     """
     trunk, head = trunk_and_head(model)
+    batch = to_device({k: batch[k] for k in ("input_ids", "attention_mask", "targets")}, model_device(model))
     hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
     return logits_at_targets(head, hidden, batch["targets"])
 
@@ -206,41 +113,84 @@ def label_logprobs(
 
     Each prompt runs once; its KV cache is shared by all labels, so a K-label task costs about
     one prompt pass plus K short label passes instead of K full passes. Prompts are left-padded
-    with explicit positions, so the scores equal those of separate ``[start] + prompt + label``
-    sequences up to float rounding (prompts are truncated for the longest label).
+    with explicit positions, so the score of a label equals the answer log-likelihood of its
+    training encoding ``encoder.encode(prompt, label)`` up to float rounding; a prompt too long
+    for its longest label is scored once per label length (:func:`by_label_length`), so it is
+    cut exactly as training cuts it for each label.
 
     ``adapter_names`` (one per prompt) scores each prompt with its own peft adapter in one
     mixed batch (:func:`mixed_adapters`); the LM head must not carry LoRA then. ``grad=True``
     keeps the autograd graph (a student's label distribution in distillation).
     """
-    with torch.set_grad_enabled(grad):
-        return _label_logprobs(model, encoder, prompts, labels, batch_size, adapter_names)
-
-
-def _label_logprobs(model, encoder, prompts, labels, batch_size, adapter_names) -> Tensor:
     if adapter_names is not None and len(adapter_names) != len(prompts):
         raise ValueError(f"label_logprobs: {len(adapter_names)} adapter names for {len(prompts)} prompts")
+    label_ids = label_tokens(encoder, labels)
+
+    def score(rows: list[int], cols: list[int]) -> Tensor:
+        names = None if adapter_names is None else [adapter_names[r] for r in rows]
+        return _label_logprobs(model, encoder, [prompts[r] for r in rows], [label_ids[c] for c in cols],
+                               batch_size, names)
+
+    with torch.set_grad_enabled(grad):
+        return by_label_length(encoder, prompts, label_ids, score)
+
+
+def label_tokens(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
+    """Each label's answer ids (:meth:`Encoder.answer_tokens`); raises for a label that cannot fit."""
+    label_ids = [encoder.answer_tokens(lab) for lab in labels]
+    i = max(range(len(label_ids)), key=lambda k: len(label_ids[k]))
+    if len(label_ids[i]) > encoder.max_length - encoder.format_length:
+        raise encoder.answer_too_long(len(label_ids[i]), labels[i], "label")
+    return label_ids
+
+
+def by_label_length(encoder: Encoder, prompts: Sequence[str], label_ids: Sequence[Sequence[int]], score) -> Tensor:
+    """``score(rows, cols)`` (a tensor ``(..., len(rows), len(cols))``) over all prompts and labels.
+
+    Prompts that fit before the longest label are scored with all labels at once; a prompt that
+    must be cut is scored once per label length ``n`` with room ``max_length - n``, as
+    :meth:`Encoder.encode` cuts it for a label of ``n`` tokens. Returns ``(..., P, L)``.
+    """
+    lengths = [len(t) for t in label_ids]
+    all_cols = list(range(len(label_ids)))
+    room = encoder.max_length - max(lengths)
+    cut = [r for r, p in enumerate(prompts) if encoder.prompt_length(p) > room] if len(set(lengths)) > 1 else []
+    if not cut:
+        return score(list(range(len(prompts))), all_cols)
+    fits = [r for r in range(len(prompts)) if r not in set(cut)]
+    parts = [(fits, all_cols, score(fits, all_cols))] if fits else []
+    for n in sorted(set(lengths)):
+        cols = [c for c in all_cols if lengths[c] == n]
+        parts.append((cut, cols, score(cut, cols)))
+    first = parts[0][2]
+    out = first.new_zeros(*first.shape[:-2], len(prompts), len(label_ids))
+    for rows, cols, part in parts:
+        r = torch.tensor(rows, device=out.device)[:, None]
+        out[..., r, torch.tensor(cols, device=out.device)] = part
+    return out
+
+
+def _label_logprobs(model, encoder, prompts, label_ids, batch_size, adapter_names) -> Tensor:
     trunk, head = trunk_and_head(model)
-    label_ids = [encoder.tokens(" " + lab) for lab in labels]
+    device = model_device(model)  # tensors are built on the CPU and moved here once
     n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
-    if lab_w > encoder.max_length - 1:
-        i = max(range(n_lab), key=lambda k: len(label_ids[k]))
-        raise encoder.answer_too_long(lab_w, labels[i], "label")
     lab = torch.full((n_lab, lab_w), encoder.pad_id, dtype=torch.long)  # (L, W)
     lab_mask = torch.zeros_like(lab)
     for i, t in enumerate(label_ids):
         lab[i, : len(t)] = torch.tensor(t)
         lab_mask[i, : len(t)] = 1
+    lab, lab_mask = lab.to(device), lab_mask.to(device)
     room = encoder.max_length - lab_w
     scores = []
     for i in range(0, len(prompts), batch_size):
-        enc = [encoder.encode_prompt(p)[-room:] for p in prompts[i : i + batch_size]]
+        enc = [encoder.encode_prompt(p, room) for p in prompts[i : i + batch_size]]
         b, width = len(enc), max(len(e) for e in enc)
         ids = torch.full((b, width), encoder.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, e in enumerate(enc):  # left padding: every prompt ends in the last column
             ids[row, width - len(e) :] = torch.tensor(e)
             mask[row, width - len(e) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
         names = None if adapter_names is None else list(adapter_names[i : i + batch_size])
         with mixed_adapters(model, names):
@@ -252,14 +202,14 @@ def _label_logprobs(model, encoder, prompts, labels, batch_size, adapter_names) 
             cache.batch_repeat_interleave(n_lab)  # (B*L, ...) rows ordered prompt-major
             lab_in = lab.repeat(b, 1)  # (B*L, W)
             att = torch.cat([mask.repeat_interleave(n_lab, 0), lab_mask.repeat(b, 1)], 1)  # (B*L, P+W)
-            lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(lab_w)  # (B*L, W)
+            lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(lab_w, device=device)  # (B*L, W)
             with mixed_adapters(model, None if names is None else [n for n in names for _ in range(n_lab)]):
                 h = trunk(input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache,
                           use_cache=True).last_hidden_state  # (B*L, W, H)
             nxt = lab_in[:, 1:]  # (B*L, W-1): token k+1 is predicted at label position k
             keep = lab_mask.repeat(b, 1)[:, 1:].bool()
             logp = head(h[:, :-1][keep]).float().log_softmax(-1).gather(1, nxt[keep][:, None]).squeeze(1)
-            rest = torch.zeros(b * n_lab).index_add_(0, keep.nonzero()[:, 0], logp)
+            rest = logp.new_zeros(b * n_lab).index_add_(0, keep.nonzero()[:, 0], logp)
             total = total + rest.view(b, n_lab)
         scores.append(total)
     return torch.cat(scores)
@@ -271,7 +221,7 @@ def rank_accuracy(
 ) -> float:
     """Accuracy of rank classification: predict the label with the highest log-likelihood."""
     scores = label_logprobs(model, encoder, [ex.prompt for ex in examples], labels, batch_size)
-    gold = torch.tensor([list(labels).index(ex.answer) for ex in examples])
+    gold = torch.tensor([list(labels).index(ex.answer) for ex in examples], device=scores.device)
     return (scores.argmax(1) == gold).float().mean().item()
 
 
@@ -292,8 +242,8 @@ def greedy_answers(
             ids[row, width - len(e) :] = torch.tensor(e)
             mask[row, width - len(e) :] = 1
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model_device(model)),
+            attention_mask=mask.to(model_device(model)),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop,
@@ -327,7 +277,8 @@ def perplexity(model: nn.Module, encoder: Encoder, examples: Sequence[Example], 
     items = [encoder.encode(ex.prompt, ex.answer, eos=False) for ex in examples]
     nll, count = 0.0, 0.0
     for i in range(0, len(items), batch_size):
-        total, n = sequence_logprobs(model, collate(items[i : i + batch_size], encoder.pad_id))
+        batch = to_device(collate(items[i : i + batch_size], encoder.pad_id), model_device(model))
+        total, n = sequence_logprobs(model, batch)
         nll -= total.sum().item()
         count += n.sum().item()
     return math.exp(nll / count)

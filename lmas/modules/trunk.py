@@ -37,7 +37,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lmas.modules.lm import Encoder, logits_at_targets
+from lmas.modules.device import model_device
+from lmas.modules.lm import Encoder, by_label_length, label_tokens, logits_at_targets
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -244,7 +245,7 @@ def _label_tree(encoder: Encoder, prompts: Sequence[str], label_ids: list[list[i
     prompt width P.
     """
     room = encoder.max_length - lab_w
-    enc = [encoder.encode_prompt(p)[-room:] for p in prompts]
+    enc = [encoder.encode_prompt(p, room) for p in prompts]  # cut only in the body, as training cuts it
     b, width = len(enc), max(len(e) for e in enc)
     inputs = [lab[:-1] for lab in label_ids]
     flat = [t for lab in inputs for t in lab]
@@ -284,14 +285,16 @@ def shared_label_logprobs(
 
     The bottom layers run once per batch of prompts; for each agent, ``activate(agent)`` switches
     to its adapters and only the top layers run. Equal to :func:`lmas.modules.lm.label_logprobs`
-    of each agent up to float rounding (the same prompt truncation and positions).
+    of each agent up to float rounding (the same prompt truncation, :func:`by_label_length`, and positions).
     """
     trunk.check()
-    label_ids = [encoder.tokens(" " + lab) for lab in labels]
-    n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
-    if lab_w > encoder.max_length - 1:
-        i = max(range(n_lab), key=lambda k: len(label_ids[k]))
-        raise encoder.answer_too_long(lab_w, labels[i], "label")
+    label_ids = label_tokens(encoder, labels)
+    return by_label_length(encoder, prompts, label_ids, lambda rows, cols: _shared_label_logprobs(
+        trunk, encoder, [prompts[r] for r in rows], [label_ids[c] for c in cols], agents, activate, batch_size))
+
+
+def _shared_label_logprobs(trunk, encoder, prompts, label_ids, agents, activate, batch_size) -> Tensor:
+    lab_w = max(len(t) for t in label_ids)
     # head positions: the prompt's last column predicts every label's first token; label j's
     # token k (k < len-1), at offset `rel` after the prompt, predicts its token k+1
     rel, tgt, owner, off = [], [], [], 0
@@ -300,7 +303,7 @@ def shared_label_logprobs(
         tgt += lab[1:]
         owner += [j] * (len(lab) - 1)
         off += len(lab) - 1
-    device = trunk.body.embed_tokens.weight.device
+    device = model_device(trunk.model)  # the prompts' tensors are built on the CPU and moved here
     dtype = trunk.body.embed_tokens.weight.dtype
     first_ids = torch.tensor([lab[0] for lab in label_ids], device=device)
     tgt_t, owner_t = torch.tensor(tgt, dtype=torch.long, device=device), torch.tensor(owner, device=device)

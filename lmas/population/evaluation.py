@@ -5,6 +5,11 @@ topology for result fusion; :meth:`PopulationScorer.label_logprobs` computes the
 agents at once. When every agent has a single adapter it runs one mixed batch (peft's
 ``adapter_names``: each row uses its agent's adapter); agents with several stacked adapters
 (IncLoRA, O-LoRA) are scored one after another with their adapters activated.
+
+Scoring runs on the model's device, under the trainer's autocast when ``trainer.precision`` is
+mixed (:func:`lmas.modules.device.autocast`, what Lightning enters around a training step); the
+label log-likelihoods it returns are float32 on the CPU: fusion, the topology's answers and the
+messages are bookkeeping on ``(A, N, L)`` tensors, not model work.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lmas.data.task import Task
+from lmas.modules.device import autocast, autocast_dtype, model_device
 from lmas.modules.lm import Encoder, evaluate, label_logprobs
 from lmas.modules.trunk import shared_label_logprobs
 
@@ -31,13 +37,20 @@ class PopulationScorer:
         trunk: a :class:`lmas.modules.trunk.SharedTrunk` (``eval.shared_trunk``): label
             log-likelihoods of several agents run the layers below the LoRA ones once per batch,
             then only the top layers per agent (any agents, stacked adapters too).
+        precision: ``trainer.precision``; mixed precisions score under the same autocast as training.
     """
 
     def __init__(self, population, encoder: Encoder, batch_size: int = 32, max_new_tokens: int = 12,
-                 mixed: bool = True, trunk=None) -> None:
+                 mixed: bool = True, trunk=None, precision: str | int | None = None) -> None:
         self.population, self.encoder = population, encoder
         self.batch_size, self.max_new_tokens, self.mixed = batch_size, max_new_tokens, mixed
         self.trunk = trunk
+        autocast_dtype(precision)  # refuses an unsupported trainer.precision here
+        self.precision = precision
+
+    def autocast(self):
+        """The trainer's autocast on the model's device (a no-op at 32-true)."""
+        return autocast(self.precision, model_device(self.population.model))
 
     def can_mix(self, agents: Sequence[str]) -> bool:
         return self.mixed and len(agents) > 1 and all(len(self.population.agents[a].adapters) == 1 for a in agents)
@@ -45,6 +58,10 @@ class PopulationScorer:
     @torch.no_grad()
     def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
         """Label log-likelihoods of every agent: ``(A, N, L)``."""
+        with self.autocast():
+            return self._label_logprobs(agents, prompts, labels).float().cpu()
+
+    def _label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
         model = self.population.model
         was_training = model.training
         model.eval()
@@ -68,12 +85,13 @@ class PopulationScorer:
     def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
         """The task's metric for one agent (its adapters activated)."""
         self.population.activate(agent)
-        return evaluate(self.population.model, self.encoder, task, split, labels=labels,
-                        batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+        with self.autocast():
+            return evaluate(self.population.model, self.encoder, task, split, labels=labels,
+                            batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
 
     def classify(self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
                  ) -> tuple[dict[str, float], Tensor, Tensor]:
-        """Accuracy of each agent, the label log-likelihoods ``(A, N, L)`` and gold indices ``(N,)``."""
+        """Accuracy of each agent, the label log-likelihoods ``(A, N, L)`` and gold indices ``(N,)`` (CPU)."""
         examples = getattr(task, split)
         if not examples:
             raise ValueError(f"task {task.name!r}: the {split} split is empty, nothing to evaluate")

@@ -34,17 +34,17 @@ def entropy(probs: Tensor) -> Tensor:
 
 
 def fusion_weights(method: str, probs: Tensor, val_acc: Sequence[float] | None = None) -> Tensor:
-    """Agent weights ``(A, N)`` for ``probs`` ``(A, N, L)``; each column sums to one."""
+    """Agent weights ``(A, N)`` for ``probs`` ``(A, N, L)``, on its device; each column sums to one."""
     if method not in FUSIONS:
         raise ValueError(f"fusion={method!r}: expected one of {FUSIONS}")
     n_agents, n = probs.shape[:2]
     if method == "uniform":
-        return torch.full((n_agents, n), 1.0 / n_agents)
+        return torch.full((n_agents, n), 1.0 / n_agents, device=probs.device)
     if method == "val_acc":
         if val_acc is None or len(val_acc) != n_agents:
             raise ValueError(f"fusion='val_acc' needs one validation accuracy per agent ({n_agents})")
-        acc = torch.tensor([float(a) for a in val_acc]).clamp_min(0)
-        w = acc / acc.sum() if acc.sum() > 0 else torch.full((n_agents,), 1.0 / n_agents)
+        acc = torch.tensor([float(a) for a in val_acc], device=probs.device).clamp_min(0)
+        w = acc / acc.sum() if acc.sum() > 0 else torch.full((n_agents,), 1.0 / n_agents, device=probs.device)
         return w[:, None].expand(n_agents, n).clone()
     h = entropy(probs)  # (A, N)
     if method == "confidence":

@@ -42,7 +42,7 @@ def test_encode_puts_start_prompt_answer_and_marks_answer(enc):
 
 def test_encode_truncates_prompt_from_the_start_and_keeps_answer(enc, caplog):
     prompt = " ".join(["word"] * 100) + "\nTopic:"
-    with caplog.at_level(logging.WARNING, logger="lmas.modules.lm"):
+    with caplog.at_level(logging.WARNING, logger="lmas.modules.encoding"):
         e = enc.encode(prompt, "business", eos=False, where="task 'news' train[3]")
         enc.encode(prompt, "sport", eos=False)
     answer = enc.tokens(" business")
@@ -175,3 +175,113 @@ def test_evaluate_dispatches_on_kind_and_rejects_empty_split(tiny_base, enc):
     assert acc in (0.0, 1.0)
     with pytest.raises(ValueError, match="val split is empty"):
         evaluate(tiny_base.model, enc, task, split="val")
+
+
+# --- one truncation for training, scoring, generation (issue 13, bug 3) ---------------------------
+LONG_PROMPT = "News: " + " ".join(f"word{i}" for i in range(40)) + "\nTopic:"
+
+
+def test_a_cut_prompt_keeps_its_start_token_and_is_the_training_prompt_everywhere(tiny_base, enc):
+    labels = ["sport", "business news", "science and technology"]  # 1, 2 and 3 tokens
+    assert [len(enc.answer_tokens(lab)) for lab in labels] == [1, 2, 3]
+    assert enc.prompt_length(LONG_PROMPT) > enc.max_length
+    for lab in labels:
+        e = enc.encode(LONG_PROMPT, lab, eos=False)
+        assert len(e.ids) == enc.max_length and e.ids[0] == enc.start_id  # the start token survives the cut
+        assert list(e.ids[e.target_start - 3 : e.target_start]) == enc.tokens("\nTopic:")[-3:]
+        # scoring and generation cut the prompt the same way for the same room
+        assert enc.encode_prompt(LONG_PROMPT, enc.max_length - len(enc.answer_tokens(lab))) == list(
+            e.ids[: e.target_start])
+    assert enc.encode_prompt(LONG_PROMPT)[0] == enc.start_id and len(enc.encode_prompt(LONG_PROMPT)) == enc.max_length
+    # each label's score is the answer log-likelihood of its own training encoding, also when the
+    # prompt is cut differently for labels of different lengths (mixed with a prompt that fits)
+    prompts = ["News: rain\nTopic:", LONG_PROMPT]
+    scores = label_logprobs(tiny_base.model, enc, prompts, labels, batch_size=2)
+    for i, p in enumerate(prompts):
+        for j, lab in enumerate(labels):
+            total, _ = sequence_logprobs(tiny_base.model, collate([enc.encode(p, lab, False)], enc.pad_id))
+            torch.testing.assert_close(scores[i, j], total[0], rtol=1e-5, atol=1e-5)
+
+
+# --- prompt formats (issue 13, bug 7) -------------------------------------------------------------
+def test_chat_format_is_the_tokenizers_own_template_with_the_answer_as_assistant_turn(tiny_base):
+    tok = tiny_base.tokenizer
+    enc = Encoder(tok, max_length=96, prompt_format="chat")
+    prompt, answer = "Q: 1+1\nA:", "2"
+    e = enc.encode(prompt, answer, eos=True)
+    user = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+    user = list(user["input_ids"] if isinstance(user, dict) or hasattr(user, "keys") else user)
+    assert list(e.ids[: e.target_start]) == user == enc.encode_prompt(prompt)
+    assert list(e.ids[e.target_start :]) == enc.tokens(answer) + [enc.eos_id]  # no leading space in a turn
+    conv = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                   tokenize=False)
+    assert tok.decode(list(e.ids)) + "\n" == conv  # the answer is the assistant turn, ended by <|im_end|>
+    assert e.ids[0] == enc.start_id  # SmolLM2's template starts with <|im_start|>
+    # a cut keeps the whole template (system turn, role markers, the assistant opening)
+    short = Encoder(tok, max_length=40, prompt_format="chat")
+    cut = short.encode(LONG_PROMPT, "sport", eos=False)
+    assert len(cut.ids) == 40
+    assert list(cut.ids[: len(short.head)]) == short.head
+    assert list(cut.ids[cut.target_start - len(short.tail) : cut.target_start]) == short.tail
+    assert short.encode_prompt(LONG_PROMPT, 40 - len(short.answer_tokens("sport"))) == list(cut.ids[: cut.target_start])
+    raw = enc.encode("", "some raw text", eos=False)  # raw text is not a conversation
+    assert list(raw.ids) == [enc.start_id] + enc.tokens("some raw text")
+
+
+def test_chat_scores_equal_the_chat_training_encoding(tiny_base):
+    enc = Encoder(tiny_base.tokenizer, max_length=40, prompt_format="chat")
+    prompts, labels = ["News: a\nTopic:", LONG_PROMPT], ["sport", "business news"]
+    scores = label_logprobs(tiny_base.model, enc, prompts, labels, batch_size=2)
+    for i, p in enumerate(prompts):
+        for j, lab in enumerate(labels):
+            total, _ = sequence_logprobs(tiny_base.model, collate([enc.encode(p, lab, False)], enc.pad_id))
+            torch.testing.assert_close(scores[i, j], total[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_format_errors_name_the_option(tiny_base):
+    import copy
+
+    from lmas.models.providers import BaseModel
+
+    with pytest.raises(ValueError, match=r"model.prompt_format='chatml' is not one of \['plain', 'chat'\]"):
+        Encoder(tiny_base.tokenizer, 32, "chatml")
+    bare = copy.deepcopy(tiny_base.tokenizer)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="model.prompt_format=chat: the tokenizer .* has no chat template"):
+        Encoder(bare, 32, "chat")
+    with pytest.raises(ValueError, match="model.prompt_format=chat: the tokenizer of tiny has no chat template"):
+        BaseModel(tiny_base.model, bare, "tiny", prompt_format="chat")
+    with pytest.raises(ValueError, match="data.max_length=16 leaves no room for a prompt: the chat prompt format"):
+        Encoder(tiny_base.tokenizer, 16, "chat")  # SmolLM2's template alone is 30 tokens
+
+
+def test_config_check_refuses_a_bad_prompt_format(compose, tmp_path):
+    from lmas.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"model.prompt_format=chatml: expected one of plain, chat"):
+        validate(compose(["model=tiny", "model.prompt_format=chatml"]))
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    with pytest.raises(ConfigError, match=r"model.prompt_format=chat: the tokenizer in model.name_or_path=.* has "
+                                          r"no chat template"):
+        validate(compose(["model=hf", f"model.name_or_path={folder}", "model.prompt_format=chat"]))
+    validate(compose(["model=tiny", "model.prompt_format=chat"]))  # SmolLM2's tokenizer has one
+
+
+def test_the_loop_encodes_with_the_models_prompt_format(tmp_path):
+    from lmas.data.stream import Stream
+    from lmas.loop import ContinualLoop
+    from lmas.models.providers import tiny
+    from lmas.population.population import Population
+    from lmas.strategies.base import Strategy
+
+    base = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, prompt_format="chat")
+    ex = [Example("News: x\nTopic:", "sport")]
+    task = Task("t", "classification", train=ex, val=ex, test=ex, labels=["sport", "tech"])
+    loop = ContinualLoop(Population(base, agents=1), Stream("s", [task]), Strategy(), tmp_path, progress=False)
+    enc = loop.encoder
+    assert enc.prompt_format == "chat"
+    e = enc.encode("News: x\nTopic:", "sport", False)
+    assert list(e.ids[e.target_start - len(enc.tail) :]) == enc.tail + enc.answer_tokens("sport")
