@@ -1,6 +1,7 @@
 """Experiment trackers: W&B (offline by default) and a plain CSV file.
 
-The loop talks to one :class:`Tracker`; ``logger=wandb`` and ``logger=csv`` choose the class.
+The loop talks to one :class:`Tracker`; ``logger=wandb`` and ``logger=csv`` choose the class
+(``logger=tensorboard`` and ``logger=mlflow``: :mod:`lmas.tracking.local_trackers`).
 Keys are ``<section>/<name>``: ``train/<agent>/loss`` against ``step``; ``eval/<agent>/<task>``,
 ``cl/<agent>/<metric>``, ``comm/*``, ``similarity/<a>~<b>/{weights,predictions}``,
 ``transfer/<agent>/<event>_residual`` (a merge's relative truncation error of ΔW, 0 = exact) and the
