@@ -34,9 +34,11 @@ from typing import Any, Callable
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lmas.confdir import primary_config
+
 __all__ = ["ConfigError", "validate"]
 
-PRIMARY = Path(__file__).resolve().parents[1] / "conf" / "train.yaml"  # lmas-train's config (lmas.train.CONF_DIR)
+PRIMARY = primary_config  # lmas-train's config, train.yaml: packaged or the repo's (lmas.confdir)
 EVAL_SPLITS = ("val", "test")
 SCENARIOS = ("task", "class", "domain")  # lmas.data.stream.SCENARIOS
 ORDERS = ("fixed", "shuffle")
@@ -46,7 +48,7 @@ AGENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # as lmas.population.popul
 TRAINER_SET_BY_LOOP = {
     "max_epochs": "train.epochs",
     "max_steps": "train.max_steps",
-    "logger": "logger=<csv|wandb|none>",
+    "logger": "logger=<wandb|csv|tensorboard|mlflow|none>",
     "callbacks": None,
     "enable_checkpointing": None,
     "enable_model_summary": None,
@@ -189,9 +191,9 @@ def _check_keys(ctx: _Ctx, path: str, allowed, what: str) -> None:
 
 # --- checks -------------------------------------------------------------------------------------
 def _primary() -> DictConfig | None:
-    """conf/train.yaml as written; None when conf/ is not there (a non-editable install)."""
+    """conf/train.yaml as written; None when it is not found (a broken install)."""
     try:
-        return OmegaConf.load(PRIMARY)
+        return OmegaConf.load(PRIMARY())
     except (OSError, OmegaConfBaseException):
         return None
 

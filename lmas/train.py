@@ -3,6 +3,7 @@
     lmas-train                                  # the default experiment on the embedded model
     lmas-train experiment=bbc_class_incremental seed=1
     lmas-train -m strategy=naive seed=0,1,2     # a sweep (multirun)
+    lmas-train --config-dir ~/my_conf stream=my_stream   # your own configs next to lmas's (lmas.confdir)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmas import checkpoint
 from lmas.config import validate
+from lmas.confdir import PRIMARY_NAME, config_dir
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
 from lmas.selflearn import SelfLearningLoop
 from lmas.strategies.compose import Compose
@@ -26,7 +28,6 @@ from lmas.tracking import report
 from lmas.tracking.trackers import Tracker
 
 log = logging.getLogger("lmas")
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # the repo's conf/ (editable install)
 CONFIG = "config.yaml"  # the resolved config of a run, in its run dir
 
 
@@ -151,9 +152,8 @@ def summary(results: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns the first agent's average accuracy (for sweepers)."""
+def job(cfg: DictConfig) -> float | None:
+    """The Hydra job of one run; returns the first agent's average accuracy (for sweepers)."""
     if cfg.get("resume"):
         saved = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
         log.info("resuming %s (this invocation's Hydra logs: %s)", cfg.resume, HydraConfig.get().runtime.output_dir)
@@ -162,6 +162,13 @@ def main(cfg: DictConfig) -> float | None:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
     first = next(iter(results["metrics"].values()), {})
     return first.get("avg_acc")
+
+
+def main() -> None:
+    """Console entry point (``lmas-train``): Hydra's command line over the configs of
+    :func:`lmas.confdir.config_dir` (the packaged ``lmas/conf`` or the repository's ``conf/``), plus any
+    ``--config-dir DIR`` or ``hydra.searchpath`` the user adds; ``--help`` lists the config groups."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=PRIMARY_NAME)(job)()
 
 
 if __name__ == "__main__":
