@@ -13,7 +13,7 @@ export LMAS_CACHE ?= $(HOME)/.cache/lmas
 
 venv: $(STAMP)
 
-$(STAMP): $(LOCK) setup.cfg pyproject.toml
+$(STAMP): $(LOCK) setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q --no-deps -r $(LOCK)
