@@ -163,7 +163,13 @@ def seal(folder: Path) -> None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {"version": FORMAT_VERSION, "sha256": {p.relative_to(folder).as_posix(): sha256(p) for p in files}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    for path in [*files, folder / MANIFEST]:
+    fsync_tree(folder)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file below ``folder``, then every folder, deepest first (``folder`` last)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
         fsync(path)
     for sub in sorted({p.parent for p in files} | {folder}, key=lambda p: -len(p.parts)):
         fsync(sub)

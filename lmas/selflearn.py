@@ -214,10 +214,7 @@ class SelfLearningLoop(ContinualLoop):
 
     def _eval_view(self, task: Task, split: str) -> Task:
         """The base loop's view, with the fallback val split cut from the seed-labelled examples only."""
-        if split != "val" or task.val:
-            return task
-        return Task(task.name, task.kind, task.train, self._labelled_val(task), task.test, task.labels,
-                    task.source, task.meta)
+        return task if split != "val" or task.val else self._task(task, task.train)
 
     def _val_scores(self) -> dict[str, float]:
         """The student's validation accuracy on every task."""
@@ -265,10 +262,8 @@ class SelfLearningLoop(ContinualLoop):
             for adapter in [a for a in agent.adapters if a not in state["adapters"]]:  # added in the cycle
                 model.delete_adapter(adapter)
             for adapter in state["adapters"]:
-                current = pop.adapter_state(name, adapter) if adapter in model.peft_config else None
-                same = (current is not None and model.peft_config[adapter] == state["configs"][adapter]
-                        and {k: v.shape for k, v in current.items()}
-                        == {k: v.shape for k, v in state["weights"][adapter].items()})
+                # the peft config fixes the weights' shapes (rank, modules): compare it, no weight copy
+                same = adapter in model.peft_config and model.peft_config[adapter] == state["configs"][adapter]
                 if not same:  # deleted or rebuilt in the cycle (e.g. another rank): build it again
                     if adapter in model.peft_config:
                         model.delete_adapter(adapter)

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from lmas.checkpoint import fsync
+from lmas.checkpoint import fsync, fsync_tree
+from lmas.modules.encoding import PROMPT_FORMATS
 from lmas.paths import absolute, written_as_path
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ class BaseModel:
             tok.pad_token = tok.eos_token
         self.model.requires_grad_(False)
         self.model.eval()
-        if self.prompt_format not in ("plain", "chat"):
-            raise ValueError(f"model.prompt_format={self.prompt_format!r} is not one of ['plain', 'chat']")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"model.prompt_format={self.prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
         if self.prompt_format == "chat" and not getattr(tok, "chat_template", None):
             raise ValueError(f"model.prompt_format=chat: the tokenizer of {self.name} has no chat template; "
                              f"use model.prompt_format=plain")
@@ -106,15 +107,17 @@ def _lock(path: Path) -> Iterator[bool]:
     try:
         import fcntl
     except ImportError:  # not POSIX
-        yield False
-        return
+        fcntl = None
     fh = None
-    try:
-        fh = open(path, "a")
-        fcntl.flock(fh, fcntl.LOCK_EX)
-    except OSError:  # a read-only cache, a network filesystem without locks: the atomic rename decides
-        if fh is not None:
-            fh.close()
+    if fcntl is not None:
+        try:
+            fh = open(path, "a")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # a read-only cache, a network filesystem without locks: the atomic rename decides
+            if fh is not None:
+                fh.close()
+            fh = None
+    if fh is None:
         yield False
         return
     try:
@@ -122,14 +125,6 @@ def _lock(path: Path) -> Iterator[bool]:
     finally:
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
-
-
-def _fsync_tree(folder: Path) -> None:
-    """fsync every file of ``folder``, then the folder itself."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fsync(path)
-    fsync(folder)
 
 
 def _adopt(folder: Path) -> bool:
@@ -218,7 +213,7 @@ def convert_once(final: Path, convert: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
             convert(tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             (tmp / COMPLETE).write_text("finished\n")
             fsync(tmp / COMPLETE)
             fsync(tmp)

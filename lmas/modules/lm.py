@@ -157,7 +157,8 @@ def by_label_length(encoder: Encoder, prompts: Sequence[str], label_ids: Sequenc
     cut = [r for r, p in enumerate(prompts) if encoder.prompt_length(p) > room] if len(set(lengths)) > 1 else []
     if not cut:
         return score(list(range(len(prompts))), all_cols)
-    fits = [r for r in range(len(prompts)) if r not in set(cut)]
+    cut_rows = set(cut)
+    fits = [r for r in range(len(prompts)) if r not in cut_rows]
     parts = [(fits, all_cols, score(fits, all_cols))] if fits else []
     for n in sorted(set(lengths)):
         cols = [c for c in all_cols if lengths[c] == n]

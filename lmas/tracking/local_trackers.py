@@ -103,14 +103,12 @@ class TensorBoardTracker(_SafeTracker):
         self.subdir = subdir
         self.flush_secs = flush_secs
         self.writer: Any = None
-        self.log_dir: Path | None = None
 
     def start(self, run_dir: Path, config: dict, name: str) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.log_dir = Path(run_dir) / self.subdir
-            self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=self.flush_secs)
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / self.subdir), flush_secs=self.flush_secs)
             self.on = True
         except Exception as err:
             log.warning("TensorBoard could not start in %s (%s); continuing without TensorBoard",
@@ -189,7 +187,6 @@ class MLflowTracker(_SafeTracker):
             exp_id = exp.experiment_id if exp else self.client.create_experiment(
                 self.experiment, artifact_location=artifact_root(uri))
             self.run_id = self.client.create_run(exp_id, run_name=name, tags=self.tags).info.run_id
-            self.tracking_uri = uri
             self.on = True
         except Exception as err:
             log.warning("MLflow could not start with tracking_uri=%s (%s); continuing without MLflow", uri, err)

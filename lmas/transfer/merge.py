@@ -140,9 +140,7 @@ def exact_merge(sets: Sequence[Factors], weights: Sequence[float], rank: int | N
     """
     out: Factors = {}
     worst = 0.0
-    for module in sorted(set().union(*sets)):
-        present = [(s[module], w) for s, w in zip(sets, weights) if module in s]
-        a, b = stack_factors([p for p, _ in present], [w for _, w in present])
+    for module, (a, b) in sorted(stack_sets(sets, weights).items()):
         a, b, res = factorise(a, b, rank or a.shape[0])
         out[module] = (a, b)
         worst = max(worst, res)

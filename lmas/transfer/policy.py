@@ -132,7 +132,8 @@ class LoraHub(Transfer):
                 continue
             w = lorahub_weights(population, sources, task.train[: self.shots], task.kind, encoder, **self.search)
             plans.append((agent, task, sources, w))
-        snapshot = {s: agent_factors(population, s) for _, _, sources, _ in plans for s in sources}
+        # each source read once, before any write (all plans merge the agents as they were)
+        snapshot = {s: agent_factors(population, s) for s in dict.fromkeys(s for *_, srcs, _ in plans for s in srcs)}
         records = []
         for agent, task, sources, w in plans:
             factors, _ = exact_merge([snapshot[s] for s in sources], w)
