@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from lmas.data.sources import bbc_topics, chatterbot_categories
 from lmas.data.mathgen import math_task
 from lmas.models.providers import smollm2
-from lmas.modules.lm import IGNORE, Encoder, answer_loss, collate, label_logprobs, sequence_logprobs
+from lmas.lm.encoding import IGNORE, PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss, label_logprobs, sequence_logprobs
 from lmas.population.population import Population
 
 OUT = Path(__file__).parent / "results" / "answer_logits.json"
@@ -60,7 +61,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = smollm2()
     pop = Population(base, agents=1)
-    enc = Encoder(base.tokenizer, 128)
+    enc = PromptEncoder(base.tokenizer, 128)
     tasks = [bbc_topics("bbc", n_train=64, n_val=1, n_test=40, max_chars=160),
              chatterbot_categories("chat", ["ai", "coding", "psychology", "trivia"], n_train=64, n_val=1, n_test=40),
              math_task("math", n_train=64, n_val=1, n_test=1)]

@@ -5,9 +5,9 @@ SmolLM2-135M, reset to the same initial weights before every run) on the same ex
 stream's ``bbc`` task: 160 BBC News training prompts, ``data.max_length=128``), in the same order
 (a DataLoader with the same seeded generator), batch 8, AdamW lr 2e-3, gradient clipping at norm
 1.0 (``conf/trainer/cpu.yaml``), the same loss (mean cross-entropy over answer tokens, LM head
-applied only at answer positions: ``lmas.modules.lm.answer_loss``, what ``IncrementalLM`` computes):
+applied only at answer positions: ``lmas.lm.likelihood.answer_loss``, what ``IncrementalLM`` computes):
 
-* baseline: encode the examples with lmas' ``Encoder``, ``DataLoader`` + ``collate``, then per batch
+* baseline: encode the examples with lmas' ``PromptEncoder``, ``DataLoader`` + ``collate``, then per batch
   ``answer_loss`` → ``zero_grad`` → ``backward`` → ``clip_grad_norm_`` → ``AdamW.step``;
 * lmas: ``ContinualLoop.fit`` itself (``Trainer.fit(IncrementalLM)``, progress bar off, no logger,
   the loop's step-logging callback with a no-op tracker, the naive strategy).
@@ -46,7 +46,8 @@ from lmas.data.sources import bbc_topics
 from lmas.data.stream import Stream
 from lmas.loop import ContinualLoop, TrainConfig
 from lmas.models.providers import smollm2, tiny
-from lmas.modules.lm import Encoder, answer_loss, collate
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss
 from lmas.population.population import Population
 from lmas.strategies.base import Strategy
 
@@ -66,7 +67,7 @@ class StepClock(Strategy):
         self.stamps.append((time.perf_counter(), time.process_time()))
 
 
-def baseline_fit(pop: Population, enc: Encoder, task, cfg: TrainConfig, seed: int,
+def baseline_fit(pop: Population, enc: PromptEncoder, task, cfg: TrainConfig, seed: int,
                  stamps: list[tuple[float, float]]) -> None:
     """The hand-written loop: DataLoader over encoded items, answer-only loss, AdamW, clipping."""
     torch.manual_seed(seed)
@@ -178,7 +179,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "warmup": args.warmup,
         "task": "bbc (default stream: 160 train examples, max_chars 160, max_length 128)",
         "batch_size": 8, "lr": 2e-3, "optimizer": "AdamW", "gradient_clip_val": TRAINER["gradient_clip_val"],
-        "loss": "answer-only cross-entropy (lmas.modules.lm.answer_loss), the same as IncrementalLM",
+        "loss": "answer-only cross-entropy (lmas.lm.likelihood.answer_loss), the same as IncrementalLM",
         "lora": LORA, "target": TARGET,
     }
     results["smollm2"] = bench(smollm2(), TrainConfig(lr=2e-3, batch_size=8, epochs=1, max_steps=args.steps),

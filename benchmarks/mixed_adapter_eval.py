@@ -31,8 +31,8 @@ import torch
 
 from lmas.data.sources import bbc_topics
 from lmas.models.providers import smollm2
-from lmas.modules.lm import Encoder
-from lmas.population.evaluation import PopulationScorer
+from lmas.lm.encoding import PromptEncoder
+from lmas.evaluation.scorer import PopulationScorer
 from lmas.population.population import Population
 
 OUT = Path(__file__).parent / "results" / "mixed_adapter_eval.json"
@@ -68,7 +68,7 @@ def main() -> None:
     base = smollm2()
     pop = Population(base, agents=max(args.agents), lora=LORA)
     randomise(pop, seed=0)
-    enc = Encoder(base.tokenizer, 128)
+    enc = PromptEncoder(base.tokenizer, 128)
     task = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)  # conf/stream/default.yaml
     prompts = [ex.prompt for ex in task.test]
     mixed = PopulationScorer(pop, enc, args.batch_size, mixed=True)

@@ -70,7 +70,9 @@ def measure(agents: int, model: str = "smollm2", model_kwargs: dict | None = Non
     """
     import torch
 
-    from lmas.modules.lm import Encoder, answer_loss, collate
+    from lmas.lm.encoding import PromptEncoder, collate
+
+    from lmas.lm.likelihood import answer_loss
     from lmas.population.population import Population
 
     torch.set_num_threads(THREADS)
@@ -81,7 +83,7 @@ def measure(agents: int, model: str = "smollm2", model_kwargs: dict | None = Non
     result = {"agents": agents, "model": base.name, "threads": torch.get_num_threads(),
               "base_parameters": sum(p.numel() for p in base.model.parameters()), "base_parameter_bytes": param_bytes,
               "rss_after_imports_mib": rss_imports, "rss_after_load_mib": current_rss_mib()}
-    encoder = Encoder(base.tokenizer, MAX_LENGTH)
+    encoder = PromptEncoder(base.tokenizer, MAX_LENGTH)
     batch = collate([encoder.encode(p, a, eos=True) for p, a in PAIRS], encoder.pad_id)
     result.update(batch_size=len(PAIRS), batch_tokens=int(batch["attention_mask"].sum()))
     if agents == 0:

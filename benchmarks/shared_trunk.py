@@ -2,7 +2,7 @@
 
 SmolLM2-135M has 30 decoder layers; LoRA (r=8, alpha=16, q_proj/v_proj) sits in the top k = 4
 (``population.lora.layers_to_transform=[26,27,28,29]``), so layers 0-25 are the same for every agent
-(``lmas/modules/trunk.py``). Three measurements, each side alternating with the other in one process
+(``lmas/lm/trunk.py``). Three measurements, each side alternating with the other in one process
 (A B A B ...), ratios of median times:
 
 1. evaluation: label log-likelihoods of 8 agents (random non-zero adapters) on the default stream's
@@ -43,9 +43,9 @@ from lmas.data.stream import Stream
 from lmas.data.task import Task
 from lmas.loop import ContinualLoop, TrainConfig
 from lmas.models.providers import smollm2
-from lmas.modules.lm import Encoder
-from lmas.modules.trunk import SharedTrunk
-from lmas.population.evaluation import PopulationScorer
+from lmas.lm.encoding import PromptEncoder
+from lmas.lm.trunk import SharedTrunk
+from lmas.evaluation.scorer import PopulationScorer
 from lmas.population.population import Population
 from lmas.strategies.base import Strategy
 
@@ -117,7 +117,7 @@ def main() -> None:
     pop = Population(base, agents=args.agents, lora=lora)
     trunk = SharedTrunk(pop.model)
     assert trunk.split == n_layers - K
-    enc = Encoder(base.tokenizer, 128)
+    enc = PromptEncoder(base.tokenizer, 128)
     task = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)  # conf/stream/default.yaml
     results = {"model": base.name, "threads": torch.get_num_threads(), "layers": n_layers, "k": K,
                "split": trunk.split, "lora": lora, "targets": TARGETS,
@@ -154,7 +154,7 @@ def main() -> None:
     print(f"written {OUT}")
 
 
-def evaluation(results: dict, pop: Population, trunk: SharedTrunk, enc: Encoder, task: Task, args) -> None:
+def evaluation(results: dict, pop: Population, trunk: SharedTrunk, enc: PromptEncoder, task: Task, args) -> None:
     """8 agents' label scores through the shared trunk vs one agent's scored the usual way."""
     randomise(pop, seed=0)
     prompts = [ex.prompt for ex in task.test]

@@ -42,7 +42,7 @@ PRIMARY = primary_config  # lmas-train's config, train.yaml: packaged or the rep
 EVAL_SPLITS = ("val", "test")
 SCENARIOS = ("task", "class", "domain")  # lmas.data.stream.SCENARIOS
 ORDERS = ("fixed", "shuffle")
-PROMPT_FORMATS = ("plain", "chat")  # lmas.modules.lm.PROMPT_FORMATS
+PROMPT_FORMATS = ("plain", "chat")  # lmas.lm.likelihood.PROMPT_FORMATS
 AGENT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")  # as lmas.population.population checks
 # lightning.Trainer arguments the loop sets itself (lmas/loop.py, ContinualLoop._fit), and where to set them
 TRAINER_SET_BY_LOOP = {
@@ -218,10 +218,10 @@ def _check_top_level(ctx: _Ctx) -> None:
 
 
 def _check_train(ctx: _Ctx) -> None:
-    from lmas.loop import EvalConfig, TrainConfig
+    from lmas.schema import EvalConfig, TrainConfig
 
-    _check_keys(ctx, "train", [f.name for f in dataclasses.fields(TrainConfig)], "train (lmas.loop.TrainConfig)")
-    _check_keys(ctx, "eval", [f.name for f in dataclasses.fields(EvalConfig)], "eval (lmas.loop.EvalConfig)")
+    _check_keys(ctx, "train", [f.name for f in dataclasses.fields(TrainConfig)], "train (lmas.schema.TrainConfig)")
+    _check_keys(ctx, "eval", [f.name for f in dataclasses.fields(EvalConfig)], "eval (lmas.schema.EvalConfig)")
     primary = _primary()
     if primary is not None and isinstance(primary.get("data"), DictConfig):
         _check_keys(ctx, "data", list(primary.data), "data (conf/train.yaml)")
@@ -355,7 +355,9 @@ def _check_trainer(ctx: _Ctx) -> None:
         if key in trainer:
             ctx.fail(f"trainer.{key}", trainer[key],
                      "set by the loop itself" + (f"; use {where} instead" if where else "; remove it"))
-    from lmas.modules.device import PRECISIONS  # what the loop and the evaluator support (autocast)
+    from lmas.lm.device import (
+        PRECISIONS,  # what the loop and the evaluator support (autocast)
+    )
 
     ctx.check("trainer.precision", lambda v: str(v) in PRECISIONS,
               "expected 32-true, bf16-mixed or 16-mixed (mixed precision autocasts the forward and keeps the "
@@ -490,7 +492,7 @@ def _check_cross(ctx: _Ctx) -> None:
                  f"strategy=seqft fine-tunes the shared base model, so it needs a single agent "
                  f"(population.agents=1); this population has {len(agents)}")
 
-    # A shared trunk needs LoRA restricted to the top layers (lmas/modules/trunk.py), and a frozen base
+    # A shared trunk needs LoRA restricted to the top layers (lmas/lm/trunk.py), and a frozen base
     for key in ("train.trunk_cache", "eval.shared_trunk"):
         if ctx.get(key, default=False) is True:
             if ctx.get("population.lora.layers_to_transform", default=None) is None:

@@ -21,7 +21,6 @@ import math
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,53 +29,26 @@ import lightning as L
 from lmas import checkpoint
 from lmas.data.stream import Stream
 from lmas.data.task import Task
+from lmas.evaluation.scorer import PopulationScorer
+from lmas.lm.device import trainer_device
+from lmas.lm.encoding import PromptEncoder
+from lmas.lm.trunk import SharedTrunk
 from lmas.metrics import similarity
 from lmas.metrics.knowledge import KnowledgeMatrix
-from lmas.modules.device import trainer_device
-from lmas.modules.incremental import ExperienceData, IncrementalLM
-from lmas.modules.lm import Encoder
-from lmas.modules.trunk import SharedTrunk
 from lmas.population.allocation import Allocation, Assignment
-from lmas.population.evaluation import PopulationScorer
 from lmas.population.messages import COORDINATOR, Message, MessageLog
 from lmas.population.population import Population
 from lmas.population.topology import TaskView, Topology
-from lmas.transfer.compose import answer_nll, few_shot_batches
-from lmas.transfer.policy import Transfer
+from lmas.schema import EvalConfig, TrainConfig
 from lmas.strategies.base import Strategy
 from lmas.tracking import lineage, report
 from lmas.tracking.trackers import Tracker
+from lmas.training.experience import ExperienceData, IncrementalLM
+from lmas.transfer.lorahub import answer_nll, few_shot_batches
+from lmas.transfer.policy import Transfer
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings of one experience (``train.*`` in the config)."""
-
-    lr: float = 1e-3
-    batch_size: int = 8
-    epochs: int = 1
-    max_steps: int | None = None  # per experience; None = full epochs
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    log_every: int = 5
-    trunk_cache: bool = False  # cache the frozen layers below the LoRA ones per example (lmas/modules/trunk.py)
-
-
-@dataclass
-class EvalConfig:
-    """Evaluation settings (``eval.*`` in the config)."""
-
-    split: str = "test"
-    batch_size: int = 32
-    max_new_tokens: int = 12
-    initial: bool = True  # evaluate the untrained model on every task (b, for FWT)
-    next_task: bool = True  # evaluate the next round's tasks before training them
-    curve_every: int = 0  # >0: score the training task's val split every k steps (learning curves)
-    mixed_adapters: bool = True  # score single-adapter agents together in mixed-adapter batches
-    val_fallback: int = 32  # tasks without a val split use this many training examples where val is needed
-    shared_trunk: bool = False  # agents' label scores share one pass of the layers below the LoRA ones
 
 POPULATION = "population"  # the knowledge-matrix row of the topology's joint answer
 
@@ -174,7 +146,7 @@ class ContinualLoop:
         # (IncrementalLM.cpu keeps Lightning from moving it back after each fit)
         self.device = trainer_device(self.trainer_kwargs)
         population.model.to(self.device)
-        self.encoder = Encoder(population.tokenizer, max_length, population.base.prompt_format)
+        self.encoder = PromptEncoder(population.tokenizer, max_length, population.base.prompt_format)
         self.tracker = tracker or Tracker()
         self.allocation = allocation or Allocation()
         self.topology = topology or Topology()

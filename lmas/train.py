@@ -19,9 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmas import checkpoint
-from lmas.config import validate
 from lmas.confdir import PRIMARY_NAME, config_dir
-from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
+from lmas.config import validate
+from lmas.loop import ContinualLoop
+from lmas.schema import EvalConfig, TrainConfig
 from lmas.selflearn import SelfLearningLoop
 from lmas.strategies.compose import Compose
 from lmas.tracking import report

@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lmas.data.task import Example
 from lmas.models.providers import tiny
-from lmas.modules.incremental import ExperienceData, IncrementalLM
-from lmas.modules.lm import Encoder, answer_loss, collate
+from lmas.training.experience import ExperienceData, IncrementalLM
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss
 from lmas.population.population import Population
 from lmas.strategies.base import Strategy
 
@@ -75,7 +76,7 @@ def main() -> None:
     L.seed_everything(SEED, verbose=False)
     base = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
     pop = Population(base, agents=1, lora={"r": 4, "alpha": 8}, seed=0)
-    enc = Encoder(base.tokenizer, max_length=32)
+    enc = PromptEncoder(base.tokenizer, max_length=32)
     for topic in TOPICS:  # one answer token per example: rank means average to the global mean
         assert len(enc.tokens(" " + topic)) == 1, topic
     train = [(ex, "classification") for ex in examples(args.examples)]

@@ -7,7 +7,8 @@ import torch
 from lmas.data.sources import bbc_topics
 from lmas.data.stream import Stream
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.lm import Encoder, label_logprobs
+from lmas.lm.encoding import PromptEncoder
+from lmas.lm.likelihood import label_logprobs
 from lmas.population.population import Population
 from lmas.strategies.base import Strategy
 
@@ -27,7 +28,7 @@ def test_smollm2_learns_bbc_topics_in_a_few_lora_steps(smollm2_folder, tmp_path)
     assert base.info["parameters"] > 130_000_000 and base.model.config.num_hidden_layers == 30
     task = bbc_topics("bbc", topics=["entertainment", "tech"], n_train=48, n_val=4, n_test=24, max_chars=120)
     pop = Population(base, agents=1, lora={"r": 8, "alpha": 16}, seed=0)
-    enc = Encoder(base.tokenizer, 96)
+    enc = PromptEncoder(base.tokenizer, 96)
     base_weights = {n: p.clone() for n, p in pop.model.named_parameters() if "lora_" not in n}
     before = _gold_margin(pop, task, enc)
     loop = ContinualLoop(pop, Stream("bbc2", [task]), Strategy(), tmp_path, seed=0,

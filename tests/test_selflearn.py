@@ -52,7 +52,7 @@ def test_a_rejected_cycle_restores_every_adapter(fast_overrides, tmp_path, run_l
 
 def _loop_with_votes(run_lmas, fast_overrides, tmp_path, monkeypatch, votes, labelling, chunk, threshold=0.8):
     """A run whose workers label the bbc chunk of cycle 1 with the given table (A, N, L)."""
-    from lmas.population.evaluation import PopulationScorer
+    from lmas.evaluation.scorer import PopulationScorer
 
     real = PopulationScorer.label_logprobs
 
@@ -273,7 +273,7 @@ def test_no_withheld_label_enters_the_gate_or_the_teacher_weights(fast_overrides
     from hydra.utils import instantiate
 
     import lmas.distill.strategy as distill_strategy
-    from lmas.population.evaluation import PopulationScorer
+    from lmas.evaluation.scorer import PopulationScorer
 
     scored: list[str] = []
     real_score, real_eval = PopulationScorer.score, distill_strategy.evaluate

@@ -45,8 +45,8 @@ Bad input -> what happens. Every other error is a ``ValueError`` whose message s
   kept (rank classification scores over the whole label set) and logged as a warning naming the
   task, split and labels (:class:`lmas.data.task.Task`).
 * over-long examples (prompt + answer longer than ``data.max_length`` tokens) are handled when
-  encoded (:class:`lmas.modules.lm.Encoder`): the prompt loses tokens from its start, the answer
-  is kept whole, each case is counted (``Encoder.truncated``, ``truncated_prompts`` in the
+  encoded (:class:`lmas.lm.likelihood.PromptEncoder`): the prompt loses tokens from its start, the answer
+  is kept whole, each case is counted (``PromptEncoder.truncated``, ``truncated_prompts`` in the
   results) and the first one is logged as a warning; an answer that alone does not fit ->
   error naming the example and ``data.max_length``; raw ``lm`` text longer than the window
   keeps its beginning (counted the same way). ``max_chars`` cuts texts earlier, at load time.
@@ -61,7 +61,13 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from lmas import paths
-from lmas.data.common import Size, fill_template, resolve_sizes, template_fields, truncate
+from lmas.data.common import (
+    Size,
+    fill_template,
+    resolve_sizes,
+    template_fields,
+    truncate,
+)
 from lmas.data.task import METRIC_OF_KIND, Example, Task
 
 # (where, record): ``where`` names the file and line (or row) for error messages.

@@ -30,10 +30,17 @@ from torch import Tensor
 
 from lmas.data.task import Task
 from lmas.distill.losses import LOSSES, kd_loss, soften
-from lmas.distill.teachers import (AGGREGATIONS, ExternalTeacher, TeacherCache, agent_label_distributions,
-                                   agent_token_topk, aggregate)
-from lmas.modules.device import model_device
-from lmas.modules.lm import evaluate, label_logprobs
+from lmas.distill.teachers import (
+    AGGREGATIONS,
+    ExternalTeacher,
+    TeacherCache,
+    agent_label_distributions,
+    agent_token_topk,
+    aggregate,
+)
+from lmas.evaluation.scoring import evaluate
+from lmas.lm.device import model_device
+from lmas.lm.likelihood import label_logprobs
 from lmas.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
@@ -51,7 +58,7 @@ def single_token_labels(encoder, task: Task) -> Tensor | None:
     """The label token ids (L,) of a classification task whose labels are one token each, else None.
 
     Then the student's label log-likelihoods are the log-softmax of the task-loss pass's logits at
-    each row's first answer position (the answer is encoded as :meth:`Encoder.answer_tokens`), gathered at these
+    each row's first answer position (the answer is encoded as :meth:`PromptEncoder.answer_tokens`), gathered at these
     ids: distillation costs no extra forward pass. Longer labels are scored by :func:`label_logprobs`.
     """
     if task.kind != "classification":

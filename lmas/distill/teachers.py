@@ -25,7 +25,8 @@ from torch import Tensor
 
 from lmas.data.task import Example
 from lmas.distill.losses import dense, soften, topk
-from lmas.modules.lm import Encoder, answer_logits, collate, label_logprobs
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_logits, label_logprobs
 from lmas.population.fusion import fusion_weights
 
 AGGREGATIONS = ("uniform", "val_acc", "confidence", "best")
@@ -52,7 +53,7 @@ def aggregate(teacher_p: Tensor, method: str = "uniform", val_acc: Sequence[floa
 
 
 @torch.no_grad()
-def agent_label_distributions(population, teachers: Sequence[str], encoder: Encoder, prompts: Sequence[str],
+def agent_label_distributions(population, teachers: Sequence[str], encoder: PromptEncoder, prompts: Sequence[str],
                               labels: Sequence[str], temperature: float, batch_size: int = 32) -> Tensor:
     """``(K, N, L)`` label distributions of agent teachers at ``temperature`` (adapters switched)."""
     model, was_training = population.model, population.model.training
@@ -68,7 +69,7 @@ def agent_label_distributions(population, teachers: Sequence[str], encoder: Enco
 
 
 @torch.no_grad()
-def agent_token_topk(population, teacher: str, encoder: Encoder, examples: Sequence[tuple[Example, str]],
+def agent_token_topk(population, teacher: str, encoder: PromptEncoder, examples: Sequence[tuple[Example, str]],
                      k: int, temperature: float, batch_size: int = 16) -> list[tuple[Tensor, Tensor]]:
     """Per example: the teacher's top-``k`` probabilities and token ids at each answer position."""
     model, was_training = population.model, population.model.training

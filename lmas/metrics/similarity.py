@@ -96,7 +96,7 @@ def probe_set(stream, size: int = PROBE_SIZE, split: str = "test"):
 def measure(population, scorer, agents: Sequence[str], probe) -> dict:
     """Weight similarity and (with a ``probe`` of :func:`probe_set`) prediction agreement of ``agents``.
 
-    ``scorer``: a :class:`lmas.population.evaluation.PopulationScorer` of ``population``.
+    ``scorer``: a :class:`lmas.evaluation.scorer.PopulationScorer` of ``population``.
     Returns ``{"weights": {"a~b": ...}, "predictions": {"a~b": ...}}`` (predictions omitted without a probe).
     """
     from lmas.transfer.merge import agent_factors

@@ -21,10 +21,16 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 
 from lmas.checkpoint import fsync, fsync_tree
-from lmas.modules.encoding import PROMPT_FORMATS
+from lmas.lm.encoding import PROMPT_FORMATS
 from lmas.paths import absolute, written_as_path
 
 log = logging.getLogger(__name__)
@@ -42,7 +48,7 @@ class BaseModel:
     """A frozen causal LM and its tokenizer, shared by every agent of a population.
 
     ``prompt_format`` (``model.prompt_format``): how prompts are written for this model, ``plain``
-    or ``chat`` (the tokenizer's chat template); :class:`lmas.modules.lm.Encoder` applies it.
+    or ``chat`` (the tokenizer's chat template); :class:`lmas.lm.likelihood.PromptEncoder` applies it.
     """
 
     model: PreTrainedModel

@@ -1,7 +1,7 @@
 """Result fusion: combine several agents' label distributions into one answer (pure functions).
 
 Inputs are label log-likelihoods ``(A, N, L)`` (agents, examples, labels) as
-:func:`lmas.modules.lm.label_logprobs` gives them; :func:`label_distributions` turns them into
+:func:`lmas.lm.likelihood.label_logprobs` gives them; :func:`label_distributions` turns them into
 distributions over the labels. Weights ``(A, N)`` sum to one over the agents for each example:
 
 * ``uniform``: ``1/A``;

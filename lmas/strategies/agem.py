@@ -17,9 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmas.data.task import Example, Task
-from lmas.modules.lm import answer_logits
+from lmas.lm.likelihood import answer_logits
 from lmas.strategies.base import Strategy
-from lmas.strategies.replay import item_from_json, item_to_json, rng_from_json, rng_to_json
+from lmas.strategies.replay import (
+    item_from_json,
+    item_to_json,
+    rng_from_json,
+    rng_to_json,
+)
 
 Item = tuple[Example, str]
 

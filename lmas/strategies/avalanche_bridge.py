@@ -13,7 +13,7 @@ How lmas data is shown to Avalanche (one Avalanche experience per lmas experienc
   so it computes exactly what lmas' ``collate`` + ``answer_logits`` compute.
 * ``y`` (``(L,)``): lmas' ``targets`` row, the token id at answer positions and -100 elsewhere.
 * ``model(x)`` returns ``(N, V)`` logits at the N answer-predicting positions of the batch (row
-  major, as :func:`lmas.modules.lm.answer_logits`); the LM head never runs on prompt tokens or
+  major, as :func:`lmas.lm.likelihood.answer_logits`); the LM head never runs on prompt tokens or
   padding, so memory is N*V floats, not B*T*V. The criterion is cross-entropy of those rows
   against ``y``'s non-ignored entries (same order): lmas' task loss. A 2-D output is what
   Avalanche's LwF distils (``out[:, units]``) and what EWC/A-GEM/replay feed to the criterion.
@@ -40,7 +40,6 @@ Batch order differs unless ``shuffle=False``: Avalanche's sampler draws from tor
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import warnings
@@ -50,7 +49,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmas.data.task import Example, Task
-from lmas.modules.lm import IGNORE, answer_logits, collate
+from lmas.lm.encoding import IGNORE, collate
+from lmas.lm.likelihood import answer_logits
 from lmas.strategies.base import Strategy
 
 METHODS = ("naive", "ewc", "lwf", "replay", "agem")
@@ -135,7 +135,9 @@ def encode_experience(examples: list[tuple[Example, str]], encoder) -> tuple[Ten
 
 def _experience(x: Tensor, y: Tensor, classes: list[int], index: int):
     from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
-    from avalanche.benchmarks.utils.classification_dataset import TaskAwareSupervisedClassificationDataset
+    from avalanche.benchmarks.utils.classification_dataset import (
+        TaskAwareSupervisedClassificationDataset,
+    )
     from avalanche.benchmarks.utils.data_attribute import DataAttribute
 
     data = TaskAwareSupervisedClassificationDataset(

@@ -20,7 +20,7 @@ from torch import Tensor
 from lmas.data.task import Example, Task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lmas.modules.incremental import IncrementalLM
+    from lmas.training.experience import IncrementalLM
 
 
 class Strategy:
@@ -38,7 +38,7 @@ class Strategy:
         """Train outside lmas' Lightning path (e.g. with Avalanche's own strategy).
 
         Return the per-step losses, or ``None`` (the default) to let lmas train with Lightning.
-        ``train`` is the loop's :class:`lmas.loop.TrainConfig`.
+        ``train`` is the loop's :class:`lmas.schema.TrainConfig`.
         """
         return None
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmas.data.task import Task
-from lmas.modules.lm import answer_logits
+from lmas.lm.likelihood import answer_logits
 from lmas.strategies.base import Strategy
 
 

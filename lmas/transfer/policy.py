@@ -32,9 +32,15 @@ from __future__ import annotations
 from typing import Sequence
 
 from lmas.data.task import Task
-from lmas.modules.lm import Encoder
-from lmas.transfer.compose import lorahub_weights
-from lmas.transfer.merge import NEEDS_DENSITY, agent_factors, exact_merge, merge_adapters, write_knowledge
+from lmas.lm.encoding import PromptEncoder
+from lmas.transfer.lorahub import lorahub_weights
+from lmas.transfer.merge import (
+    NEEDS_DENSITY,
+    agent_factors,
+    exact_merge,
+    merge_adapters,
+    write_knowledge,
+)
 
 
 def knowing_peers(population, agent: str | None = None) -> list[str]:
@@ -55,7 +61,7 @@ class Transfer:
         population,
         round_idx: int,
         assignments: Sequence[tuple[str, Task]] = (),
-        encoder: Encoder | None = None,
+        encoder: PromptEncoder | None = None,
     ) -> list[dict]:
         """Transfer before round ``round_idx``; ``assignments``: the (agent, task) pairs about to train."""
         return []
@@ -101,7 +107,7 @@ class LoraHub(Transfer):
     """Before round ``r >= start``, each assigned agent starts from a LoraHub composition for its task.
 
     Weights are searched on the task's first ``shots`` training examples
-    (:func:`lmas.transfer.compose.lorahub_weights`), with ``sources`` (default: every other agent
+    (:func:`lmas.transfer.lorahub.lorahub_weights`), with ``sources`` (default: every other agent
     that has learnt something)
     read before any agent is written (each source's whole update, all its adapters); the merge is
     exact, cut to the agent's rank, and written into the agent's trainable adapter.

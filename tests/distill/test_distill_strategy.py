@@ -11,7 +11,8 @@ from lmas.data.task import Example, Task
 from lmas.data.stream import Stream
 from lmas.distill.strategy import Distill
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.lm import Encoder, answer_logits, collate, label_logprobs
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_logits, label_logprobs
 from lmas.population.allocation import Explicit
 from lmas.population.population import Population
 
@@ -83,7 +84,7 @@ class _Module:
 def test_distillation_alone_pulls_the_student_towards_the_teacher(tiny_base, news):
     pop = Population(tiny_base, agents=["teacher", "student"], lora={"r": 4, "alpha": 8}, seed=0)
     _randomise(pop, ["teacher"])
-    enc = Encoder(pop.tokenizer, 64)
+    enc = PromptEncoder(pop.tokenizer, 64)
     prompts = [ex.prompt for ex in news.train]
 
     def dist(agent):
@@ -113,7 +114,7 @@ def test_one_token_labels_reuse_the_task_pass_and_match_separate_label_scoring(t
     logits (no second pass) and equals label_logprobs' prompt + label scoring, gradients included."""
     pop = Population(tiny_base, agents=["teacher", "student"], lora={"r": 4, "alpha": 8}, seed=0)
     _randomise(pop, ["teacher", "student"])
-    enc = Encoder(pop.tokenizer, 64)
+    enc = PromptEncoder(pop.tokenizer, 64)
     module = _Module(pop, enc, news)
     strategy = Distill(teachers=["teacher"], temperature=2.0, loss="jsd")
     strategy.before_task(module, news)

@@ -19,9 +19,11 @@ from lmas.data.sources import bbc_topics
 from lmas.data.stream import Stream
 from lmas.data.task import Example, Task
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.device import model_device
-from lmas.modules.lm import Encoder, answer_loss, collate, greedy_answers, label_logprobs, perplexity
-from lmas.modules.trunk import SharedTrunk, shared_label_logprobs
+from lmas.lm.device import model_device
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss, label_logprobs
+from lmas.evaluation.scoring import greedy_answers, perplexity
+from lmas.lm.trunk import SharedTrunk, shared_label_logprobs
 from lmas.population.population import Population
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -164,7 +166,7 @@ def test_cpu_and_gpu_scores_agree_on_the_same_adapters(tiny_base):
     the same adapters, float32 on both devices, agree within 1e-4 (relative 1e-5 on the loss);
     greedy answers are the same strings."""
     pop = _population(tiny_base, layers_to_transform=[1])
-    enc = Encoder(pop.tokenizer, 32)  # short: some prompts are truncated
+    enc = PromptEncoder(pop.tokenizer, 32)  # short: some prompts are truncated
     trunk = SharedTrunk(pop.model)
     pop.activate("a")
     cpu = _scores(pop, enc, trunk)
@@ -181,7 +183,7 @@ def test_cpu_and_gpu_scores_agree_on_the_same_adapters(tiny_base):
 
 def test_one_training_step_gives_the_same_gradient_on_cpu_and_gpu(tiny_base):
     pop = _population(tiny_base)
-    enc = Encoder(pop.tokenizer, 32)
+    enc = PromptEncoder(pop.tokenizer, 32)
     items = [enc.encode(p, LABELS[i % 3], eos=False) for i, p in enumerate(PROMPTS)]
     batch = collate(items, enc.pad_id)
     pop.activate("a")

@@ -144,10 +144,10 @@ def test_measure_reads_every_adapter_and_scores_the_probe(population):
 
 
 def test_measure_with_the_real_scorer_identical_agents_agree(population):
-    from lmas.modules.lm import Encoder
-    from lmas.population.evaluation import PopulationScorer
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.evaluation.scorer import PopulationScorer
 
-    scorer = PopulationScorer(population, Encoder(population.tokenizer, 64), batch_size=8)
+    scorer = PopulationScorer(population, PromptEncoder(population.tokenizer, 64), batch_size=8)
     out = sim.measure(population, scorer, ["a", "d", "g"], sim.probe_set(_stream(6)))
     assert out["predictions"]["a~d"] == 1.0  # the same ΔW gives the same predictions
     assert 0.0 <= out["predictions"]["a~g"] <= 1.0

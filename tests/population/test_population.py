@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmas.modules.lm import Encoder, answer_loss, collate
+from lmas.lm.encoding import PromptEncoder, collate
+
+from lmas.lm.likelihood import answer_loss
 from lmas.population.population import Population
 
 
 def _batch(base):
-    enc = Encoder(base.tokenizer, 32)
+    enc = PromptEncoder(base.tokenizer, 32)
     return collate([enc.encode("News: rain\nTopic:", "sport", False)], enc.pad_id)
 
 

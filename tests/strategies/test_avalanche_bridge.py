@@ -12,8 +12,8 @@ import torch
 from lmas.data.sources import bbc_topics
 from lmas.data.stream import Stream
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.incremental import ExperienceData
-from lmas.modules.lm import Encoder, collate
+from lmas.training.experience import ExperienceData
+from lmas.lm.encoding import PromptEncoder, collate
 from lmas.population.population import Population
 from lmas.strategies.avalanche_bridge import AdapterLM, AvalancheStrategy, answer_loss, encode_experience
 from lmas.strategies.base import Strategy
@@ -86,7 +86,7 @@ def test_avalanche_method_trains_the_adapter_only_and_reports_lmas_results(metho
 
 def test_teacher_copy_keeps_old_adapter_values_and_shares_the_base(stream):
     pop = _population()
-    enc = Encoder(pop.tokenizer, MAX_LEN)
+    enc = PromptEncoder(pop.tokenizer, MAX_LEN)
     x, y, _ = encode_experience([(ex, "classification") for ex in stream[0].train[:3]], enc)
     with torch.no_grad():
         for p in pop.parameters_of("agent0").values():
@@ -100,7 +100,7 @@ def test_teacher_copy_keeps_old_adapter_values_and_shares_the_base(stream):
             p.add_(0.1)
         assert torch.allclose(teacher(x), out) and not torch.allclose(student(x), out)
     # the loss is lmas' task loss on the same examples
-    from lmas.modules.lm import answer_loss as lmas_loss
+    from lmas.lm.likelihood import answer_loss as lmas_loss
 
     items = [enc.encode_example(ex, "classification") for ex in stream[0].train[:3]]
     torch.testing.assert_close(answer_loss(student(x), y), lmas_loss(pop.model, collate(items, enc.pad_id)))

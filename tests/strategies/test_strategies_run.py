@@ -15,8 +15,8 @@ import torch
 from lmas.data.sources import bbc_topics
 from lmas.data.stream import Stream
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.incremental import IncrementalLM
-from lmas.modules.lm import Encoder
+from lmas.training.experience import IncrementalLM
+from lmas.lm.encoding import PromptEncoder
 from lmas.population.population import Population
 from lmas.strategies.agem import AGEM, flat_grads
 from lmas.strategies.base import Strategy
@@ -187,7 +187,7 @@ def test_agem_projects_against_the_memory(tiny_base, tasks, tmp_path):
     assert [len(g) for g in strategy.memory["agent0"]] == [4, 4]
     # the hooks on a conflicting gradient: the reference leaves .grad alone, the projection fixes it
     pop.activate("agent0")
-    module = IncrementalLM(pop, "agent0", strategy, Encoder(pop.tokenizer, 48))
+    module = IncrementalLM(pop, "agent0", strategy, PromptEncoder(pop.tokenizer, 48))
     params = [p for p in pop.model.parameters() if p.requires_grad]
     batch = module.batch_of([(e, "classification") for e in tasks[1].train[:4]])
     before = dict(strategy.stats["agent0"])

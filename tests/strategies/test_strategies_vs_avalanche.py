@@ -54,8 +54,9 @@ from avalanche.training.plugins import AGEMPlugin, EWCPlugin
 from avalanche.training.storage_policy import ExperienceBalancedBuffer, ReservoirSamplingBuffer
 
 from lmas.data.task import Example, Task
-from lmas.modules.incremental import IncrementalLM
-from lmas.modules.lm import IGNORE, Encoder, answer_logits, collate
+from lmas.training.experience import IncrementalLM
+from lmas.lm.encoding import IGNORE, PromptEncoder, collate
+from lmas.lm.likelihood import answer_logits
 from lmas.population.population import Population
 from lmas.strategies.agem import AGEM, flat_grads
 from lmas.strategies.lwf import LwF
@@ -78,7 +79,7 @@ class AnswerModel(nn.Module):
     ``last_targets`` holds the N target tokens of the last forward (the criterion reads them).
     """
 
-    def __init__(self, net: nn.Module, encoder: Encoder, rows: list[tuple[Example, str]]) -> None:
+    def __init__(self, net: nn.Module, encoder: PromptEncoder, rows: list[tuple[Example, str]]) -> None:
         super().__init__()
         self.net = net
         self.encoder = encoder
@@ -100,7 +101,7 @@ class LM:
 
     def __init__(self, base, strategy, tasks: list[Task]) -> None:
         self.pop = Population(base, agents=1, lora={"r": 4, "alpha": 8}, seed=0)
-        self.encoder = Encoder(base.tokenizer, max_length=48)
+        self.encoder = PromptEncoder(base.tokenizer, max_length=48)
         self.module = IncrementalLM(self.pop, AGENT, strategy, self.encoder)
         self.rows = [(ex, t.kind) for t in tasks for ex in t.train]  # global index -> (example, kind)
         self.index = {ex.prompt: i for i, (ex, _) in enumerate(self.rows)}

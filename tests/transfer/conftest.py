@@ -65,9 +65,9 @@ def deltas(population, name: str) -> dict[str, torch.Tensor]:
 
 
 def batch_of(population):
-    from lmas.modules.lm import Encoder, collate
+    from lmas.lm.encoding import PromptEncoder, collate
 
-    enc = Encoder(population.tokenizer, 32)
+    enc = PromptEncoder(population.tokenizer, 32)
     items = [enc.encode("News: rain falls\nTopic:", "weather", False), enc.encode("Q: 2+2", "4", True)]
     return collate(items, enc.pad_id)
 

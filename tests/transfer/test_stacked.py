@@ -10,10 +10,10 @@ import torch
 
 from lmas.config import ConfigError, validate
 from lmas.data.task import Example, Task
-from lmas.modules.lm import Encoder
+from lmas.lm.encoding import PromptEncoder
 from lmas.population.population import lora_config
 from lmas.transfer import init_from_merge, merge_adapters
-from lmas.transfer.compose import _Scratch
+from lmas.transfer.lorahub import _Scratch
 from lmas.transfer.merge import agent_factors, delta, lora_layers
 from lmas.transfer.policy import LoraHub, Merge, MergeInit
 
@@ -165,7 +165,7 @@ def test_lorahub_searches_and_writes_whole_stacked_sources(make_population):
     pop.add_agent("wide", lora_config(r=4 * R, alpha=8 * R))
     for n in ("inc", "other"):
         pop.agents[n].history.append({"event": "trained"})
-    enc = Encoder(pop.tokenizer, 32)
+    enc = PromptEncoder(pop.tokenizer, 32)
     records = LoraHub(shots=2, budget=1, start=0).apply(pop, 0, [("wide", _task())], enc)  # budget 1: uniform
     assert records[0]["weights"] == [0.5, 0.5] and records[0]["residual"] == 0.0
     _close(_knowledge(pop, "wide"), _weighted(pop, ["inc", "other"], [0.5, 0.5]))

@@ -3,7 +3,7 @@
 The random tiny model cannot see an off-by-one: its log-probabilities are nearly uniform and move
 by less than the other tests' tolerances. SmolLM2-135M's do not. The reference for every number
 here is HF's forward on ONE unpadded sequence, the training encoding
-``Encoder.encode(prompt, answer)``, with ``labels`` = the sequence with -100 before the answer
+``PromptEncoder.encode(prompt, answer)``, with ``labels`` = the sequence with -100 before the answer
 (HF shifts the labels itself): answer log-likelihood = ``-loss * n_answer_tokens``.
 
 Compared with it, at ``TOL`` nats: rank scores (:func:`label_logprobs`, left-padded prompts,
@@ -21,8 +21,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmas.modules.lm import IGNORE, Encoded, Encoder, answer_loss, collate, label_logprobs, sequence_logprobs
-from lmas.modules.trunk import SharedTrunk, shared_label_logprobs
+from lmas.lm.encoding import IGNORE, Encoded, PromptEncoder, collate
+
+from lmas.lm.likelihood import answer_loss, label_logprobs, sequence_logprobs
+from lmas.lm.trunk import SharedTrunk, shared_label_logprobs
 from lmas.population.population import Population
 
 TOL = 2e-3  # nats; float32 rounding between padded/cached and single-sequence passes is ~1e-4
@@ -69,7 +71,7 @@ def reference(pop):
     """ref[fmt][agent]: (prompts, labels) HF answer log-likelihoods of the training encodings."""
     ref = {}
     for fmt in MAX:
-        enc = Encoder(pop.tokenizer, MAX[fmt], fmt)
+        enc = PromptEncoder(pop.tokenizer, MAX[fmt], fmt)
         assert enc.prompt_length(PROMPTS[-1]) > MAX[fmt]  # the last prompt is cut
         assert enc.prompt_length(PROMPTS[0]) + len(enc.answer_tokens(LABELS[-1])) <= MAX[fmt]  # the first is not
         ref[fmt] = {}
@@ -83,7 +85,7 @@ def reference(pop):
 
 @pytest.mark.parametrize("fmt", ["plain", "chat"])
 def test_rank_scores_equal_hf_answer_loglik_single_and_mixed_adapters(pop, reference, fmt):
-    enc = Encoder(pop.tokenizer, MAX[fmt], fmt)
+    enc = PromptEncoder(pop.tokenizer, MAX[fmt], fmt)
     assert {len(enc.answer_tokens(lab)) for lab in LABELS} >= {2, 3}  # multi-token labels: the KV-cache path
     for agent in AGENTS:
         pop.activate(agent)
@@ -97,7 +99,7 @@ def test_rank_scores_equal_hf_answer_loglik_single_and_mixed_adapters(pop, refer
 
 @pytest.mark.parametrize("fmt", ["plain", "chat"])
 def test_shared_trunk_scores_equal_hf_answer_loglik(pop, reference, fmt):
-    enc = Encoder(pop.tokenizer, MAX[fmt], fmt)
+    enc = PromptEncoder(pop.tokenizer, MAX[fmt], fmt)
     trunk = SharedTrunk(pop.model)
     assert trunk.split == TOP[0]
     got = shared_label_logprobs(trunk, enc, PROMPTS, LABELS, AGENTS, pop.activate, batch_size=3)
@@ -106,7 +108,7 @@ def test_shared_trunk_scores_equal_hf_answer_loglik(pop, reference, fmt):
 
 @pytest.mark.parametrize("fmt", ["plain", "chat"])
 def test_answer_loss_of_right_padded_batches_equals_hf_labels_loss(pop, fmt):
-    enc = Encoder(pop.tokenizer, MAX[fmt], fmt)
+    enc = PromptEncoder(pop.tokenizer, MAX[fmt], fmt)
     items = [enc.encode(PROMPTS[0], "sport", eos=False), enc.encode(PROMPTS[2], "business news", eos=False),
              enc.encode("Q: 2+3\nA:", "5", eos=True)]  # short, cut, generation (EOS is a target)
     assert len({len(it.ids) for it in items}) == 3  # right padding in two rows
@@ -131,7 +133,7 @@ def test_answer_loss_of_right_padded_batches_equals_hf_labels_loss(pop, fmt):
 
 def test_an_off_by_one_moves_the_answer_loglik_far_beyond_the_tolerance(pop):
     """What each off-by-one would do to the references above: every variant is > 20 * TOL away."""
-    enc = Encoder(pop.tokenizer, MAX["plain"], "plain")
+    enc = PromptEncoder(pop.tokenizer, MAX["plain"], "plain")
     pop.activate("a")
     for prompt, lab in ((PROMPTS[0], "science and technology"), (PROMPTS[2], "business news")):  # short; cut
         e = enc.encode(prompt, lab, eos=False)

@@ -1,4 +1,4 @@
-"""Token ids of prompt/answer pairs: one :class:`Encoder` for training, scoring, generation and the trunk.
+"""Token ids of prompt/answer pairs: one :class:`PromptEncoder` for training, scoring, generation and the trunk.
 
 A sequence is ``head + body + tail + answer``, ``body`` being the prompt's tokens:
 
@@ -58,7 +58,7 @@ def chat_template_parts(tokenizer) -> tuple[str, str]:
     return before, after
 
 
-class Encoder:
+class PromptEncoder:
     """Turns examples into token ids the same way for training, scoring, generation and the trunk.
 
     A sequence is ``head + body + tail + answer``: ``body`` is the prompt's tokens, the only part

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lmas.data.task import Example, Task
-from lmas.modules.lm import Encoder, answer_loss, collate
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss
 from lmas.transfer import compose_adapter, lorahub_weights, merge_adapters
-from lmas.transfer.compose import answer_nll, few_shot_batches, l1_objective, one_plus_one_es
+from lmas.transfer.lorahub import answer_nll, few_shot_batches, l1_objective, one_plus_one_es
 from lmas.transfer.policy import LoraHub, Merge, Transfer
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "transfer"
@@ -43,7 +44,7 @@ def hub(make_population, tx):
     training moves the answer NLL from ~10.75 only to ~10.38; the margins below are sized to that.
     """
     pop = make_population(["taskA", "rand", "fresh"], {"r": 4, "alpha": 8})
-    enc = Encoder(pop.tokenizer, 32)
+    enc = PromptEncoder(pop.tokenizer, 32)
     batch = collate([enc.encode_example(ex, "generation") for ex in TASK_A], enc.pad_id)
     pop.activate("taskA")
     params = list(pop.parameters_of("taskA").values())

@@ -22,8 +22,14 @@ import torch
 from torch import Tensor
 
 from lmas.data.task import Example
-from lmas.modules.lm import IGNORE, Encoder, answer_loss, collate
-from lmas.transfer.merge import agent_factors, check_merge, merge_adapters, target_config
+from lmas.lm.encoding import IGNORE, PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss
+from lmas.transfer.merge import (
+    agent_factors,
+    check_merge,
+    merge_adapters,
+    target_config,
+)
 
 
 # --- search (pure) --------------------------------------------------------------------------
@@ -73,7 +79,7 @@ def one_plus_one_es(
 
 
 # --- few-shot loss --------------------------------------------------------------------------
-def few_shot_batches(encoder: Encoder, examples: Sequence[Example], kind: str, batch_size: int = 16) -> list[dict]:
+def few_shot_batches(encoder: PromptEncoder, examples: Sequence[Example], kind: str, batch_size: int = 16) -> list[dict]:
     """The examples encoded as training sequences, in collated batches."""
     if not examples:
         raise ValueError("lorahub: `examples` is empty; give a few examples of the new task")
@@ -138,7 +144,7 @@ def lorahub_weights(
     sources: list[str],
     examples: Sequence[Example],
     kind: str,
-    encoder: Encoder,
+    encoder: PromptEncoder,
     budget: int = 40,
     seed: int = 0,
     bounds: tuple[float, float] = (-1.5, 1.5),
@@ -178,7 +184,7 @@ def compose_adapter(
     sources: list[str],
     examples: Sequence[Example],
     kind: str,
-    encoder: Encoder,
+    encoder: PromptEncoder,
     target: str,
     rank: int | None = None,
     **search,

@@ -1,7 +1,7 @@
-"""Answer-only log-likelihoods and the three scorers (rank, exact match, perplexity).
+"""Answer-only log-likelihoods of a causal LM (the scorers built on them: :mod:`lmas.evaluation.scoring`).
 
-Every sequence is ``head + prompt + tail + answer`` (:class:`lmas.modules.encoding.Encoder`, re-exported
-here; ``plain``: ``[start] + prompt + " " + answer``, ``chat``: the tokenizer's chat template); the answer
+Every sequence is ``head + prompt + tail + answer`` (:class:`lmas.lm.encoding.PromptEncoder`;
+``plain``: ``[start] + prompt + " " + answer``, ``chat``: the tokenizer's chat template); the answer
 is the only part that carries loss, and only the prompt is ever cut. The LM head is applied only at the
 positions that predict an answer token: for SmolLM2 the tied 49k-token head is ~a fifth of the
 model, and a prompt is usually much longer than its answer.
@@ -9,24 +9,14 @@ model, and a prompt is usually much longer than its answer.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmas.data.task import Example, Task
-from lmas.modules.device import model_device, to_device
-from lmas.modules.encoding import (  # noqa: F401 - re-exported: the encoding lives in encoding.py
-    IGNORE,
-    PROMPT_FORMATS,
-    Encoded,
-    Encoder,
-    chat_template_parts,
-    collate,
-)
+from lmas.lm.device import model_device, to_device
+from lmas.lm.encoding import IGNORE, PromptEncoder
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -102,7 +92,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str] | None):
 
 def label_logprobs(
     model: nn.Module,
-    encoder: Encoder,
+    encoder: PromptEncoder,
     prompts: Sequence[str],
     labels: Sequence[str],
     batch_size: int = 32,
@@ -135,8 +125,8 @@ def label_logprobs(
         return by_label_length(encoder, prompts, label_ids, score)
 
 
-def label_tokens(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
-    """Each label's answer ids (:meth:`Encoder.answer_tokens`); raises for a label that cannot fit."""
+def label_tokens(encoder: PromptEncoder, labels: Sequence[str]) -> list[list[int]]:
+    """Each label's answer ids (:meth:`PromptEncoder.answer_tokens`); raises for a label that cannot fit."""
     label_ids = [encoder.answer_tokens(lab) for lab in labels]
     i = max(range(len(label_ids)), key=lambda k: len(label_ids[k]))
     if len(label_ids[i]) > encoder.max_length - encoder.format_length:
@@ -144,12 +134,12 @@ def label_tokens(encoder: Encoder, labels: Sequence[str]) -> list[list[int]]:
     return label_ids
 
 
-def by_label_length(encoder: Encoder, prompts: Sequence[str], label_ids: Sequence[Sequence[int]], score) -> Tensor:
+def by_label_length(encoder: PromptEncoder, prompts: Sequence[str], label_ids: Sequence[Sequence[int]], score) -> Tensor:
     """``score(rows, cols)`` (a tensor ``(..., len(rows), len(cols))``) over all prompts and labels.
 
     Prompts that fit before the longest label are scored with all labels at once; a prompt that
     must be cut is scored once per label length ``n`` with room ``max_length - n``, as
-    :meth:`Encoder.encode` cuts it for a label of ``n`` tokens. Returns ``(..., P, L)``.
+    :meth:`PromptEncoder.encode` cuts it for a label of ``n`` tokens. Returns ``(..., P, L)``.
     """
     lengths = [len(t) for t in label_ids]
     all_cols = list(range(len(label_ids)))
@@ -214,100 +204,3 @@ def _label_logprobs(model, encoder, prompts, label_ids, batch_size, adapter_name
             total = total + rest.view(b, n_lab)
         scores.append(total)
     return torch.cat(scores)
-
-
-@torch.no_grad()
-def rank_accuracy(
-    model: nn.Module, encoder: Encoder, examples: Sequence[Example], labels: Sequence[str], batch_size: int = 32
-) -> float:
-    """Accuracy of rank classification: predict the label with the highest log-likelihood."""
-    scores = label_logprobs(model, encoder, [ex.prompt for ex in examples], labels, batch_size)
-    gold = torch.tensor([list(labels).index(ex.answer) for ex in examples], device=scores.device)
-    return (scores.argmax(1) == gold).float().mean().item()
-
-
-@torch.no_grad()
-def greedy_answers(
-    model: nn.Module, encoder: Encoder, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32
-) -> list[str]:
-    """Greedy decoding of each prompt; the answer ends at EOS or at the first newline."""
-    newline = encoder.tokens("\n")
-    stop = [encoder.eos_id] + (newline[-1:] if newline else [])
-    answers: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = [encoder.encode_prompt(p) for p in prompts[i : i + batch_size]]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(enc):  # left padding, so every prompt ends at the same column
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
-        out = model.generate(
-            input_ids=ids.to(model_device(model)),
-            attention_mask=mask.to(model_device(model)),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop,
-            pad_token_id=encoder.pad_id,
-        )
-        for row in out[:, width:]:
-            text = encoder.tokenizer.decode(row.tolist(), skip_special_tokens=True)
-            answers.append(text.split("\n")[0].strip())
-    return answers
-
-
-def normalise_answer(text: str) -> str:
-    """Exact-match normalisation: strip, collapse whitespace, drop a trailing full stop."""
-    text = " ".join(text.strip().split())
-    return text[:-1] if text.endswith(".") else text
-
-
-@torch.no_grad()
-def exact_match(
-    model: nn.Module, encoder: Encoder, examples: Sequence[Example], max_new_tokens: int = 16, batch_size: int = 32
-) -> float:
-    """Share of examples whose greedy answer equals the reference after normalisation."""
-    preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
-    hits = [normalise_answer(p) == normalise_answer(ex.answer) for p, ex in zip(preds, examples)]
-    return sum(hits) / len(hits)
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, encoder: Encoder, examples: Sequence[Example], batch_size: int = 16) -> float:
-    """exp(mean token NLL) over all target tokens of the examples (token-weighted)."""
-    items = [encoder.encode(ex.prompt, ex.answer, eos=False) for ex in examples]
-    nll, count = 0.0, 0.0
-    for i in range(0, len(items), batch_size):
-        batch = to_device(collate(items[i : i + batch_size], encoder.pad_id), model_device(model))
-        total, n = sequence_logprobs(model, batch)
-        nll -= total.sum().item()
-        count += n.sum().item()
-    return math.exp(nll / count)
-
-
-def evaluate(
-    model: nn.Module,
-    encoder: Encoder,
-    task: Task,
-    split: str = "test",
-    labels: Sequence[str] | None = None,
-    batch_size: int = 32,
-    max_new_tokens: int = 16,
-) -> float:
-    """The task's metric on one split: accuracy, exact match or perplexity.
-
-    ``labels`` overrides the label set of a classification task (class-incremental scoring).
-    """
-    examples = getattr(task, split)
-    if not examples:
-        raise ValueError(f"task {task.name!r}: the {split} split is empty, nothing to evaluate")
-    was_training = model.training
-    model.eval()
-    try:
-        if task.kind == "classification":
-            return rank_accuracy(model, encoder, examples, labels or task.labels, batch_size)
-        if task.kind == "generation":
-            return exact_match(model, encoder, examples, max_new_tokens, batch_size)
-        return perplexity(model, encoder, examples, batch_size)
-    finally:
-        model.train(was_training)

@@ -37,8 +37,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from lmas.modules.device import model_device
-from lmas.modules.lm import Encoder, by_label_length, label_tokens, logits_at_targets
+from lmas.lm.device import model_device
+from lmas.lm.encoding import PromptEncoder
+from lmas.lm.likelihood import by_label_length, label_tokens, logits_at_targets
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -179,7 +180,7 @@ class SharedTrunk:
 
     # --- the per-example cache (training) --------------------------------------------------
     def cached_bottom(self, batch: dict[str, Tensor]) -> Tensor:
-        """:meth:`bottom` of a right-padded batch (:func:`lmas.modules.lm.collate`), per-example cached.
+        """:meth:`bottom` of a right-padded batch (:func:`lmas.lm.likelihood.collate`), per-example cached.
 
         Each row's entry is its hidden states at its real tokens, keyed by its token ids; rows not
         in the cache run through the bottom together and are stored. Returns (B, T, H), zeros at
@@ -227,18 +228,18 @@ class SharedTrunk:
         self.hits = self.misses = 0
 
     def answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """:func:`lmas.modules.lm.answer_logits` through the cached bottom and the active adapters."""
+        """:func:`lmas.lm.likelihood.answer_logits` through the cached bottom and the active adapters."""
         hidden = self.top(self.cached_bottom(batch), batch["attention_mask"])
         return logits_at_targets(self.head, hidden, batch["targets"])
 
 
 # --- evaluation: N agents from one bottom pass ------------------------------------------------
-def _label_tree(encoder: Encoder, prompts: Sequence[str], label_ids: list[list[int]], lab_w: int):
+def _label_tree(encoder: PromptEncoder, prompts: Sequence[str], label_ids: list[list[int]], lab_w: int):
     """One row per prompt: the left-padded prompt, then every label's tokens but its last, side by side.
 
     Label ``j``'s tokens see the prompt and their own label's earlier tokens only, and take the
     positions they would have right after the prompt, so each label is scored as if it followed
-    the prompt alone (what :func:`lmas.modules.lm.label_logprobs` computes with a shared KV cache).
+    the prompt alone (what :func:`lmas.lm.likelihood.label_logprobs` computes with a shared KV cache).
     A label's last token predicts nothing that is scored, so it is not an input (single-token
     labels add no columns at all: the prompt's last position scores them).
     Returns ids (B, T), a boolean mask of allowed attention (B, T, T), positions (B, T) and the
@@ -274,7 +275,7 @@ def _label_tree(encoder: Encoder, prompts: Sequence[str], label_ids: list[list[i
 @torch.no_grad()
 def shared_label_logprobs(
     trunk: SharedTrunk,
-    encoder: Encoder,
+    encoder: PromptEncoder,
     prompts: Sequence[str],
     labels: Sequence[str],
     agents: Sequence[str],
@@ -284,7 +285,7 @@ def shared_label_logprobs(
     """Label log-likelihoods of every agent after every prompt: (A, len(prompts), len(labels)).
 
     The bottom layers run once per batch of prompts; for each agent, ``activate(agent)`` switches
-    to its adapters and only the top layers run. Equal to :func:`lmas.modules.lm.label_logprobs`
+    to its adapters and only the top layers run. Equal to :func:`lmas.lm.likelihood.label_logprobs`
     of each agent up to float rounding (the same prompt truncation, :func:`by_label_length`, and positions).
     """
     trunk.check()

@@ -12,8 +12,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lmas.data.task import Example
-from lmas.modules.device import model_device, to_device
-from lmas.modules.lm import Encoded, Encoder, answer_logits, collate
+from lmas.lm.device import model_device, to_device
+from lmas.lm.encoding import Encoded, PromptEncoder, collate
+from lmas.lm.likelihood import answer_logits
 
 
 class ExperienceData(L.LightningDataModule):
@@ -26,7 +27,7 @@ class ExperienceData(L.LightningDataModule):
 
     def __init__(
         self,
-        encoder: Encoder,
+        encoder: PromptEncoder,
         examples: Sequence[tuple[Example, str]],
         batch_size: int,
         seed: int,
@@ -65,7 +66,7 @@ class IncrementalLM(L.LightningModule):
     optimizer. The loss terms come from the strategy (``strategy.loss_terms``), each a
     scalar tensor that this module adds to the task loss and logs under its name.
 
-    ``trunk`` (:class:`lmas.modules.trunk.SharedTrunk`, ``train.trunk_cache``): the layers below the
+    ``trunk`` (:class:`lmas.lm.trunk.SharedTrunk`, ``train.trunk_cache``): the layers below the
     lowest LoRA layer are taken from its per-example cache, so later epochs and other agents on
     the same examples run only the top layers; the loss and gradients are those of the full pass.
     """
@@ -75,7 +76,7 @@ class IncrementalLM(L.LightningModule):
         population,
         agent: str,
         strategy,
-        encoder: Encoder,
+        encoder: PromptEncoder,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -92,7 +93,7 @@ class IncrementalLM(L.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
-        self.trunk = trunk  # a lmas.modules.trunk.SharedTrunk: the frozen bottom layers cached per example
+        self.trunk = trunk  # a lmas.lm.trunk.SharedTrunk: the frozen bottom layers cached per example
         self.losses: list[float] = []  # per-step total loss, read by the loop for curves
         self.examples: Sequence[tuple[Example, str]] = ()  # the experience's data; batch["index"] points here
 

@@ -10,24 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from lmas.data.task import Example, Task
-from lmas.modules.lm import (
-    IGNORE,
-    Encoder,
-    answer_loss,
-    collate,
-    evaluate,
-    greedy_answers,
-    label_logprobs,
-    normalise_answer,
-    perplexity,
-    rank_accuracy,
-    sequence_logprobs,
-)
+from lmas.lm.encoding import IGNORE, PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss, label_logprobs, sequence_logprobs
+from lmas.evaluation.scoring import evaluate, greedy_answers, normalise_answer, perplexity, rank_accuracy
 
 
 @pytest.fixture
 def enc(tiny_base):
-    return Encoder(tiny_base.tokenizer, max_length=32)
+    return PromptEncoder(tiny_base.tokenizer, max_length=32)
 
 
 def test_encode_puts_start_prompt_answer_and_marks_answer(enc):
@@ -42,7 +32,7 @@ def test_encode_puts_start_prompt_answer_and_marks_answer(enc):
 
 def test_encode_truncates_prompt_from_the_start_and_keeps_answer(enc, caplog):
     prompt = " ".join(["word"] * 100) + "\nTopic:"
-    with caplog.at_level(logging.WARNING, logger="lmas.modules.encoding"):
+    with caplog.at_level(logging.WARNING, logger="lmas.lm.encoding"):
         e = enc.encode(prompt, "business", eos=False, where="task 'news' train[3]")
         enc.encode(prompt, "sport", eos=False)
     answer = enc.tokens(" business")
@@ -206,7 +196,7 @@ def test_a_cut_prompt_keeps_its_start_token_and_is_the_training_prompt_everywher
 # --- prompt formats (issue 13, bug 7) -------------------------------------------------------------
 def test_chat_format_is_the_tokenizers_own_template_with_the_answer_as_assistant_turn(tiny_base):
     tok = tiny_base.tokenizer
-    enc = Encoder(tok, max_length=96, prompt_format="chat")
+    enc = PromptEncoder(tok, max_length=96, prompt_format="chat")
     prompt, answer = "Q: 1+1\nA:", "2"
     e = enc.encode(prompt, answer, eos=True)
     user = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
@@ -218,7 +208,7 @@ def test_chat_format_is_the_tokenizers_own_template_with_the_answer_as_assistant
     assert tok.decode(list(e.ids)) + "\n" == conv  # the answer is the assistant turn, ended by <|im_end|>
     assert e.ids[0] == enc.start_id  # SmolLM2's template starts with <|im_start|>
     # a cut keeps the whole template (system turn, role markers, the assistant opening)
-    short = Encoder(tok, max_length=40, prompt_format="chat")
+    short = PromptEncoder(tok, max_length=40, prompt_format="chat")
     cut = short.encode(LONG_PROMPT, "sport", eos=False)
     assert len(cut.ids) == 40
     assert list(cut.ids[: len(short.head)]) == short.head
@@ -229,7 +219,7 @@ def test_chat_format_is_the_tokenizers_own_template_with_the_answer_as_assistant
 
 
 def test_chat_scores_equal_the_chat_training_encoding(tiny_base):
-    enc = Encoder(tiny_base.tokenizer, max_length=40, prompt_format="chat")
+    enc = PromptEncoder(tiny_base.tokenizer, max_length=40, prompt_format="chat")
     prompts, labels = ["News: a\nTopic:", LONG_PROMPT], ["sport", "business news"]
     scores = label_logprobs(tiny_base.model, enc, prompts, labels, batch_size=2)
     for i, p in enumerate(prompts):
@@ -244,15 +234,15 @@ def test_prompt_format_errors_name_the_option(tiny_base):
     from lmas.models.providers import BaseModel
 
     with pytest.raises(ValueError, match=r"model.prompt_format='chatml' is not one of \['plain', 'chat'\]"):
-        Encoder(tiny_base.tokenizer, 32, "chatml")
+        PromptEncoder(tiny_base.tokenizer, 32, "chatml")
     bare = copy.deepcopy(tiny_base.tokenizer)
     bare.chat_template = None
     with pytest.raises(ValueError, match="model.prompt_format=chat: the tokenizer .* has no chat template"):
-        Encoder(bare, 32, "chat")
+        PromptEncoder(bare, 32, "chat")
     with pytest.raises(ValueError, match="model.prompt_format=chat: the tokenizer of tiny has no chat template"):
         BaseModel(tiny_base.model, bare, "tiny", prompt_format="chat")
     with pytest.raises(ValueError, match="data.max_length=16 leaves no room for a prompt: the chat prompt format"):
-        Encoder(tiny_base.tokenizer, 16, "chat")  # SmolLM2's template alone is 30 tokens
+        PromptEncoder(tiny_base.tokenizer, 16, "chat")  # SmolLM2's template alone is 30 tokens
 
 
 def test_config_check_refuses_a_bad_prompt_format(compose, tmp_path):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from lmas.data.task import Example, Task
-from lmas.modules.lm import Encoder, answer_loss, collate, label_logprobs, trunk_and_head
-from lmas.modules.trunk import SharedTrunk, TrunkError, shared_label_logprobs
-from lmas.population.evaluation import PopulationScorer
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import answer_loss, label_logprobs, trunk_and_head
+from lmas.lm.trunk import SharedTrunk, TrunkError, shared_label_logprobs
+from lmas.evaluation.scorer import PopulationScorer
 from lmas.population.population import Population, lora_config
 
 TOP = [2, 3]  # LoRA in the top 2 of 4 layers: layers 0-1 are shared
@@ -50,7 +51,7 @@ def pop(deep_base):
 
 @pytest.fixture
 def enc(deep_base):
-    return Encoder(deep_base.tokenizer, max_length=48)
+    return PromptEncoder(deep_base.tokenizer, max_length=48)
 
 
 def batch_of(enc, pairs):

@@ -5,7 +5,7 @@
   (token ids from Python lists) and moved once with :func:`to_device`.
 * The base stays on the accelerator for the whole run: the loop moves the population's model to
   the Trainer's root device once (:func:`trainer_device`), and
-  :class:`lmas.modules.incremental.IncrementalLM` keeps Lightning's end-of-fit teardown from moving
+  :class:`lmas.training.experience.IncrementalLM` keeps Lightning's end-of-fit teardown from moving
   it back to the CPU. Evaluation between fits then runs on the accelerator too.
 * Precision: ``trainer.precision`` is Lightning's. ``32-true`` (default), ``bf16-mixed`` and
   ``16-mixed`` are supported; mixed precision runs the forward under

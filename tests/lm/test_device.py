@@ -18,18 +18,20 @@ import math
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, ShapeEnv
 
 from lmas.data.stream import Stream
 from lmas.data.task import Example, Task
 from lmas.distill.strategy import Distill
 from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
-from lmas.modules.device import autocast, autocast_dtype, model_device, trainer_device
-from lmas.modules.incremental import IncrementalLM
-from lmas.modules.lm import Encoder, collate, label_logprobs, perplexity
-from lmas.modules.trunk import SharedTrunk, shared_label_logprobs
-from lmas.population.evaluation import PopulationScorer
+from lmas.lm.device import autocast, autocast_dtype, model_device, trainer_device
+from lmas.training.experience import IncrementalLM
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import label_logprobs
+from lmas.evaluation.scoring import perplexity
+from lmas.lm.trunk import SharedTrunk, shared_label_logprobs
+from lmas.evaluation.scorer import PopulationScorer
 from lmas.population.population import Population
 from lmas.strategies.lwf import LwF
 from lmas.strategies.olora import OLoRA
@@ -72,7 +74,7 @@ def until_host_sync(fn):
 
 
 def test_label_scores_follow_the_model_device(pop):
-    enc = Encoder(pop.tokenizer, 32)
+    enc = PromptEncoder(pop.tokenizer, 32)
     pop.model.eval()
     prompts = [ex.prompt for ex in TASK.train[:3]]
     with fake_cuda():
@@ -88,7 +90,7 @@ def test_label_scores_follow_the_model_device(pop):
 
 def test_shared_trunk_and_perplexity_follow_the_model_device(tiny_base):
     pop = _population(tiny_base, layers_to_transform=[1])
-    enc = Encoder(pop.tokenizer, 32)
+    enc = PromptEncoder(pop.tokenizer, 32)
     pop.model.eval()
     trunk = SharedTrunk(pop.model)
     with fake_cuda():
@@ -100,7 +102,7 @@ def test_shared_trunk_and_perplexity_follow_the_model_device(tiny_base):
 
 
 def _module(pop, strategy, agent="b"):
-    enc = Encoder(pop.tokenizer, 32)
+    enc = PromptEncoder(pop.tokenizer, 32)
     pop.activate(agent)
     module = IncrementalLM(pop, agent, strategy, enc)
     module.examples = [(ex, TASK.kind) for ex in TASK.train]
@@ -132,7 +134,7 @@ def test_a_distillation_step_follows_the_model_device(pop, cache, labels):
         strategy.before_task(module, task)
         batch = _cuda_batch(module)
         strategy.on_train_batch_start(module, batch)
-        from lmas.modules.lm import answer_logits
+        from lmas.lm.likelihood import answer_logits
 
         out = dict(zip(("logits", "targets", "rows"), answer_logits(module.net, batch)))
         terms = until_host_sync(lambda: strategy.loss_terms(module, batch, out))  # multi-token: a masked shape
@@ -183,7 +185,7 @@ def test_strategy_passes_follow_the_model_device(pop):
 
         module = _module(pop, lwf)
         lwf.before_task(module, TASK)  # the start-of-task snapshot, on the device
-        from lmas.modules.lm import answer_logits
+        from lmas.lm.likelihood import answer_logits
 
         logits, _, _ = answer_logits(module.net, batch)
         assert lwf.loss_terms(module, batch, {"logits": logits})["lwf"].device == torch.device("cuda:0")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from lmas.modules.lm import Encoder, label_logprobs
-from lmas.population.evaluation import PopulationScorer
+from lmas.lm.encoding import PromptEncoder
+
+from lmas.lm.likelihood import label_logprobs
+from lmas.evaluation.scorer import PopulationScorer
 from lmas.population.population import Population
 
 PROMPTS = ["News: rain stops play\nTopic:", "News: shares fall\nTopic:", "Hello there, how are you\nTopic:"]
@@ -24,7 +26,7 @@ def _randomise(pop: Population) -> None:
 def test_mixed_adapter_batch_equals_one_agent_at_a_time(tiny_base):
     pop = Population(tiny_base, agents=["a", "b", "c"], lora={"r": 4, "alpha": 8})
     _randomise(pop)
-    enc = Encoder(pop.tokenizer, 48)
+    enc = PromptEncoder(pop.tokenizer, 48)
     mixed = PopulationScorer(pop, enc, batch_size=4, mixed=True)
     assert mixed.can_mix(["a", "b", "c"])
     got = mixed.label_logprobs(["a", "b", "c"], PROMPTS, LABELS)  # (3, 3, 3), batches mix agents
@@ -43,7 +45,7 @@ def test_agents_with_stacked_adapters_are_scored_one_by_one(tiny_base):
     pop = Population(tiny_base, agents=["a", "b"], lora={"r": 4, "alpha": 8})
     pop.add_task_adapter("a")  # IncLoRA-style: two active adapters
     _randomise(pop)
-    enc = Encoder(pop.tokenizer, 48)
+    enc = PromptEncoder(pop.tokenizer, 48)
     scorer = PopulationScorer(pop, enc, batch_size=4)
     assert not scorer.can_mix(["a", "b"])
     got = scorer.label_logprobs(["a", "b"], PROMPTS, LABELS)
@@ -59,7 +61,7 @@ def test_classify_returns_accuracy_from_the_same_scores(tiny_base):
     _randomise(pop)
     rows = [Example(p, LABELS[i % 3]) for i, p in enumerate(PROMPTS * 2)]
     task = Task("t", "classification", rows, [], rows, labels=LABELS)
-    scorer = PopulationScorer(pop, Encoder(pop.tokenizer, 48))
+    scorer = PopulationScorer(pop, PromptEncoder(pop.tokenizer, 48))
     acc, lp, gold = scorer.classify(["a", "b"], task, "test", LABELS)
     assert gold.tolist() == [0, 1, 2, 0, 1, 2]
     for i, a in enumerate(["a", "b"]):

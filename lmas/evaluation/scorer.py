@@ -7,7 +7,7 @@ agents at once. When every agent has a single adapter it runs one mixed batch (p
 (IncLoRA, O-LoRA) are scored one after another with their adapters activated.
 
 Scoring runs on the model's device, under the trainer's autocast when ``trainer.precision`` is
-mixed (:func:`lmas.modules.device.autocast`, what Lightning enters around a training step); the
+mixed (:func:`lmas.lm.device.autocast`, what Lightning enters around a training step); the
 label log-likelihoods it returns are float32 on the CPU: fusion, the topology's answers and the
 messages are bookkeeping on ``(A, N, L)`` tensors, not model work.
 """
@@ -20,9 +20,11 @@ import torch
 from torch import Tensor
 
 from lmas.data.task import Task
-from lmas.modules.device import autocast, autocast_dtype, model_device
-from lmas.modules.lm import Encoder, evaluate, label_logprobs
-from lmas.modules.trunk import shared_label_logprobs
+from lmas.evaluation.scoring import evaluate
+from lmas.lm.device import autocast, autocast_dtype, model_device
+from lmas.lm.encoding import PromptEncoder
+from lmas.lm.likelihood import label_logprobs
+from lmas.lm.trunk import shared_label_logprobs
 
 
 class PopulationScorer:
@@ -34,13 +36,13 @@ class PopulationScorer:
         batch_size: evaluation batch size (rows of one forward pass).
         max_new_tokens: greedy decoding budget of generation tasks.
         mixed: score several single-adapter agents in one mixed-adapter batch.
-        trunk: a :class:`lmas.modules.trunk.SharedTrunk` (``eval.shared_trunk``): label
+        trunk: a :class:`lmas.lm.trunk.SharedTrunk` (``eval.shared_trunk``): label
             log-likelihoods of several agents run the layers below the LoRA ones once per batch,
             then only the top layers per agent (any agents, stacked adapters too).
         precision: ``trainer.precision``; mixed precisions score under the same autocast as training.
     """
 
-    def __init__(self, population, encoder: Encoder, batch_size: int = 32, max_new_tokens: int = 12,
+    def __init__(self, population, encoder: PromptEncoder, batch_size: int = 32, max_new_tokens: int = 12,
                  mixed: bool = True, trunk=None, precision: str | int | None = None) -> None:
         self.population, self.encoder = population, encoder
         self.batch_size, self.max_new_tokens, self.mixed = batch_size, max_new_tokens, mixed

@@ -1,0 +1,1 @@
+"""Evaluation: the task scorers, the population scorer and the evaluation schedule."""

@@ -1,0 +1,112 @@
+"""The three scorers of a task's metric on one split: rank classification (accuracy), greedy
+generation (exact match) and perplexity, on the answer-only likelihoods of :mod:`lmas.lm.likelihood`."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lmas.data.task import Example, Task
+from lmas.lm.device import model_device, to_device
+from lmas.lm.encoding import PromptEncoder, collate
+from lmas.lm.likelihood import label_logprobs, sequence_logprobs
+
+
+@torch.no_grad()
+def rank_accuracy(
+    model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], labels: Sequence[str], batch_size: int = 32
+) -> float:
+    """Accuracy of rank classification: predict the label with the highest log-likelihood."""
+    scores = label_logprobs(model, encoder, [ex.prompt for ex in examples], labels, batch_size)
+    gold = torch.tensor([list(labels).index(ex.answer) for ex in examples], device=scores.device)
+    return (scores.argmax(1) == gold).float().mean().item()
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: nn.Module, encoder: PromptEncoder, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32
+) -> list[str]:
+    """Greedy decoding of each prompt; the answer ends at EOS or at the first newline."""
+    newline = encoder.tokens("\n")
+    stop = [encoder.eos_id] + (newline[-1:] if newline else [])
+    answers: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = [encoder.encode_prompt(p) for p in prompts[i : i + batch_size]]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), encoder.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(enc):  # left padding, so every prompt ends at the same column
+            ids[row, width - len(e) :] = torch.tensor(e)
+            mask[row, width - len(e) :] = 1
+        out = model.generate(
+            input_ids=ids.to(model_device(model)),
+            attention_mask=mask.to(model_device(model)),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=encoder.pad_id,
+        )
+        for row in out[:, width:]:
+            text = encoder.tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            answers.append(text.split("\n")[0].strip())
+    return answers
+
+
+def normalise_answer(text: str) -> str:
+    """Exact-match normalisation: strip, collapse whitespace, drop a trailing full stop."""
+    text = " ".join(text.strip().split())
+    return text[:-1] if text.endswith(".") else text
+
+
+@torch.no_grad()
+def exact_match(
+    model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], max_new_tokens: int = 16, batch_size: int = 32
+) -> float:
+    """Share of examples whose greedy answer equals the reference after normalisation."""
+    preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
+    hits = [normalise_answer(p) == normalise_answer(ex.answer) for p, ex in zip(preds, examples)]
+    return sum(hits) / len(hits)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], batch_size: int = 16) -> float:
+    """exp(mean token NLL) over all target tokens of the examples (token-weighted)."""
+    items = [encoder.encode(ex.prompt, ex.answer, eos=False) for ex in examples]
+    nll, count = 0.0, 0.0
+    for i in range(0, len(items), batch_size):
+        batch = to_device(collate(items[i : i + batch_size], encoder.pad_id), model_device(model))
+        total, n = sequence_logprobs(model, batch)
+        nll -= total.sum().item()
+        count += n.sum().item()
+    return math.exp(nll / count)
+
+
+def evaluate(
+    model: nn.Module,
+    encoder: PromptEncoder,
+    task: Task,
+    split: str = "test",
+    labels: Sequence[str] | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+) -> float:
+    """The task's metric on one split: accuracy, exact match or perplexity.
+
+    ``labels`` overrides the label set of a classification task (class-incremental scoring).
+    """
+    examples = getattr(task, split)
+    if not examples:
+        raise ValueError(f"task {task.name!r}: the {split} split is empty, nothing to evaluate")
+    was_training = model.training
+    model.eval()
+    try:
+        if task.kind == "classification":
+            return rank_accuracy(model, encoder, examples, labels or task.labels, batch_size)
+        if task.kind == "generation":
+            return exact_match(model, encoder, examples, max_new_tokens, batch_size)
+        return perplexity(model, encoder, examples, batch_size)
+    finally:
+        model.train(was_training)

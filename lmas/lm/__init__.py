@@ -1,0 +1,1 @@
+"""The frozen language model's side of lmas: prompt encoding, answer log-likelihoods, devices, the shared trunk."""
