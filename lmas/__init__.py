@@ -10,3 +10,5 @@ def _first(*values):
 
 
 OmegaConf.register_new_resolver("lmas.first", _first, replace=True)
+
+import lmas.schema  # noqa: E402,F401 - registers the typed config sections with Hydra's ConfigStore (train_schema)

@@ -1,9 +1,9 @@
 """``lmas-train``: the one Hydra entry point. Compose the config, build everything, run the loop.
 
-    lmas-train                                  # the default experiment on the embedded model
-    lmas-train experiment=bbc_class_incremental seed=1
-    lmas-train -m strategy=naive seed=0,1,2     # a sweep (multirun)
-    lmas-train --config-dir ~/my_conf stream=my_stream   # your own configs next to lmas's (lmas.confdir)
+lmas-train                                  # the default experiment on the embedded model
+lmas-train experiment=bbc_class_incremental seed=1
+lmas-train -m strategy=naive seed=0,1,2     # a sweep (multirun)
+lmas-train --config-dir ~/my_conf stream=my_stream   # your own configs next to lmas's (lmas.confdir)
 """
 
 from __future__ import annotations
@@ -45,26 +45,31 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         run_dir = run_dir / f".rank{rank}"  # its own copy of the outputs; rank 0 writes the run's
     check_run_dir(run_dir, resume)
     validate(cfg)  # bad options fail here, before any data or model is loaded
+    L.seed_everything(cfg.seed, verbose=False)
+    # the cheap objects first: their own argument checks fail in a second, before the model and the stream load
+    strategy = instantiate(cfg.strategy, _convert_="all")
+    if (cfg.get("distill") or {}).get("_target_"):  # distill=<preset>: a distillation term next to the CL strategy
+        strategy = Compose([strategy, instantiate(cfg.distill, _convert_="all")])
+    transfer = instantiate(cfg.transfer, _convert_="all")
+    allocation = instantiate(cfg.allocation, _convert_="all")
+    topology = instantiate(cfg.topology, _convert_="all")
+    train, evaluation = TrainConfig(**cfg.train), EvalConfig(**cfg.eval)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)  # what resume=<run dir> rebuilds the run from
     os.environ.setdefault("WANDB_DIR", str(run_dir))
-    L.seed_everything(cfg.seed, verbose=False)
     stream = instantiate(cfg.stream, _convert_="all")
-    log.info("stream %s (%s-incremental): %s", stream.name, stream.scenario,
-             ", ".join(f"{t.name}[{t.kind}, {len(t.train)}/{len(t.val)}/{len(t.test)}]" for t in stream))
+    log.info(
+        "stream %s (%s-incremental): %s",
+        stream.name,
+        stream.scenario,
+        ", ".join(f"{t.name}[{t.kind}, {len(t.train)}/{len(t.val)}/{len(t.test)}]" for t in stream),
+    )
     base = instantiate(cfg.model)
     log.info("base model %s (%s parameters)", base.name, f"{base.info.get('parameters', 0):,}")
-    pop_cfg = OmegaConf.to_container(cfg.population, resolve=True)
-    allocation = instantiate(pop_cfg.pop("allocation", None) or {"_target_": "lmas.population.allocation.Broadcast"})
-    topology = instantiate(pop_cfg.pop("topology", None) or {"_target_": "lmas.population.topology.Topology"})
-    population = instantiate(pop_cfg, _partial_=True, _convert_="all")(base=base)
-    transfer = instantiate(cfg.transfer, _convert_="all")
-    strategy = instantiate(cfg.strategy, _convert_="all")
-    if cfg.get("distill", {}).get("_target_"):  # distill=<preset>: a distillation term next to the CL strategy
-        strategy = Compose([strategy, instantiate(cfg.distill, _convert_="all")])
+    population = instantiate(cfg.population, _partial_=True, _convert_="all")(base=base)
     tracker = instantiate(cfg.logger, _convert_="all") if not rank else Tracker()
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = _plain(cfg)
     tracker.start(run_dir, config, name=run_dir.name)
     loop_cls, extra = ContinualLoop, {}
     if cfg.get("selflearn"):  # experiment=self_learning: rounds are self-learning cycles
@@ -75,9 +80,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         strategy=strategy,
         run_dir=run_dir,
         seed=cfg.seed,
-        train=TrainConfig(**cfg.train),
-        eval=EvalConfig(**cfg.eval),
-        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        train=train,
+        eval=evaluation,
+        trainer=_plain(cfg.trainer),
         max_length=cfg.data.max_length,
         tracker=tracker,
         allocation=allocation,
@@ -90,6 +95,11 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     results = loop.run(resume=resume)
     print(summary(results, run_dir))
     return results
+
+
+def _plain(node: DictConfig) -> dict:
+    """A config mapping as a plain dict, interpolations resolved."""
+    return dict(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
 
 
 def worker_rank() -> str:
@@ -108,8 +118,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
     results = run_dir / "results.json"
     if resume:
         if checkpoint.find(run_dir) is None or not (run_dir / CONFIG).is_file():
-            raise FileNotFoundError(f"resume={run_dir}: no checkpoint/ and {CONFIG} there; nothing to resume "
-                                    "(it resumes a run dir of lmas-train that completed at least one round)")
+            raise FileNotFoundError(
+                f"resume={run_dir}: no checkpoint/ and {CONFIG} there; nothing to resume "
+                "(it resumes a run dir of lmas-train that completed at least one round)"
+            )
         if results.is_file() and json.loads(results.read_text()).get("complete"):
             raise FileExistsError(f"resume={run_dir}: that run is complete; nothing to resume")
         return
@@ -125,14 +137,22 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     """The saved config of the run to resume; other command-line overrides are refused."""
     extra = [o for o in overrides if not o.startswith(("resume=", "hydra."))]
     if extra:
-        raise ValueError(f"resume={run_dir} continues that run with its own saved config ({CONFIG}); "
-                         f"drop the other overrides {extra}")
+        raise ValueError(
+            f"resume={run_dir} continues that run with its own saved config ({CONFIG}); "
+            f"drop the other overrides {extra}"
+        )
     path = Path(run_dir).expanduser().resolve() / CONFIG
     if not path.parent.is_dir():
         raise FileNotFoundError(f"resume={run_dir}: no such folder: {path.parent}")
     if not path.is_file():
         raise FileNotFoundError(f"resume={run_dir}: {path} not found (not an lmas run dir?)")
-    return OmegaConf.load(path)
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ValueError(f"resume={run_dir}: {path} is not a config mapping")
+    for key in ("allocation", "topology"):  # a run saved while these were options of population
+        if key not in cfg and key in (cfg.get("population") or {}):
+            cfg[key] = cfg.population.pop(key)
+    return cfg
 
 
 def summary(results: dict, run_dir: Path) -> str:
@@ -161,7 +181,7 @@ def job(cfg: DictConfig) -> float | None:
         results = run(saved, cfg.resume, resume=True)
     else:
         results = run(cfg, HydraConfig.get().runtime.output_dir)
-    first = next(iter(results["metrics"].values()), {})
+    first: dict = next(iter(results["metrics"].values()), {})
     return first.get("avg_acc")
 
 

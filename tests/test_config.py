@@ -141,10 +141,10 @@ def test_trainer_options_and_incompatible_choices_are_checked(problems):
     # an Explicit allocation may only name the population's agents and the stream's tasks
     msg = problems(["experiment=knowledge_transfer/forward_transfer", "population.agents=2",
                      "stream.tasks.2.name=news_c"])
-    assert "population.allocation.rounds[1].agent2=news_b: 'agent2' is not an agent; the agents" in msg
+    assert "allocation.rounds[1].agent2=news_b: 'agent2' is not an agent; the agents" in msg
     assert "task 'news_b' is not in the stream; its tasks (stream.tasks[*].name) are news_a, chat, news_c" in msg
-    msg = problems(["population=hierarchical", "population.topology.order=[agent0,agent7]"])
-    assert "population.topology.order=[agent0,agent7]: unknown agents agent7" in msg
+    msg = problems(["population=hierarchical", "topology.order=[agent0,agent7]"])
+    assert "topology.order=[agent0,agent7]: unknown agents agent7" in msg
 
 
 def test_a_missing_value_and_every_problem_are_reported_at_once(problems):

@@ -302,9 +302,9 @@ def test_no_withheld_label_enters_the_gate_or_the_teacher_weights(fast_overrides
 
 @pytest.mark.parametrize("override, option", [
     ("transfer=merge_init", "transfer._target_"),
-    ("population=peer_to_peer", "population.topology._target_"),
-    ("population=peer_to_peer", "population.allocation._target_"),
-    ("population=master_worker", "population.allocation._target_"),
+    ("population=peer_to_peer", "topology._target_"),
+    ("population=peer_to_peer", "allocation._target_"),
+    ("population=master_worker", "allocation._target_"),
 ])
 def test_options_the_loop_does_not_use_are_refused_by_name(compose, override, option):
     from lmas.config import ConfigError, validate

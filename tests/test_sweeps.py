@@ -61,6 +61,8 @@ def _hydra(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import lmas.schema  # noqa: F401 - registers train_schema, the first entry of train.yaml's defaults
+
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return hydra_compose("train", overrides=overrides, return_hydra_config=True).hydra

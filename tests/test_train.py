@@ -87,3 +87,53 @@ def test_an_existing_run_is_never_overwritten(fast_overrides, tmp_path, run_lmas
     with pytest.raises(FileExistsError, match="never overwrites"):
         run_lmas(fast_overrides, run_dir)
     assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_a_bad_argument_of_a_cheap_object_fails_before_the_model_and_the_stream_load(tmp_path, compose, monkeypatch):
+    """Strategy, transfer, allocation, topology and distill are built first: their own checks fail at once."""
+    from hydra.errors import InstantiationException
+
+    import lmas.data.stream
+    import lmas.models.providers
+    from lmas.train import run
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("the model and the stream must not load before the cheap objects are built")
+
+    monkeypatch.setattr(lmas.models.providers, "tiny", not_now)
+    monkeypatch.setattr(lmas.data.stream, "Stream", not_now)
+    cases = [
+        (["strategy=ewc", "strategy.ewc_lambda=-1"], r"ewc_lambda=-1, decay=1.0: must be >= 0'\)\nfull_key: strategy"),
+        (["population=peer_to_peer", "topology.graph=star"], r"topology.graph='star'.*\nfull_key: topology"),
+        (["population=master_worker", "allocation.shots=0"], r"allocation: tasks_per_round, shots.*\nfull_key: alloc"),
+    ]
+    for overrides, expected in cases:
+        run_dir = tmp_path / overrides[-1]
+        with pytest.raises(InstantiationException, match=expected):
+            run(compose(["model=tiny", *overrides], run_dir), run_dir)
+        assert not run_dir.exists()  # nor is the run dir made
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lmas.train", "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = proc.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "allocation: broadcast, competence, explicit, own_stream, round_robin" in groups
+    assert "topology: hierarchical, master_worker, none, peer_to_peer" in groups
+
+
+def test_resume_reads_a_run_saved_while_allocation_and_topology_were_population_options(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lmas.train import CONFIG, resume_config
+
+    old = {"seed": 0, "population": {"agents": 3, "allocation": {"_target_": "lmas.population.allocation.RoundRobin"},
+                                     "topology": {"_target_": "lmas.population.topology.Hierarchical"}}}
+    OmegaConf.save(OmegaConf.create(old), tmp_path / CONFIG)
+    cfg = resume_config(tmp_path, ["resume=" + str(tmp_path)])
+    assert cfg.allocation._target_.endswith("RoundRobin") and cfg.topology._target_.endswith("Hierarchical")
+    assert "allocation" not in cfg.population and cfg.population.agents == 3

@@ -25,7 +25,7 @@ Competence_fn = Callable[[str, int], float]
 def _check_names(what: str, names: Sequence[str], known: Sequence[str]) -> None:
     bad = [n for n in names if n not in known]
     if bad:
-        raise ValueError(f"population.allocation: unknown {what} {bad}; known: {list(known)}")
+        raise ValueError(f"allocation: unknown {what} {bad}; known: {list(known)}")
 
 
 class Allocation:
@@ -106,7 +106,7 @@ class Explicit(Allocation):
 
     def __init__(self, rounds: list[dict[str, str | list[str]]]) -> None:
         if not rounds:
-            raise ValueError("population.allocation.rounds: give at least one round")
+            raise ValueError("allocation.rounds: give at least one round")
         self.rounds = [{a: [t] if isinstance(t, str) else list(t) for a, t in (r or {}).items()} for r in rounds]
         self._rounds: list[Assignment] = []
 
@@ -138,7 +138,7 @@ class Competence(Allocation):
 
     def __init__(self, tasks_per_round: int = 1, shots: int = 8, capacity: int | None = None) -> None:
         if tasks_per_round < 1 or shots < 1 or (capacity is not None and capacity < 1):
-            raise ValueError("population.allocation: tasks_per_round, shots and capacity must be >= 1")
+            raise ValueError("allocation: tasks_per_round, shots and capacity must be >= 1")
         self.tasks_per_round, self.shots, self.capacity = tasks_per_round, shots, capacity
         self.load: dict[str, int] = {}
         self.scores: list[dict[str, dict[int, float]]] = []  # per round: agent -> task -> competence
@@ -163,7 +163,7 @@ class Competence(Allocation):
             taken[j] = a
             used[a] = used.get(a, 0) + 1
         if len(taken) < len(tasks):
-            raise ValueError(f"population.allocation.capacity={cap}: {len(agents)} agents cannot take the "
+            raise ValueError(f"allocation.capacity={cap}: {len(agents)} agents cannot take the "
                              f"{len(tasks)} tasks of round {round_idx}")
         for a, n in used.items():
             self.load[a] = self.load.get(a, 0) + n

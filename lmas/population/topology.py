@@ -112,7 +112,7 @@ class MasterWorker(Topology):
 
     def __init__(self, fusion: str = "val_acc") -> None:
         if fusion not in FUSIONS:
-            raise ValueError(f"population.topology.fusion={fusion!r}: expected one of {FUSIONS}")
+            raise ValueError(f"topology.fusion={fusion!r}: expected one of {FUSIONS}")
         self.fusion = fusion
 
     def describe(self) -> dict:
@@ -167,16 +167,16 @@ class PeerToPeer(Topology):
     def __init__(self, graph: str = "ring", self_weight: float = 0.5, fanout: int = 1, every: int = 1,
                  fusion: str = "uniform", seed: int = 0, max_rank: int | None = None) -> None:
         if graph not in GRAPHS:
-            raise ValueError(f"population.topology.graph={graph!r}: expected one of {GRAPHS}")
+            raise ValueError(f"topology.graph={graph!r}: expected one of {GRAPHS}")
         if not 0.0 <= self_weight <= 1.0:
-            raise ValueError(f"population.topology.self_weight={self_weight}: must be in [0, 1]")
+            raise ValueError(f"topology.self_weight={self_weight}: must be in [0, 1]")
         if fanout < 1 or every < 1:
-            raise ValueError("population.topology: fanout and every must be >= 1")
+            raise ValueError("topology: fanout and every must be >= 1")
         if fusion not in FUSIONS or fusion == "val_acc":
-            raise ValueError(f"population.topology.fusion={fusion!r}: peers vote with one of "
+            raise ValueError(f"topology.fusion={fusion!r}: peers vote with one of "
                              f"{[f for f in FUSIONS if f != 'val_acc']}")
         if max_rank is not None and max_rank < 1:
-            raise ValueError(f"population.topology.max_rank={max_rank}: must be >= 1 (null keeps the LoRA rank)")
+            raise ValueError(f"topology.max_rank={max_rank}: must be >= 1 (null keeps the LoRA rank)")
         self.graph, self.self_weight, self.fanout, self.every = graph, self_weight, fanout, every
         self.fusion, self.seed, self.max_rank = fusion, seed, max_rank
 
@@ -253,7 +253,7 @@ class Hierarchical(Topology):
 
     def __init__(self, threshold: float = 0.7, order: list[str] | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"population.topology.threshold={threshold}: must be in [0, 1]")
+            raise ValueError(f"topology.threshold={threshold}: must be in [0, 1]")
         self.threshold, self.order = threshold, order
 
     def describe(self) -> dict:
@@ -262,7 +262,7 @@ class Hierarchical(Topology):
     def check(self, agents: list[str]) -> None:
         unknown = [a for a in self.order or [] if a not in agents]
         if unknown:
-            raise ValueError(f"population.topology.order: unknown agents {unknown}; the population has {agents}")
+            raise ValueError(f"topology.order: unknown agents {unknown}; the population has {agents}")
 
     def answer(self, view, round_idx, log):
         listed = [a for a in (self.order or []) if a in view.agents]

@@ -45,7 +45,7 @@ def test_peer_to_peer_exchanges_adapters_each_round(fast_overrides, tmp_path, ru
 
 def test_hierarchical_cascade_logs_escalation(fast_overrides, tmp_path, run_lmas):
     out = tmp_path / "h"
-    res = run_lmas(fast_overrides + ["population=hierarchical", "population.topology.threshold=0.9"], out)
+    res = run_lmas(fast_overrides + ["population=hierarchical", "topology.threshold=0.9"], out)
     answers = res["population"]["answers"]
     last = answers[-1]
     assert set(last) == {"bbc", "chat", "math"}
@@ -61,8 +61,8 @@ def test_merge_transfer_in_the_loop_creates_a_scored_agent(fast_overrides, tmp_p
     out = tmp_path / "merge"
     res = run_lmas(fast_overrides + [
         "population.agents=[a,b]",
-        "population.allocation._target_=lmas.population.allocation.Explicit",
-        "+population.allocation.rounds=[{a:bbc,b:chat},{}]",
+        "allocation=explicit",
+        "allocation.rounds=[{a:bbc,b:chat},{}]",
         "transfer=merge", "transfer.sources=[a,b]", "transfer.targets=[both]", "transfer.start=1",
     ], out)
     m = res["matrix"]

@@ -10,7 +10,7 @@ from lmas.data.task import Example, Task
 from lmas.population.messages import MessageLog
 from lmas.population.population import Population
 from lmas.population.topology import Hierarchical, MasterWorker, PeerToPeer, TaskView, Topology
-from lmas.transfer.merge import delta, lora_layers, read_factors
+from lmas.transfer.factors import delta, lora_layers, read_factors
 
 
 def test_neighbour_graphs():
@@ -164,7 +164,7 @@ def test_a_grown_adapter_is_saved_and_loaded_at_its_rank(tiny_base, tmp_path):
 
 
 def test_max_rank_is_checked():
-    with pytest.raises(ValueError, match="population.topology.max_rank=0: must be >= 1"):
+    with pytest.raises(ValueError, match="topology.max_rank=0: must be >= 1"):
         PeerToPeer(max_rank=0)
 
 
@@ -231,7 +231,7 @@ def test_p2p_run_records_each_merges_residual_in_results_and_tracker(fast_overri
 
     out = tmp_path / "p2p"
     res = run_lmas(fast_overrides + ["population=peer_to_peer", "strategy=inclora",
-                                     "population.topology.max_rank=12"], out)
+                                     "topology.max_rank=12"], out)
     merged = {(a, e["round"]): e for a, v in res["agents"].items() for e in v["history"] if e["event"] == "merged"}
     assert set(merged) == {("agent1", 0), ("agent2", 0), ("agent0", 1), ("agent1", 1), ("agent2", 1),
                            ("agent0", 2), ("agent1", 2), ("agent2", 2)}

@@ -14,7 +14,7 @@ from lmas.lm.encoding import PromptEncoder
 from lmas.population.population import lora_config
 from lmas.transfer import init_from_merge, merge_adapters
 from lmas.transfer.lorahub import _Scratch
-from lmas.transfer.merge import agent_factors, delta, lora_layers
+from lmas.transfer.factors import agent_factors, delta, lora_layers
 from lmas.transfer.policy import LoraHub, Merge, MergeInit
 
 R = 4
@@ -188,9 +188,9 @@ def _errors(compose, overrides) -> str:
     (["strategy=olora", "transfer=merge_init"],
      "transfer._target_=lmas.transfer.policy.MergeInit: strategy=olora stacks one adapter per task"),
     (["strategy=inclora", "transfer=lorahub"], "it would overwrite that task"),
-    (["population=peer_to_peer", "population.topology.max_rank=32", "strategy=ewc"],
-     "population.topology.max_rank=32: grows an agent's adapter during the run, but strategy ewc"),
-    (["population=peer_to_peer", "population.topology.max_rank=32", "strategy=replay_lwf"],
+    (["population=peer_to_peer", "topology.max_rank=32", "strategy=ewc"],
+     "topology.max_rank=32: grows an agent's adapter during the run, but strategy ewc"),
+    (["population=peer_to_peer", "topology.max_rank=32", "strategy=replay_lwf"],
      "but strategy lwf keeps per-parameter state"),
 ])
 def test_config_check_refuses_transfers_a_strategy_cannot_follow(compose, overrides, expected):
@@ -201,7 +201,7 @@ def test_config_check_refuses_transfers_a_strategy_cannot_follow(compose, overri
     ["strategy=inclora", "transfer=merge"],  # exact
     ["strategy=olora", "transfer=merge", "transfer.method=svd"],
     ["strategy=olora", "transfer=merge_methods", "transfer.methods=[exact,cat,svd]"],
-    ["population=peer_to_peer", "population.topology.max_rank=32", "strategy=inclora"],
+    ["population=peer_to_peer", "topology.max_rank=32", "strategy=inclora"],
     ["population=peer_to_peer", "strategy=ewc"],
 ])
 def test_config_check_accepts_what_the_transfers_honour(compose, overrides):
