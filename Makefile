@@ -1,4 +1,5 @@
-# lmas: `make demo` runs the default experiment, `make test` runs the tests (not `slow`, not `gpu`);
+# lmas: `make demo` runs the default experiment, `make test` runs `make lint` (ruff: lint + format check,
+# mypy; settings in pyproject.toml) and then the tests (not `slow`, not `gpu`);
 # `make test-slow` the long ones, `make test-gpu` the CUDA ones (tests/gpu; they skip without CUDA).
 # Both create .venv on first use from the committed lock; a second call skips what is done.
 PYTHON ?= python3.11
@@ -9,7 +10,7 @@ STAMP  := $(VENV)/.lmas-installed
 LOCK   := requirements/lock.txt
 export LMAS_CACHE ?= $(HOME)/.cache/lmas
 
-.PHONY: venv demo test test-slow test-gpu clean-venv
+.PHONY: venv demo lint test test-slow test-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -24,8 +25,13 @@ $(STAMP): $(LOCK) setup.cfg setup.py pyproject.toml
 demo: venv
 	$(VENV)/bin/lmas-train $(ARGS)
 
+lint: venv
+	$(VENV)/bin/ruff check lmas
+	$(VENV)/bin/ruff format --check lmas
+	$(VENV)/bin/mypy lmas
+
 # pytest exit 5 (no test collected) counts as a failure
-test: venv
+test: lint
 	$(PY) -m pytest -m "not slow and not gpu" $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -58,7 +58,7 @@ def find_runs(dirs: list[str | Path]) -> list[Run]:
             runs.append(Run(f.parent, results, list(overrides or [])))
     if not runs:
         raise ValueError(f"no complete runs under {', '.join(map(str, dirs))}")
-    streams = {}
+    streams: dict[str, list[str]] = {}
     for r in runs:
         streams.setdefault(r.results["stream"], []).append(str(r.path))
     if len(streams) > 1:
@@ -129,8 +129,14 @@ def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
     width = 0.8 / max(1, len(shown))
     for i, key in enumerate(shown):
         xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, [r.get(f"{key}_mean", 0) for r in rows], width, yerr=[r.get(f"{key}_std", 0) for r in rows],
-               label=key, capsize=3)
+        ax.bar(
+            xs,
+            [r.get(f"{key}_mean", 0) for r in rows],
+            width,
+            yerr=[r.get(f"{key}_std", 0) for r in rows],
+            label=key,
+            capsize=3,
+        )
     ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(rows))])
     ax.set_xticklabels([r["group"] for r in rows], rotation=30, ha="right", fontsize=8)
     ax.axhline(0, color="black", linewidth=0.5)

@@ -31,8 +31,10 @@ def config_dir() -> Path:
         if (folder / f"{PRIMARY_NAME}.yaml").is_file():
             return folder
     tried = ", ".join(str(c) for c in candidates())
-    raise FileNotFoundError(f"lmas-train: no {PRIMARY_NAME}.yaml in {tried}; reinstall lmas from its repository "
-                            "(`pip install .` ships conf/ inside the package; `pip install -e .` reads it in place)")
+    raise FileNotFoundError(
+        f"lmas-train: no {PRIMARY_NAME}.yaml in {tried}; reinstall lmas from its repository "
+        "(`pip install .` ships conf/ inside the package; `pip install -e .` reads it in place)"
+    )
 
 
 def primary_config() -> Path:

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 FILE, FILES, ANY, MODEL = "file", "files", "file or folder", "model folder"
 _DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet", ".arrow", ".py")
@@ -52,8 +53,9 @@ _ALWAYS_LOCAL = {("lmas.distill.encoder_teacher.EncoderTeacher", "path")}  # nev
 
 def written_as_path(value: str) -> bool:
     """True if ``value`` can only mean a local path (not a hub id or a ``datasets`` builder name)."""
-    return (os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") >= 2
-            or value.endswith(_DATA_SUFFIXES))
+    return (
+        os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") >= 2 or value.endswith(_DATA_SUFFIXES)
+    )
 
 
 def absolute(value: str | os.PathLike, base: Path | None = None) -> Path:
@@ -122,9 +124,9 @@ def node_problems(target: str, get: Callable[[str], Any]) -> list[tuple[str, Any
     return out
 
 
-def require(value: str | os.PathLike, kind: str, option: str, base: Path | None = None) -> Path:
+def require(value: object, kind: str, option: str, base: Path | None = None) -> Path:
     """``value`` as an absolute path; FileNotFoundError naming ``option`` and the path if it is not a ``kind``."""
     what = problem(value, kind, base)
-    if what:
+    if what or not isinstance(value, (str, os.PathLike)):  # problem() names every non-path value
         raise FileNotFoundError(f"{option}={value}: {what}")
     return absolute(value, base)

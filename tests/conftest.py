@@ -69,3 +69,14 @@ def run_lmas():
 def fast_overrides(tmp_path):
     """Overrides that make any experiment a few-second smoke run on the tiny model."""
     return ["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread avoids OpenMP start-up and contention; restored after the test."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

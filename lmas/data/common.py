@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import string
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 # A split size: an int is a count, a float in (0, 1) a fraction of the available examples,
 # None the default (val/test: 10 %, train: everything left).
-Size = Union[int, float, None]
+Size = int | float | None
 DEFAULT_EVAL_FRACTION = 0.1
 
 
@@ -49,9 +49,7 @@ def fill_template(template: str, values: Mapping[str, str], where: str = "templa
     before the answer). A missing field raises ``ValueError`` naming ``where`` and the field."""
     missing = [f for f in template_fields(template) if f not in values]
     if missing:
-        raise ValueError(
-            f"{where}: template {template!r} needs field {missing[0]!r}; available: {sorted(values)}"
-        )
+        raise ValueError(f"{where}: template {template!r} needs field {missing[0]!r}; available: {sorted(values)}")
     return template.format_map(dict(values)).rstrip(" \t")
 
 

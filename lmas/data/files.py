@@ -45,7 +45,7 @@ Bad input -> what happens. Every other error is a ``ValueError`` whose message s
   kept (rank classification scores over the whole label set) and logged as a warning naming the
   task, split and labels (:class:`lmas.data.task.Task`).
 * over-long examples (prompt + answer longer than ``data.max_length`` tokens) are handled when
-  encoded (:class:`lmas.lm.likelihood.PromptEncoder`): the prompt loses tokens from its start, the answer
+  encoded (:class:`lmas.lm.encoding.PromptEncoder`): the prompt loses tokens from its start, the answer
   is kept whole, each case is counted (``PromptEncoder.truncated``, ``truncated_prompts`` in the
   results) and the first one is logged as a warning; an answer that alone does not fit ->
   error naming the example and ``data.max_length``; raw ``lm`` text longer than the window
@@ -55,23 +55,20 @@ Bad input -> what happens. Every other error is a ``ValueError`` whose message s
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 from lmas import paths
-from lmas.data.common import (
-    Size,
-    fill_template,
-    resolve_sizes,
-    template_fields,
-    truncate,
-)
+from lmas.data.common import Size, fill_template, resolve_sizes, template_fields, truncate
 from lmas.data.task import METRIC_OF_KIND, Example, Task
 
 # (where, record): ``where`` names the file and line (or row) for error messages.
 Located = tuple[str, Mapping[str, Any]]
+Reader = Callable[[str | Path], Iterator[Located]]  # a file's records (read_jsonl, read_csv)
 
 
 def _value(record: Mapping[str, Any], field: str, where: str) -> str:
@@ -164,7 +161,7 @@ def read_csv(path: str | Path, delimiter: str = ",") -> Iterator[Located]:
                         f"(line {header_line}) {header} (wrong delimiter {delimiter!r}, or a value with "
                         f"{delimiter!r} or a line break that is not quoted?)"
                     )
-                yield where, dict(zip(header, row))
+                yield where, dict(zip(header, row, strict=True))
         except csv.Error as err:
             raise ValueError(f"{path} line {reader.line_num}: malformed CSV: {err}") from None
         except UnicodeDecodeError:
@@ -261,7 +258,16 @@ def build_file_task(
     )
 
 
-def _file_task(name: str, kind: str, reader, path, val_path, test_path, conv: dict, **split: Any) -> Task:
+def _file_task(
+    name: str,
+    kind: str,
+    reader: Reader,
+    path: str | Path,
+    val_path: str | Path | None,
+    test_path: str | Path | None,
+    conv: dict,
+    **split: Any,
+) -> Task:
     _check_kind(name, kind)
     for option, value in (("path", path), ("val_path", val_path), ("test_path", test_path)):
         if value is not None or option == "path":
@@ -272,8 +278,8 @@ def _file_task(name: str, kind: str, reader, path, val_path, test_path, conv: di
         kind,
         rows[path],
         str(path),
-        val_rows=rows.get(val_path),
-        test_rows=rows.get(test_path),
+        val_rows=None if val_path is None else rows[val_path],
+        test_rows=None if test_path is None else rows[test_path],
         val_source=None if val_path is None else str(val_path),
         test_source=None if test_path is None else str(test_path),
         **split,
@@ -322,10 +328,7 @@ def csv_task(
     """Task from a CSV file with a header row (``delimiter``: ``","``, ``"\\t"``, ...)."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
     split = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test, "split_seed": split_seed}
-
-    def reader(p: str | Path) -> Iterator[Located]:
-        return read_csv(p, delimiter)
-
+    reader = functools.partial(read_csv, delimiter=delimiter)
     return _file_task(name, kind, reader, path, val_path, test_path, conv, **split, meta={"format": "csv"})
 
 

@@ -21,7 +21,8 @@ import importlib
 import random
 import warnings
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def _patch_sympy() -> None:
     package = importlib.import_module("sympy.solvers.diophantine")  # the module, not the function
     if not hasattr(package, "base_solution_linear"):
         inner = importlib.import_module("sympy.solvers.diophantine.diophantine")
-        package.base_solution_linear = inner.base_solution_linear
+        package.base_solution_linear = inner.base_solution_linear  # type: ignore[attr-defined]  # the patch
 
 
 class _SortedSet(set):
@@ -50,16 +51,16 @@ class _SortedSet(set):
     def __iter__(self) -> Iterator:
         return iter(sorted(set.__iter__(self)))
 
-    def difference(self, *others) -> "_SortedSet":
+    def difference(self, *others) -> _SortedSet:
         return _SortedSet(set.difference(self, *others))
 
 
-def _stable_entity_hash(entity) -> int:
+def _stable_entity_hash(entity: Any) -> int:
     # equal hashes only tie; ties keep insertion order, which the seeded RNG decides
     return zlib.crc32(str(getattr(entity, "_description", "")).encode())
 
 
-def _patch_determinism(composition) -> None:
+def _patch_determinism(composition: Any) -> None:
     """Make ``mathematics_dataset.util.composition`` independent of hash seeds and addresses:
     ``Context.pop`` draws a symbol with ``random.choice(list(<set of letters>))`` and
     ``expand_entities`` shuffles ``list(set(<entities>))`` (hashed by id). Iterate the letters
@@ -92,8 +93,7 @@ def _modules():
         modules = importlib.import_module("mathematics_dataset.modules.modules")
     except ImportError as err:
         raise ImportError(
-            f"mathematics_dataset could not be imported ({err}); "
-            "pip install mathematics-dataset absl-py six"
+            f"mathematics_dataset could not be imported ({err}); pip install mathematics-dataset absl-py six"
         ) from err
     _patch_determinism(importlib.import_module("mathematics_dataset.util.composition"))
     return modules

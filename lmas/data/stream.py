@@ -80,11 +80,10 @@ class Stream:
         if task.kind != "classification":
             return None
         if self.scenario != "class":
-            return list(task.labels)
+            return list(task.class_labels)
         labels: list[str] = []
         for t in self.tasks[: max(seen, j) + 1]:
             for lab in t.labels or []:
                 if lab not in labels:
                     labels.append(lab)
         return labels
-

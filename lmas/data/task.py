@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 TaskKind = Literal["classification", "generation", "lm"]
 METRIC_OF_KIND: dict[str, str] = {
@@ -62,9 +63,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.kind not in METRIC_OF_KIND:
-            raise ValueError(
-                f"task {self.name!r}: kind={self.kind!r} is not one of {sorted(METRIC_OF_KIND)}"
-            )
+            raise ValueError(f"task {self.name!r}: kind={self.kind!r} is not one of {sorted(METRIC_OF_KIND)}")
         for split, rows in (("train", self.train), ("test", self.test)):
             if not rows:
                 raise ValueError(f"task {self.name!r}: the {split} split is empty")
@@ -77,9 +76,7 @@ class Task:
             for split, rows in (("train", self.train), ("val", self.val), ("test", self.test)):
                 bad = sorted({ex.answer for ex in rows} - known)
                 if bad:
-                    raise ValueError(
-                        f"task {self.name!r}: {split} answers {bad[:5]} are not in labels {self.labels}"
-                    )
+                    raise ValueError(f"task {self.name!r}: {split} answers {bad[:5]} are not in labels {self.labels}")
             trained = {ex.answer for ex in self.train}
             for split, rows in (("val", self.val), ("test", self.test)):
                 unseen = sorted({ex.answer for ex in rows} - trained)
@@ -87,14 +84,24 @@ class Task:
                     log.warning(
                         "task %r: %s labels %s never appear in the train split (the model is not trained on "
                         "them); they are still scored, over labels %s",
-                        self.name, split, unseen, self.labels,
+                        self.name,
+                        split,
+                        unseen,
+                        self.labels,
                     )
 
     @property
     def metric(self) -> str:
         return METRIC_OF_KIND[self.kind]
 
-    def limited(self, max_train: int | None = None, max_eval: int | None = None) -> "Task":
+    @property
+    def class_labels(self) -> list[str]:
+        """The labels of a classification task; a ValueError naming the task for other kinds."""
+        if self.labels is None:
+            raise ValueError(f"task {self.name!r} is a {self.kind} task; only classification tasks have labels")
+        return self.labels
+
+    def limited(self, max_train: int | None = None, max_eval: int | None = None) -> Task:
         """A copy with at most ``max_train`` train and ``max_eval`` val/test examples (prefixes)."""
 
         def cut(rows: list[Example], n: int | None) -> list[Example]:
@@ -175,7 +182,9 @@ def stratified_split(
             f"n_test={n_test}) but the source has only {len(interleaved)}"
         )
     # deal round-robin so each split is itself balanced
-    test, val, train = [], [], []
+    test: list[Example] = []
+    val: list[Example] = []
+    train: list[Example] = []
     cursor = 0
     for target, n in ((test, n_test), (val, n_val), (train, n_train)):
         target.extend(interleaved[cursor : cursor + n])

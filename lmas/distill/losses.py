@@ -46,8 +46,10 @@ def kd_loss(student_scores: Tensor, teacher_p: Tensor, kind: str = "forward_kl",
     if temperature <= 0:
         raise ValueError(f"distill.temperature={temperature}: must be positive")
     if student_scores.shape != teacher_p.shape:
-        raise ValueError(f"kd_loss: student {tuple(student_scores.shape)} and teacher {tuple(teacher_p.shape)} "
-                         "distributions differ in shape (different label sets or vocabularies?)")
+        raise ValueError(
+            f"kd_loss: student {tuple(student_scores.shape)} and teacher {tuple(teacher_p.shape)} "
+            "distributions differ in shape (different label sets or vocabularies?)"
+        )
     student_logp = (student_scores.float() / temperature).log_softmax(-1)
     return divergence(student_logp, teacher_p, kind).mean() * temperature**2
 

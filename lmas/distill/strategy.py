@@ -23,12 +23,13 @@ is; an external teacher's scores, computed by its own model on the CPU, are move
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lmas.data.task import Task
+from lmas.data.task import Example, Task
 from lmas.distill.losses import LOSSES, kd_loss, soften
 from lmas.distill.teachers import (
     AGGREGATIONS,
@@ -43,18 +44,23 @@ from lmas.lm.device import model_device
 from lmas.lm.likelihood import label_logprobs
 from lmas.strategies.base import Strategy
 
+if TYPE_CHECKING:
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.population.population import Population
+    from lmas.training.experience import IncrementalLM
+
 log = logging.getLogger(__name__)
 TEACHER_SETS = ("peers", "specialists")
 
 
-def external_accuracy(teacher, rows, labels) -> float:
+def external_accuracy(teacher: ExternalTeacher, rows: Sequence[Example], labels: Sequence[str]) -> float:
     """An external teacher's accuracy (argmax of its label scores) on ``rows``."""
     scores = teacher.label_scores([ex.prompt for ex in rows], labels)
     gold = torch.tensor([list(labels).index(ex.answer) for ex in rows], device=scores.device)
     return (scores.argmax(-1) == gold).float().mean().item()
 
 
-def single_token_labels(encoder, task: Task) -> Tensor | None:
+def single_token_labels(encoder: PromptEncoder, task: Task) -> Tensor | None:
     """The label token ids (L,) of a classification task whose labels are one token each, else None.
 
     Then the student's label log-likelihoods are the log-softmax of the task-loss pass's logits at
@@ -63,7 +69,7 @@ def single_token_labels(encoder, task: Task) -> Tensor | None:
     """
     if task.kind != "classification":
         return None
-    ids = [encoder.answer_tokens(lab) for lab in task.labels]
+    ids = [encoder.answer_tokens(lab) for lab in task.class_labels]
     return torch.tensor([t[0] for t in ids]) if all(len(t) == 1 for t in ids) else None
 
 
@@ -86,10 +92,19 @@ class Distill(Strategy):
 
     name = "distill"
 
-    def __init__(self, teachers: str | Sequence[str] = "peers", loss: str = "forward_kl", temperature: float = 2.0,
-                 weight: float = 1.0, aggregation: str = "uniform", cache: bool = True, top_k: int = 32,
-                 external: Sequence[ExternalTeacher] | None = None, batch_size: int = 32,
-                 students: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        teachers: str | Sequence[str] = "peers",
+        loss: str = "forward_kl",
+        temperature: float = 2.0,
+        weight: float = 1.0,
+        aggregation: str = "uniform",
+        cache: bool = True,
+        top_k: int = 32,
+        external: Sequence[ExternalTeacher] | None = None,
+        batch_size: int = 32,
+        students: Sequence[str] | None = None,
+    ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"distill.loss={loss!r}: expected one of {LOSSES}")
         if aggregation not in AGGREGATIONS:
@@ -112,21 +127,31 @@ class Distill(Strategy):
         # external teacher -> task -> split -> accuracy, for every task it was fitted on
         self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}
 
+    @property
+    def _task(self) -> Task:
+        """The task of the current experience (set by :meth:`before_task`)."""
+        if self.task is None:
+            raise RuntimeError("Distill: no task yet; before_task sets it")
+        return self.task
+
     # --- who teaches -----------------------------------------------------------------------
-    def teachers_for(self, population, agent: str, task: Task) -> list[str]:
+    def teachers_for(self, population: Population, agent: str, task: Task) -> list[str]:
         """The agent teachers of ``agent`` for ``task`` (never the student itself)."""
         if self.teachers == "peers":
             return [n for n, a in population.agents.items() if n != agent and a.history]
         if self.teachers == "specialists":
-            return [n for n, a in population.agents.items() if n != agent
-                    and any(e.get("event") == "trained" and e.get("task") == task.name for e in a.history)]
+            return [
+                n
+                for n, a in population.agents.items()
+                if n != agent and any(e.get("event") == "trained" and e.get("task") == task.name for e in a.history)
+            ]
         unknown = [t for t in self.teachers if t not in population.agents]
         if unknown:
             raise ValueError(f"distill.teachers: unknown agents {unknown}; the population has {population.names}")
         return [t for t in self.teachers if t != agent]
 
     # --- hooks -------------------------------------------------------------------------------
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         pop, agent = module.population, module.agent
         self.task, self.current = task, None
         if self.students is not None and agent not in self.students:
@@ -135,22 +160,35 @@ class Distill(Strategy):
         self._label_ids = single_token_labels(module.encoder, task)
         teachers = self.teachers_for(pop, agent, task)
         if task.kind != "classification" and self.external and not teachers:
-            raise ValueError(f"distill: task {task.name!r} is {task.kind}: token-level distillation needs teachers "
-                             "with the student's tokenizer (agents of the population); external teachers give "
-                             "label distributions only")
+            raise ValueError(
+                f"distill: task {task.name!r} is {task.kind}: token-level distillation needs teachers "
+                "with the student's tokenizer (agents of the population); external teachers give "
+                "label distributions only"
+            )
         external = self.external if task.kind == "classification" else []
         for t in external:
             if task.name not in self.external_accuracy.get(t.name, {}):
                 t.fit(task)
-                acc = {split: external_accuracy(t, rows, task.labels)
-                       for split, rows in (("val", task.val), ("test", task.test)) if rows}
+                acc = {
+                    split: external_accuracy(t, rows, task.class_labels)
+                    for split, rows in (("val", task.val), ("test", task.test))
+                    if rows
+                }
                 self.external_accuracy.setdefault(t.name, {})[task.name] = acc
                 log.info("distill: external teacher %s on %s: accuracy %s", t.name, task.name, acc)
-        self.current = TeacherCache(teachers + [t.name for t in external],
-                                    labels=list(task.labels) if task.kind == "classification" else None)
+        self.current = TeacherCache(
+            teachers + [t.name for t in external],
+            labels=list(task.class_labels) if task.kind == "classification" else None,
+        )
         self._agents, self._external = teachers, external
-        log.info("distill: %s learns %s from %s (%s, cache=%s)", agent, task.name, self.current.teachers or "nobody",
-                 self.aggregation, self.cache)
+        log.info(
+            "distill: %s learns %s from %s (%s, cache=%s)",
+            agent,
+            task.name,
+            self.current.teachers or "nobody",
+            self.aggregation,
+            self.cache,
+        )
         try:
             if self.current.teachers and self.aggregation == "val_acc":
                 self.val_acc = self._val_acc(pop, module.encoder, task)
@@ -159,39 +197,48 @@ class Distill(Strategy):
         finally:
             pop.activate(agent)  # the student's adapter is the trainable one again
 
-    def _val_acc(self, pop, encoder, task: Task) -> list[float]:
+    def _val_acc(self, pop: Population, encoder: PromptEncoder, task: Task) -> list[float]:
         split = task.val or task.train[:32]
         view = Task(task.name, task.kind, task.train, split, task.test, task.labels)
         out = []
         for t in self._agents:
             pop.activate(t)
             out.append(evaluate(pop.model, encoder, view, "val", batch_size=self.batch_size))
-        for t in self._external:  # measured on task.val when it was fitted (before_task)
-            known = self.external_accuracy[t.name][task.name].get("val") if task.val else None
-            out.append(known if known is not None else external_accuracy(t, split, task.labels))
+        for ext in self._external:  # measured on task.val when it was fitted (before_task)
+            known = self.external_accuracy[ext.name][task.name].get("val") if task.val else None
+            out.append(known if known is not None else external_accuracy(ext, split, task.class_labels))
         return out
 
-    def _fill(self, cache: TeacherCache, pop, encoder, examples) -> None:
+    def _fill(
+        self, cache: TeacherCache, pop: Population, encoder: PromptEncoder, examples: Sequence[tuple[Example, str]]
+    ) -> None:
         """The teachers' outputs for ``examples`` ((example, kind) pairs), into ``cache``."""
-        if self.task.kind == "classification":
+        if self._task.kind == "classification":
             cache.label_p = self._label_p(pop, encoder, [ex.prompt for ex, _ in examples])
         else:
-            cache.tokens = [agent_token_topk(pop, t, encoder, examples, self.top_k, self.temperature,
-                                             self.batch_size) for t in self._agents]
+            cache.tokens = [
+                agent_token_topk(pop, t, encoder, examples, self.top_k, self.temperature, self.batch_size)
+                for t in self._agents
+            ]
 
-    def _label_p(self, pop, encoder, prompts: list[str]) -> Tensor:
+    def _label_p(self, pop: Population, encoder: PromptEncoder, prompts: list[str]) -> Tensor:
         """``(K, N, L)`` distributions of every teacher (agents, then external) at the temperature."""
         parts = []
         if self._agents:
-            parts.append(agent_label_distributions(pop, self._agents, encoder, prompts, self.task.labels,
-                                                   self.temperature, self.batch_size))
+            parts.append(
+                agent_label_distributions(
+                    pop, self._agents, encoder, prompts, self._task.class_labels, self.temperature, self.batch_size
+                )
+            )
         device = model_device(pop.model)  # external teachers run their own models (on the CPU)
         for t in self._external:
             with torch.no_grad():
-                parts.append(soften(t.label_scores(prompts, self.task.labels), self.temperature)[None].to(device))
+                parts.append(
+                    soften(t.label_scores(prompts, self._task.class_labels), self.temperature)[None].to(device)
+                )
         return torch.cat(parts).to(device)  # the cache lives on the student's device, like batch["index"]
 
-    def on_train_batch_start(self, module, batch: dict[str, Tensor]) -> None:
+    def on_train_batch_start(self, module: IncrementalLM, batch: dict[str, Tensor]) -> None:
         if self.cache or not self.current or not self.current.teachers:
             return
         pop = module.population
@@ -202,7 +249,7 @@ class Distill(Strategy):
             pop.activate(module.agent)
             module.net.train()
 
-    def loss_terms(self, module, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.current or not self.current.teachers or self.weight == 0:
             return {}
         rows = [module.examples[i][0] for i in batch["index"].tolist()]
@@ -213,15 +260,18 @@ class Distill(Strategy):
         own = torch.tensor(mine, device=device)
         index = batch["index"].to(device) if self.cache else torch.arange(len(rows), device=device)
         cache = self.current if self.cache else self._live
-        if self.task.kind == "classification":
+        if cache is None:
+            raise RuntimeError("Distill.loss_terms: no teachers' outputs for this batch (on_train_batch_start not run)")
+        if self._task.kind == "classification":
             if self._label_ids is not None:  # one-token labels: the task-loss pass already scored them
                 first = torch.ones_like(out["rows"], dtype=torch.bool)
                 first[1:] = out["rows"][1:] != out["rows"][:-1]  # each row's first answer position
                 student = out["logits"][first][own].log_softmax(-1)[:, self._label_ids.to(device)]  # (B', L)
             else:
-                prompts = [ex.prompt for ex, keep in zip(rows, mine) if keep]
-                student = label_logprobs(module.net, module.encoder, prompts, self.task.labels,
-                                         batch_size=len(prompts), grad=True)  # (B', L)
+                prompts = [ex.prompt for ex, keep in zip(rows, mine, strict=True) if keep]
+                student = label_logprobs(
+                    module.net, module.encoder, prompts, self._task.class_labels, batch_size=len(prompts), grad=True
+                )  # (B', L)
             teacher = cache.labels_for(index)[:, own]  # (K, B', L)
         else:
             keep = own[out["rows"]]  # answer positions of the current task's rows
@@ -230,7 +280,7 @@ class Distill(Strategy):
         target = aggregate(teacher, self.aggregation, self.val_acc)
         return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature)}
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         self._taught = list(self.current.teachers) if self.current else []
         self.current, self._live, self.val_acc = None, None, None
 
@@ -238,6 +288,5 @@ class Distill(Strategy):
         """The teachers of the experience just trained (lineage: distilled-from edges)."""
         if not self._taught:
             return {}
-        external = {t: self.external_accuracy[t][self.task.name] for t in self._taught if t in self.external_accuracy}
+        external = {t: self.external_accuracy[t][self._task.name] for t in self._taught if t in self.external_accuracy}
         return {"teachers": self._taught, **({"external_teacher_accuracy": external} if external else {})}
-

@@ -17,17 +17,21 @@ the teacher set, not the weights: see :class:`lmas.distill.strategy.Distill`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
-from lmas.data.task import Example
+from lmas.data.task import Example, Task
 from lmas.distill.losses import dense, soften, topk
 from lmas.lm.encoding import PromptEncoder, collate
 from lmas.lm.likelihood import answer_logits, label_logprobs
 from lmas.population.fusion import fusion_weights
+
+if TYPE_CHECKING:
+    from lmas.population.population import Population
 
 AGGREGATIONS = ("uniform", "val_acc", "confidence", "best")
 
@@ -37,7 +41,7 @@ class ExternalTeacher(Protocol):
 
     name: str
 
-    def fit(self, task) -> None:
+    def fit(self, task: Task) -> None:
         """Learn the task (called once per task before it teaches it)."""
 
     def label_scores(self, prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
@@ -53,8 +57,15 @@ def aggregate(teacher_p: Tensor, method: str = "uniform", val_acc: Sequence[floa
 
 
 @torch.no_grad()
-def agent_label_distributions(population, teachers: Sequence[str], encoder: PromptEncoder, prompts: Sequence[str],
-                              labels: Sequence[str], temperature: float, batch_size: int = 32) -> Tensor:
+def agent_label_distributions(
+    population: Population,
+    teachers: Sequence[str],
+    encoder: PromptEncoder,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    temperature: float,
+    batch_size: int = 32,
+) -> Tensor:
     """``(K, N, L)`` label distributions of agent teachers at ``temperature`` (adapters switched)."""
     model, was_training = population.model, population.model.training
     model.eval()
@@ -69,8 +80,15 @@ def agent_label_distributions(population, teachers: Sequence[str], encoder: Prom
 
 
 @torch.no_grad()
-def agent_token_topk(population, teacher: str, encoder: PromptEncoder, examples: Sequence[tuple[Example, str]],
-                     k: int, temperature: float, batch_size: int = 16) -> list[tuple[Tensor, Tensor]]:
+def agent_token_topk(
+    population: Population,
+    teacher: str,
+    encoder: PromptEncoder,
+    examples: Sequence[tuple[Example, str]],
+    k: int,
+    temperature: float,
+    batch_size: int = 16,
+) -> list[tuple[Tensor, Tensor]]:
     """Per example: the teacher's top-``k`` probabilities and token ids at each answer position."""
     model, was_training = population.model, population.model.training
     model.eval()
@@ -100,6 +118,8 @@ class TeacherCache:
 
     def labels_for(self, index: Tensor) -> Tensor:
         """``(K, B, L)`` label distributions of the batch rows ``index``."""
+        if self.label_p is None:
+            raise RuntimeError(f"TeacherCache: no label distributions of {self.teachers} (not a classification task?)")
         return self.label_p[:, index]
 
     def tokens_for(self, index: Tensor, vocab: int) -> Tensor:

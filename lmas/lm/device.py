@@ -19,16 +19,21 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, ContextManager, Mapping
+from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 # Lightning's precision flags (and their legacy aliases) -> the autocast dtype (None: full fp32)
 PRECISIONS: dict[str, torch.dtype | None] = {
-    "32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16,
-    "16-mixed": torch.float16, "16": torch.float16,
+    "32-true": None,
+    "32": None,
+    "bf16-mixed": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "16-mixed": torch.float16,
+    "16": torch.float16,
 }
 
 
@@ -53,11 +58,12 @@ def autocast_dtype(precision: Any) -> torch.dtype | None:
         raise ValueError(
             f"trainer.precision={precision!r}: lmas supports 32-true, bf16-mixed and 16-mixed (mixed precision "
             "autocasts the forward and keeps the LoRA weights in float32); '*-true' half precisions would cast "
-            "the shared base and the adapters themselves, 64-true and transformer-engine are not supported")
+            "the shared base and the adapters themselves, 64-true and transformer-engine are not supported"
+        )
     return PRECISIONS[key]
 
 
-def autocast(precision: Any, device: torch.device) -> ContextManager:
+def autocast(precision: Any, device: torch.device) -> AbstractContextManager:
     """``torch.autocast`` for ``device`` at ``trainer.precision`` when it is mixed, else a no-op context.
 
     What Lightning's ``MixedPrecision`` plugin enters around a training step, for code outside it
@@ -87,8 +93,9 @@ def trainer_device(trainer_kwargs: Mapping[str, Any]) -> torch.device:
     for n in names:  # no "GPU available" banner for this probe
         logging.getLogger(n).setLevel(logging.WARNING)
     try:
-        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
-                            enable_progress_bar=False, **kwargs)
+        trainer = L.Trainer(
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, **kwargs
+        )
         return trainer.strategy.root_device
     finally:
         for n, level in levels.items():

@@ -14,13 +14,17 @@ of ``body`` only: ``len(head) + len(body_kept) + len(tail) + len(answer) <= max_
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lmas.data.task import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -38,22 +42,27 @@ class Encoded:
 PROMPT_FORMATS = ("plain", "chat")
 
 
-def chat_template_parts(tokenizer) -> tuple[str, str]:
+def chat_template_parts(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
     """The text of ``tokenizer``'s chat template before and after a user turn's content.
 
     ``apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)`` is
     ``before + prompt + after``: ``after`` closes the user turn and opens the assistant turn.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"model.prompt_format=chat: the tokenizer {type(tokenizer).__name__} "
-                         f"({getattr(tokenizer, 'name_or_path', '?')}) has no chat template; "
-                         f"use model.prompt_format=plain")
+        raise ValueError(
+            f"model.prompt_format=chat: the tokenizer {type(tokenizer).__name__} "
+            f"({getattr(tokenizer, 'name_or_path', '?')}) has no chat template; "
+            f"use model.prompt_format=plain"
+        )
     marker = "\x00lmas-prompt\x00"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
-                                         add_generation_prompt=True)
-    if text.count(marker) != 1:
-        raise ValueError("model.prompt_format=chat: the tokenizer's chat template does not put the user turn's "
-                         "text in the prompt verbatim; use model.prompt_format=plain")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(text, str) or text.count(marker) != 1:  # (tokenize=False gives a str)
+        raise ValueError(
+            "model.prompt_format=chat: the tokenizer's chat template does not put the user turn's "
+            "text in the prompt verbatim; use model.prompt_format=plain"
+        )
     before, after = text.split(marker)
     return before, after
 
@@ -82,7 +91,7 @@ class PromptEncoder:
         prompt_format: ``plain`` | ``chat`` (``model.prompt_format``).
     """
 
-    def __init__(self, tokenizer, max_length: int = 128, prompt_format: str = "plain") -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int = 128, prompt_format: str = "plain") -> None:
         if max_length < 8:
             raise ValueError(f"data.max_length={max_length} is too small (need >= 8)")
         if prompt_format not in PROMPT_FORMATS:
@@ -102,8 +111,10 @@ class PromptEncoder:
         else:
             self.head, self.tail = [self.start_id], []
         if len(self.head) + len(self.tail) + 1 > max_length:
-            raise ValueError(f"data.max_length={max_length} leaves no room for a prompt: the {prompt_format} prompt "
-                             f"format alone takes {len(self.head) + len(self.tail)} tokens")
+            raise ValueError(
+                f"data.max_length={max_length} leaves no room for a prompt: the {prompt_format} prompt "
+                f"format alone takes {len(self.head) + len(self.tail)} tokens"
+            )
         self.truncated = 0  # number of examples shortened so far (results: truncated_prompts)
 
     def tokens(self, text: str) -> list[int]:
@@ -145,7 +156,11 @@ class PromptEncoder:
             log.warning(
                 "%s%s of %d tokens cut to %d to fit data.max_length=%d (%s); further cuts are only "
                 "counted (truncated_prompts in the results)",
-                f"{where}: " if where else "", what, before, after, self.max_length,
+                f"{where}: " if where else "",
+                what,
+                before,
+                after,
+                self.max_length,
                 "its start dropped, the answer kept whole" if what == "prompt" else "its beginning kept",
             )
 
@@ -166,8 +181,9 @@ class PromptEncoder:
             raise self.answer_too_long(len(answer_ids), answer, where)
         prompt_ids, cut = self._prompt(prompt, room)
         if cut:
-            self._count_truncation("prompt", len(prompt_ids) + cut - self.format_length,
-                                   len(prompt_ids) - self.format_length, where)
+            self._count_truncation(
+                "prompt", len(prompt_ids) + cut - self.format_length, len(prompt_ids) - self.format_length, where
+            )
         return Encoded(tuple(prompt_ids + answer_ids), len(prompt_ids))
 
     def encode_example(self, ex: Example, kind: str, where: str = "") -> Encoded:

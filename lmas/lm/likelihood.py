@@ -9,8 +9,9 @@ model, and a prompt is usually much longer than its answer.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -18,12 +19,22 @@ from torch import Tensor, nn
 from lmas.lm.device import model_device, to_device
 from lmas.lm.encoding import IGNORE, PromptEncoder
 
+if TYPE_CHECKING:
+    from peft import LoraModel, PeftModel
+    from transformers import PreTrainedModel
 
-def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The transformer body (returns hidden states) and the LM head of an HF/peft causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk = getattr(base, base.base_model_prefix)
-    return trunk, base.get_output_embeddings()
+
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The HF causal LM of ``model``: a peft model's base model, else ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return cast("PreTrainedModel", get_base_model() if get_base_model is not None else model)
+
+
+def trunk_and_head(model: nn.Module) -> tuple[Any, nn.Module]:
+    """The transformer body (returns hidden states; its submodules vary by model) and the LM head of an
+    HF/peft causal LM."""
+    base = causal_lm(model)
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
 
 
 def answer_logits(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -77,7 +88,7 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tenso
     return total, count
 
 
-def mixed_adapters(model: nn.Module, adapter_names: Sequence[str] | None):
+def mixed_adapters(model: nn.Module, adapter_names: Sequence[str] | None) -> AbstractContextManager:
     """Context in which each batch row of ``model``'s trunk uses its own peft adapter.
 
     ``adapter_names`` has one adapter name per row (peft's mixed-adapter batches; eval mode
@@ -87,7 +98,8 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str] | None):
         return nullcontext()
     if model.training:
         raise ValueError("mixed-adapter batches work in eval mode only (call model.eval())")
-    return model.base_model._enable_peft_forward_hooks(adapter_names=list(adapter_names))
+    lora = cast("LoraModel", cast("PeftModel", model).base_model)  # mixed batches need a peft LoRA model
+    return lora._enable_peft_forward_hooks(adapter_names=list(adapter_names))
 
 
 def label_logprobs(
@@ -118,8 +130,9 @@ def label_logprobs(
 
     def score(rows: list[int], cols: list[int]) -> Tensor:
         names = None if adapter_names is None else [adapter_names[r] for r in rows]
-        return _label_logprobs(model, encoder, [prompts[r] for r in rows], [label_ids[c] for c in cols],
-                               batch_size, names)
+        return _label_logprobs(
+            model, encoder, [prompts[r] for r in rows], [label_ids[c] for c in cols], batch_size, names
+        )
 
     with torch.set_grad_enabled(grad):
         return by_label_length(encoder, prompts, label_ids, score)
@@ -134,7 +147,12 @@ def label_tokens(encoder: PromptEncoder, labels: Sequence[str]) -> list[list[int
     return label_ids
 
 
-def by_label_length(encoder: PromptEncoder, prompts: Sequence[str], label_ids: Sequence[Sequence[int]], score) -> Tensor:
+def by_label_length(
+    encoder: PromptEncoder,
+    prompts: Sequence[str],
+    label_ids: Sequence[Sequence[int]],
+    score: Callable[[list[int], list[int]], Tensor],
+) -> Tensor:
     """``score(rows, cols)`` (a tensor ``(..., len(rows), len(cols))``) over all prompts and labels.
 
     Prompts that fit before the longest label are scored with all labels at once; a prompt that
@@ -161,7 +179,14 @@ def by_label_length(encoder: PromptEncoder, prompts: Sequence[str], label_ids: S
     return out
 
 
-def _label_logprobs(model, encoder, prompts, label_ids, batch_size, adapter_names) -> Tensor:
+def _label_logprobs(
+    model: nn.Module,
+    encoder: PromptEncoder,
+    prompts: Sequence[str],
+    label_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    adapter_names: Sequence[str] | None,
+) -> Tensor:
     trunk, head = trunk_and_head(model)
     device = model_device(model)  # tensors are built on the CPU and moved here once
     n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
@@ -195,8 +220,9 @@ def _label_logprobs(model, encoder, prompts, label_ids, batch_size, adapter_name
             att = torch.cat([mask.repeat_interleave(n_lab, 0), lab_mask.repeat(b, 1)], 1)  # (B*L, P+W)
             lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(lab_w, device=device)  # (B*L, W)
             with mixed_adapters(model, None if names is None else [n for n in names for _ in range(n_lab)]):
-                h = trunk(input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache,
-                          use_cache=True).last_hidden_state  # (B*L, W, H)
+                h = trunk(
+                    input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache, use_cache=True
+                ).last_hidden_state  # (B*L, W, H)
             nxt = lab_in[:, 1:]  # (B*L, W-1): token k+1 is predicted at label position k
             keep = lab_mask.repeat(b, 1)[:, 1:].bool()
             logp = head(h[:, :-1][keep]).float().log_softmax(-1).gather(1, nxt[keep][:, None]).squeeze(1)

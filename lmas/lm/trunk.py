@@ -32,14 +32,14 @@ from __future__ import annotations
 import re
 import sys
 from collections import OrderedDict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lmas.lm.device import model_device
 from lmas.lm.encoding import PromptEncoder
-from lmas.lm.likelihood import by_label_length, label_tokens, logits_at_targets
+from lmas.lm.likelihood import by_label_length, causal_lm, label_tokens, logits_at_targets, trunk_and_head
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -61,26 +61,32 @@ class SharedTrunk:
 
     def __init__(self, model: nn.Module, split: int | None = None, max_cache_mb: float = 2048.0) -> None:
         self.model = model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.body = getattr(base, base.base_model_prefix)
-        self.head = base.get_output_embeddings()
+        self.body, self.head = trunk_and_head(model)
+        base = causal_lm(model)
         missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(self.body, a)]
-        self._mask_fn = getattr(sys.modules[type(self.body).__module__], "create_causal_mask", None)
-        if missing or self._mask_fn is None:
-            raise TrunkError(f"{type(base).__name__}: a shared trunk needs a Llama-style decoder "
-                             f"(embed_tokens, layers, norm, rotary_emb, create_causal_mask); missing "
-                             f"{', '.join(missing) or 'create_causal_mask'}")
+        mask_fn = getattr(sys.modules[type(self.body).__module__], "create_causal_mask", None)
+        if missing or mask_fn is None:
+            raise TrunkError(
+                f"{type(base).__name__}: a shared trunk needs a Llama-style decoder "
+                f"(embed_tokens, layers, norm, rotary_emb, create_causal_mask); missing "
+                f"{', '.join(missing) or 'create_causal_mask'}"
+            )
+        self._mask_fn: Callable[..., Tensor | None] = mask_fn
         config = self.body.config
         kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
         if kinds != {"full_attention"}:
-            raise TrunkError(f"{type(base).__name__}: a shared trunk supports full causal attention in every "
-                             f"layer; this model has {sorted(kinds)}")
+            raise TrunkError(
+                f"{type(base).__name__}: a shared trunk supports full causal attention in every "
+                f"layer; this model has {sorted(kinds)}"
+            )
         self.n_layers = len(self.body.layers)
         lowest = self._lowest_lora_layer()
         self.split = lowest if split is None else split
         if not 0 < self.split < self.n_layers:
-            raise TrunkError(f"shared trunk: split={self.split} must be in 1..{self.n_layers - 1} "
-                             f"(LoRA restricted to the top layers: population.lora.layers_to_transform)")
+            raise TrunkError(
+                f"shared trunk: split={self.split} must be in 1..{self.n_layers - 1} "
+                f"(LoRA restricted to the top layers: population.lora.layers_to_transform)"
+            )
         self._adapters: frozenset[str] | None = None
         self.check()
         self.max_cache_bytes = int(max_cache_mb * 2**20)
@@ -102,8 +108,10 @@ class SharedTrunk:
                 continue
             m = _LAYER.search(name)
             if m is None:
-                raise TrunkError(f"shared trunk: adapter(s) {sorted(adapters)} put LoRA on {name}, outside the "
-                                 f"decoder layers; the trunk can only share layers below every LoRA module")
+                raise TrunkError(
+                    f"shared trunk: adapter(s) {sorted(adapters)} put LoRA on {name}, outside the "
+                    f"decoder layers; the trunk can only share layers below every LoRA module"
+                )
             for a in adapters:
                 layers.setdefault(a, set()).add(int(m.group(1)))
         return layers
@@ -130,16 +138,21 @@ class SharedTrunk:
                     f"shared trunk: adapter(s) {names} have LoRA modules in layer(s) {v}, below the shared layers' "
                     f"end (layers 0..{self.split - 1} are computed once for every agent and cached); restrict "
                     f"LoRA to layers >= {self.split} (population.lora.layers_to_transform) or turn the trunk "
-                    f"off (train.trunk_cache=false, eval.shared_trunk=false)")
+                    f"off (train.trunk_cache=false, eval.shared_trunk=false)"
+                )
             self._adapters = adapters
         for p_name, p in self._bottom_parameters():
             if p.requires_grad:
-                raise TrunkError(f"shared trunk: {p_name} is trainable, but the layers below {self.split} must "
-                                 f"stay frozen to be shared (a strategy that trains the base, e.g. seqft, "
-                                 f"cannot use train.trunk_cache)")
+                raise TrunkError(
+                    f"shared trunk: {p_name} is trainable, but the layers below {self.split} must "
+                    f"stay frozen to be shared (a strategy that trains the base, e.g. seqft, "
+                    f"cannot use train.trunk_cache)"
+                )
         if training and float(getattr(self.body.config, "attention_dropout", 0.0) or 0.0) > 0:
-            raise TrunkError("shared trunk: the base model has attention dropout; cached bottom layers "
-                             "would differ from a training forward pass")
+            raise TrunkError(
+                "shared trunk: the base model has attention dropout; cached bottom layers "
+                "would differ from a training forward pass"
+            )
 
     def _bottom_parameters(self):
         yield from (("embed_tokens." + n, p) for n, p in self.body.embed_tokens.named_parameters())
@@ -150,17 +163,25 @@ class SharedTrunk:
     def _mask(self, hidden: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor | None:
         if attention_mask.dim() == 4:  # a prepared additive mask (B, 1, T, T)
             return attention_mask.to(hidden.dtype)
-        return self._mask_fn(config=self.body.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                             cache=None, position_ids=position_ids)
+        return self._mask_fn(
+            config=self.body.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            cache=None,
+            position_ids=position_ids,
+        )
 
-    def _layers(self, hidden: Tensor, layers, attention_mask: Tensor, position_ids: Tensor | None) -> Tensor:
+    def _layers(
+        self, hidden: Tensor, layers: Sequence[nn.Module], attention_mask: Tensor, position_ids: Tensor | None
+    ) -> Tensor:
         if position_ids is None:
             position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = self._mask(hidden, attention_mask, position_ids)
         rotary = self.body.rotary_emb(hidden, position_ids=position_ids)
         for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
-                           use_cache=False)
+            hidden = layer(
+                hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids, use_cache=False
+            )
         return hidden
 
     @torch.no_grad()
@@ -198,12 +219,12 @@ class SharedTrunk:
             rows = [keys.index(k) for k in missing]
             width = max(n_cpu[r] for r in rows)
             sub = self.bottom(ids[rows, :width], mask[rows, :width])
-            for i, (r, k) in enumerate(zip(rows, missing)):
+            for i, (r, k) in enumerate(zip(rows, missing, strict=True)):
                 self._store(k, sub[i, : n_cpu[r]].clone())
             self.misses += len(rows)
-        entries = [self.cache[k] if k in self.cache else None for k in keys]
-        if any(e is None for e in entries):  # the cache is smaller than one batch: compute it plainly
+        if any(k not in self.cache for k in keys):  # the cache is smaller than one batch: compute it plainly
             return self.bottom(ids, mask)
+        entries = [self.cache[k] for k in keys]
         for k in set(keys):
             self.cache.move_to_end(k)
         out = entries[0].new_zeros(ids.shape[0], ids.shape[1], entries[0].shape[-1])
@@ -234,7 +255,9 @@ class SharedTrunk:
 
 
 # --- evaluation: N agents from one bottom pass ------------------------------------------------
-def _label_tree(encoder: PromptEncoder, prompts: Sequence[str], label_ids: list[list[int]], lab_w: int):
+def _label_tree(
+    encoder: PromptEncoder, prompts: Sequence[str], label_ids: Sequence[Sequence[int]], lab_w: int
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """One row per prompt: the left-padded prompt, then every label's tokens but its last, side by side.
 
     Label ``j``'s tokens see the prompt and their own label's earlier tokens only, and take the
@@ -290,15 +313,32 @@ def shared_label_logprobs(
     """
     trunk.check()
     label_ids = label_tokens(encoder, labels)
-    return by_label_length(encoder, prompts, label_ids, lambda rows, cols: _shared_label_logprobs(
-        trunk, encoder, [prompts[r] for r in rows], [label_ids[c] for c in cols], agents, activate, batch_size))
+    return by_label_length(
+        encoder,
+        prompts,
+        label_ids,
+        lambda rows, cols: _shared_label_logprobs(
+            trunk, encoder, [prompts[r] for r in rows], [label_ids[c] for c in cols], agents, activate, batch_size
+        ),
+    )
 
 
-def _shared_label_logprobs(trunk, encoder, prompts, label_ids, agents, activate, batch_size) -> Tensor:
+def _shared_label_logprobs(
+    trunk: SharedTrunk,
+    encoder: PromptEncoder,
+    prompts: Sequence[str],
+    label_ids: Sequence[Sequence[int]],
+    agents: Sequence[str],
+    activate: Callable[[str], None],
+    batch_size: int,
+) -> Tensor:
     lab_w = max(len(t) for t in label_ids)
     # head positions: the prompt's last column predicts every label's first token; label j's
     # token k (k < len-1), at offset `rel` after the prompt, predicts its token k+1
-    rel, tgt, owner, off = [], [], [], 0
+    rel: list[int] = []
+    tgt: list[int] = []
+    owner: list[int] = []
+    off = 0
     for j, lab in enumerate(label_ids):
         rel += [off + k for k in range(len(lab) - 1)]
         tgt += lab[1:]

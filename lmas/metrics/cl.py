@@ -66,7 +66,7 @@ value equals the Avalanche function of the square matrix ``V`` above (tested).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -104,9 +104,7 @@ def _get(R: np.ndarray, i: int, j: int, name: str) -> float:
     """``R[i][j]``, raising a ``ValueError`` naming round and task when it is NaN."""
     v = float(R[i, j])
     if np.isnan(v):
-        raise ValueError(
-            f"{name}: R[{i}][{j}] is NaN (task {j} after training round {i}) but it is needed"
-        )
+        raise ValueError(f"{name}: R[{i}][{j}] is NaN (task {j} after training round {i}) but it is needed")
     return v
 
 
@@ -135,9 +133,7 @@ def _mean(xs: Sequence[float]) -> float:
     return float(sum(xs) / len(xs)) if xs else 0.0
 
 
-def average_accuracy(
-    R: ArrayLike, higher_is_better: bool = True, tasks: Sequence[int] | None = None
-) -> float:
+def average_accuracy(R: ArrayLike, higher_is_better: bool = True, tasks: Sequence[int] | None = None) -> float:
     """Mean of the last row: the metric on every task (or on ``tasks``) after the last round."""
     name = "average_accuracy"
     a = _square(R, name)
@@ -156,16 +152,10 @@ def forgetting_per_task(
     a = _square(R, name)
     T = a.shape[0]
     sign = 1.0 if higher_is_better else -1.0
-    return {
-        j: sign * (_get(a, j, j, name) - _get(a, T - 1, j, name))
-        for j in _columns(tasks, T, name)
-        if j < T - 1
-    }
+    return {j: sign * (_get(a, j, j, name) - _get(a, T - 1, j, name)) for j in _columns(tasks, T, name) if j < T - 1}
 
 
-def forgetting(
-    R: ArrayLike, higher_is_better: bool = True, tasks: Sequence[int] | None = None
-) -> float:
+def forgetting(R: ArrayLike, higher_is_better: bool = True, tasks: Sequence[int] | None = None) -> float:
     """Mean forgetting over tasks ``j < T-1`` (Avalanche ``StreamForgetting``); ``0.0`` if none."""
     return _mean(list(forgetting_per_task(R, higher_is_better, tasks).values()))
 
@@ -187,11 +177,7 @@ def forward_transfer_per_task(
     T = a.shape[0]
     v = _initial(b, T, name)
     sign = 1.0 if higher_is_better else -1.0
-    return {
-        j: sign * (_get(a, j - 1, j, name) - _get_b(v, j, name))
-        for j in _columns(tasks, T, name)
-        if j >= 1
-    }
+    return {j: sign * (_get(a, j - 1, j, name) - _get_b(v, j, name)) for j in _columns(tasks, T, name) if j >= 1}
 
 
 def forward_transfer(
@@ -204,9 +190,7 @@ def forward_transfer(
     return _mean(list(forward_transfer_per_task(R, b, higher_is_better, tasks).values()))
 
 
-def plasticity(
-    R: ArrayLike, higher_is_better: bool = True, tasks: Sequence[int] | None = None
-) -> float:
+def plasticity(R: ArrayLike, higher_is_better: bool = True, tasks: Sequence[int] | None = None) -> float:
     """Mean of the diagonal: each task's metric right after training it (learning accuracy)."""
     name = "plasticity"
     a = _square(R, name)
@@ -249,12 +233,14 @@ def run_metrics(
     v = _initial(b, T, name)
     first, last = [int(x) for x in first], [int(x) for x in last]
     if len(first) != T or len(last) != T:
-        raise ValueError(f"{name}: need one first and one last training round per task ({T}), "
-                         f"got {len(first)} and {len(last)}")
+        raise ValueError(
+            f"{name}: need one first and one last training round per task ({T}), got {len(first)} and {len(last)}"
+        )
     bad = [j for j in range(T) if not 0 <= first[j] <= last[j] <= F]
     if bad:
-        raise ValueError(f"{name}: task {bad[0]} has first={first[bad[0]]}, last={last[bad[0]]}; "
-                         f"need 0 <= first <= last <= F={F}")
+        raise ValueError(
+            f"{name}: task {bad[0]} has first={first[bad[0]]}, last={last[bad[0]]}; need 0 <= first <= last <= F={F}"
+        )
     s0 = min(first) if start is None else int(start)
     sign = 1.0 if higher_is_better else -1.0
     forgetting = _mean([sign * (_get(a, last[j], j, name) - _get(a, F, j, name)) for j in range(T) if last[j] < F])

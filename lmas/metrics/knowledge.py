@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -97,18 +97,14 @@ class KnowledgeMatrix:
 
     def _round(self, round: int) -> int:
         if not isinstance(round, (int, np.integer)) or not 0 <= round < self.n_rounds:
-            raise IndexError(
-                f"KnowledgeMatrix: round {round!r} does not exist ({self.n_rounds} rounds started)"
-            )
+            raise IndexError(f"KnowledgeMatrix: round {round!r} does not exist ({self.n_rounds} rounds started)")
         return int(round)
 
     @staticmethod
     def _value(value: float, where: str) -> float:
         v = float(value)
         if math.isinf(v):
-            raise ValueError(
-                f"KnowledgeMatrix: value for {where} is {v}; only finite values (or NaN) are stored"
-            )
+            raise ValueError(f"KnowledgeMatrix: value for {where} is {v}; only finite values (or NaN) are stored")
         return v
 
     @property
@@ -141,9 +137,7 @@ class KnowledgeMatrix:
     def record(self, round: int, agent: str, task: str, value: float) -> None:
         """Record the value of ``agent`` on ``task`` at the end of ``round``."""
         r = self._round(round)
-        self._values[r, self._agent(agent), self._task(task)] = self._value(
-            value, f"round {r} {agent}/{task}"
-        )
+        self._values[r, self._agent(agent), self._task(task)] = self._value(value, f"round {r} {agent}/{task}")
 
     def mark_trained(self, round: int, agent: str, task: str) -> None:
         """Note that ``agent`` finished training on ``task`` in ``round`` (idempotent)."""
@@ -198,19 +192,28 @@ class KnowledgeMatrix:
         a = self._agent(agent)
         start = min(f for f, _ in rounds.values())
         out: dict[str, float] = {}
-        for hib, keys in ((True, ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")),
-                          (False, ("avg_ppl", "ppl_forgetting", "ppl_bwt", "ppl_fwt", None))):
+        for hib, keys in (
+            (True, ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")),
+            (False, ("avg_ppl", "ppl_forgetting", "ppl_bwt", "ppl_fwt", None)),
+        ):
             names = [t for t in rounds if HIGHER_IS_BETTER[self.metrics[t]] == hib]
             if not names:
                 continue
             cols = [self._t[t] for t in names]
             try:
-                m = cl.run_metrics(self._values[:, a, cols], self._initial[a, cols], [rounds[t][0] for t in names],
-                                   [rounds[t][1] for t in names], hib, start)
+                m = cl.run_metrics(
+                    self._values[:, a, cols],
+                    self._initial[a, cols],
+                    [rounds[t][0] for t in names],
+                    [rounds[t][1] for t in names],
+                    hib,
+                    start,
+                )
             except ValueError as e:
-                raise ValueError(f"KnowledgeMatrix.summary({agent!r}): {e}; row i is round i and task j is "
-                                 f"{names}[j]") from e
-            for key, src in zip(keys, ("average", "forgetting", "bwt", "fwt", "plasticity")):
+                raise ValueError(
+                    f"KnowledgeMatrix.summary({agent!r}): {e}; row i is round i and task j is {names}[j]"
+                ) from e
+            for key, src in zip(keys, ("average", "forgetting", "bwt", "fwt", "plasticity"), strict=True):
                 if key is not None and src in m:
                     out[key] = m[src]
         return out
@@ -219,7 +222,7 @@ class KnowledgeMatrix:
         """``{agent: summary(agent)}`` for every row of the matrix (results.json ``metrics``)."""
         return {agent: self.summary(agent) for agent in self.agents}
 
-    def until(self, round: int) -> "KnowledgeMatrix":
+    def until(self, round: int) -> KnowledgeMatrix:
         """A copy holding only rounds ``0..round`` (and the training events of those rounds).
 
         ``until(r).summary(agent)`` is the agent's metrics as they stood at the end of round ``r``
@@ -251,7 +254,7 @@ class KnowledgeMatrix:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "KnowledgeMatrix":
+    def from_dict(cls, d: dict) -> KnowledgeMatrix:
         """Rebuild a matrix written by :meth:`to_dict`."""
         if d.get("version", _FORMAT_VERSION) != _FORMAT_VERSION:
             raise ValueError(f"KnowledgeMatrix.from_dict: unsupported version {d.get('version')!r}")
@@ -280,9 +283,7 @@ class KnowledgeMatrix:
                         if not math.isnan(v):
                             w.writerow([r, a, t, self.metrics[t], repr(v)])
 
-    def heatmap(
-        self, path: str | os.PathLike, agent: str | None = None, *, dpi: int = 100
-    ) -> None:
+    def heatmap(self, path: str | os.PathLike | BinaryIO, agent: str | None = None, *, dpi: int = 100) -> None:
         """Save a PNG heatmap (matplotlib, Agg): rows = ``initial`` then the rounds, columns = tasks.
 
         One panel per agent (stacked vertically) when ``agent`` is None. Cells are annotated with
@@ -300,7 +301,7 @@ class KnowledgeMatrix:
         fig = Figure(figsize=self.figure_size(len(names)), dpi=dpi)
         axes = fig.subplots(len(names), 1, squeeze=False)
         cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#eeeeee")
-        for ax, name in zip(axes[:, 0], names):
+        for ax, name in zip(axes[:, 0], names, strict=True):
             a = self._a[name]
             data = np.concatenate([self._initial[a][None, :], self._values[:, a, :]], axis=0)
             score = self._goodness(data)
@@ -311,12 +312,9 @@ class KnowledgeMatrix:
                     if not math.isnan(v):
                         text = f"{v:.3g}" if self.metrics[self.tasks[j]] == "perplexity" else f"{v:.2f}"
                         dark = not math.isnan(score[i, j]) and not 0.15 <= score[i, j] <= 0.85
-                        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                                color="white" if dark else "black")
+                        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
             for r, _, t in self.trained(name):
-                ax.add_patch(
-                    Rectangle((self._t[t] - 0.5, r + 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2)
-                )
+                ax.add_patch(Rectangle((self._t[t] - 0.5, r + 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
             ax.set_xticks(range(len(self.tasks)))
             ax.set_xticklabels([f"{t}\n({self.metrics[t]})" for t in self.tasks], fontsize=7)
             ax.set_yticks(range(data.shape[0]))

@@ -3,7 +3,7 @@
 * **weights** — the cosine similarity of two agents' LoRA weight updates, each flattened over all
   adapted modules: ``cos(ΔW_a, ΔW_b)`` with ``ΔW = B·A·scale`` per module (an agent with several
   stacked adapters, IncLoRA/O-LoRA, has the sum of their updates: read by
-  :func:`lmas.transfer.merge.agent_factors`, the same function every transfer reads agents with).
+  :func:`lmas.transfer.factors.agent_factors`, the same function every transfer reads agents with).
   Computed from the factors without forming ``ΔW``: ``<B1 A1, B2 A2>_F = sum((B1ᵀ B2) ⊙ (A1 A2ᵀ))``, so the cost is
   ``r × r`` per module whatever the module's size. A module only one agent adapts counts as a
   zero update for the other. An agent whose update is zero (untrained) has no direction: NaN.
@@ -16,14 +16,22 @@ Pairs are keyed ``"<a>~<b>"`` with ``a`` before ``b`` in the given agent order.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from itertools import combinations
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from lmas.data.task import Task
+
+if TYPE_CHECKING:
+    from lmas.data.stream import Stream
+    from lmas.evaluation.scorer import PopulationScorer
+    from lmas.population.population import Population
+
 Factors = Mapping[str, tuple[Tensor, Tensor]]
 """Module name -> ``(A, B)`` with ``ΔW = B @ A`` (scaling folded into ``B``), as
-:func:`lmas.transfer.merge.agent_factors` returns."""
+:func:`lmas.transfer.factors.agent_factors` returns."""
 
 PROBE_SIZE = 16  # examples of the probe set (the first test examples of the first classification task)
 
@@ -39,8 +47,10 @@ def _inner(f: Factors, g: Factors) -> float:
         a1, b1 = f[name]
         a2, b2 = g[name]
         if a1.shape[1] != a2.shape[1] or b1.shape[0] != b2.shape[0]:
-            raise ValueError(f"module {name}: updates of shapes {tuple(b1.shape[:1] + a1.shape[1:])} and "
-                             f"{tuple(b2.shape[:1] + a2.shape[1:])} cannot be compared")
+            raise ValueError(
+                f"module {name}: updates of shapes {tuple(b1.shape[:1] + a1.shape[1:])} and "
+                f"{tuple(b2.shape[:1] + a2.shape[1:])} cannot be compared"
+            )
         total += float(((b1.double().T @ b2.double()) * (a1.double() @ a2.double().T)).sum())
     return total
 
@@ -66,40 +76,47 @@ def weight_similarity(factors: Mapping[str, Factors]) -> dict[str, float]:
 def agreement(pred_a: Tensor, pred_b: Tensor) -> float:
     """Share of examples on which two prediction vectors (label indices) are equal."""
     if pred_a.shape != pred_b.shape or pred_a.ndim != 1 or pred_a.numel() == 0:
-        raise ValueError(f"agreement: expected two equal non-empty 1-d label vectors, got "
-                         f"{tuple(pred_a.shape)} and {tuple(pred_b.shape)}")
+        raise ValueError(
+            f"agreement: expected two equal non-empty 1-d label vectors, got "
+            f"{tuple(pred_a.shape)} and {tuple(pred_b.shape)}"
+        )
     return (pred_a == pred_b).float().mean().item()
 
 
 def prediction_agreement(agents: Sequence[str], logprobs: Tensor) -> dict[str, float]:
     """``{"a~b": agreement}`` from label log-likelihoods ``(A, N, L)`` of ``agents`` on one probe set."""
     if logprobs.ndim != 3 or logprobs.shape[0] != len(agents):
-        raise ValueError(f"prediction_agreement: logprobs must be (agents={len(agents)}, N, labels), "
-                         f"got {tuple(logprobs.shape)}")
+        raise ValueError(
+            f"prediction_agreement: logprobs must be (agents={len(agents)}, N, labels), got {tuple(logprobs.shape)}"
+        )
     pred = logprobs.argmax(-1)
-    return {pair_key(a, b): agreement(pred[i], pred[j])
-            for (i, a), (j, b) in combinations(list(enumerate(agents)), 2)}
+    return {pair_key(a, b): agreement(pred[i], pred[j]) for (i, a), (j, b) in combinations(list(enumerate(agents)), 2)}
 
 
 # --- measuring a population (reads adapters and scores the probe set) ------------------------
-def probe_set(stream, size: int = PROBE_SIZE, split: str = "test"):
+Probe = tuple[Task, list[str], list[str]]
+"""The probe set of :func:`probe_set`: a classification task, its first prompts, and its label space."""
+
+
+def probe_set(stream: Stream, size: int = PROBE_SIZE, split: str = "test") -> Probe | None:
     """``(task, prompts, labels)`` of the fixed probe set: the first ``size`` examples of the first
     classification task of ``stream`` (labels: the task's label space once the whole stream is
     met, so it stays the same over rounds); ``None`` when the stream has no such task/examples."""
     for j, task in enumerate(stream.tasks):
-        if task.kind == "classification" and getattr(task, split):
+        labels = stream.label_space(j, len(stream.tasks) - 1)  # None: not a classification task
+        if labels is not None and getattr(task, split):
             examples = getattr(task, split)[:size]
-            return task, [ex.prompt for ex in examples], stream.label_space(j, len(stream.tasks) - 1)
+            return task, [ex.prompt for ex in examples], labels
     return None
 
 
-def measure(population, scorer, agents: Sequence[str], probe) -> dict:
+def measure(population: Population, scorer: PopulationScorer, agents: Sequence[str], probe: Probe | None) -> dict:
     """Weight similarity and (with a ``probe`` of :func:`probe_set`) prediction agreement of ``agents``.
 
     ``scorer``: a :class:`lmas.evaluation.scorer.PopulationScorer` of ``population``.
     Returns ``{"weights": {"a~b": ...}, "predictions": {"a~b": ...}}`` (predictions omitted without a probe).
     """
-    from lmas.transfer.merge import agent_factors
+    from lmas.transfer.factors import agent_factors
 
     factors = {a: agent_factors(population, a) for a in agents}
     out: dict = {"weights": weight_similarity(factors)}

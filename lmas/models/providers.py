@@ -16,9 +16,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from transformers import (
@@ -27,6 +27,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from lmas.checkpoint import fsync, fsync_tree
@@ -52,7 +53,7 @@ class BaseModel:
     """
 
     model: PreTrainedModel
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     name: str
     info: dict = field(default_factory=dict)
     prompt_format: str = "plain"
@@ -66,8 +67,10 @@ class BaseModel:
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"model.prompt_format={self.prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
         if self.prompt_format == "chat" and not getattr(tok, "chat_template", None):
-            raise ValueError(f"model.prompt_format=chat: the tokenizer of {self.name} has no chat template; "
-                             f"use model.prompt_format=plain")
+            raise ValueError(
+                f"model.prompt_format=chat: the tokenizer of {self.name} has no chat template; "
+                f"use model.prompt_format=plain"
+            )
         self.info["prompt_format"] = self.prompt_format
 
 
@@ -113,7 +116,7 @@ def _lock(path: Path) -> Iterator[bool]:
     try:
         import fcntl
     except ImportError:  # not POSIX
-        fcntl = None
+        fcntl = None  # type: ignore[assignment]  # no locking: the atomic rename decides
     fh = None
     if fcntl is not None:
         try:
@@ -172,8 +175,10 @@ def _install(tmp: Path, final: Path) -> Path:
     except OSError as err:
         if is_converted(final):
             return final  # another process finished first; the caller removes tmp
-        raise RuntimeError(f"cannot move the converted model {tmp} into place at {final} ({err}); {final} "
-                           f"exists but is not a finished conversion (no {COMPLETE}): delete it and rerun") from err
+        raise RuntimeError(
+            f"cannot move the converted model {tmp} into place at {final} ({err}); {final} "
+            f"exists but is not a finished conversion (no {COMPLETE}): delete it and rerun"
+        ) from err
     fsync(final.parent)
     return final
 
@@ -244,15 +249,15 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _load(path: str, name: str, dtype: str, revision: str | None, trust_remote_code: bool,
-          prompt_format: str = "plain") -> BaseModel:
+def _load(
+    path: str, name: str, dtype: str, revision: str | None, trust_remote_code: bool, prompt_format: str = "plain"
+) -> BaseModel:
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=revision, dtype=_dtype(dtype), trust_remote_code=trust_remote_code
     )
     n_params = sum(p.numel() for p in model.parameters())
-    return BaseModel(model, tokenizer, name, {"path": str(path), "parameters": n_params, "dtype": dtype},
-                     prompt_format)
+    return BaseModel(model, tokenizer, name, {"path": str(path), "parameters": n_params, "dtype": dtype}, prompt_format)
 
 
 def smollm2(cache: str | None = None, dtype: str = "float32", prompt_format: str = "plain") -> BaseModel:
@@ -285,13 +290,14 @@ def hf(
         raise FileNotFoundError(f"model.name_or_path={name_or_path}: no such folder: {local}")
     path = str(local) if local.exists() else name_or_path
     try:
-        return _load(path, Path(name_or_path).name or name_or_path, dtype, revision, trust_remote_code,
-                     prompt_format)
+        return _load(path, Path(name_or_path).name or name_or_path, dtype, revision, trust_remote_code, prompt_format)
     except OSError as err:
         if local.exists():
             raise
-        raise OSError(f"model.name_or_path={name_or_path}: not a local folder (no {local}) and not loadable "
-                      f"as a hub id ({_first_line(err)})") from err
+        raise OSError(
+            f"model.name_or_path={name_or_path}: not a local folder (no {local}) and not loadable "
+            f"as a hub id ({_first_line(err)})"
+        ) from err
 
 
 def tiny(
@@ -323,5 +329,6 @@ def tiny(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    return BaseModel(model, tokenizer, "tiny-llama", {"parameters": n_params, "seed": seed, "layers": num_layers},
-                     prompt_format)
+    return BaseModel(
+        model, tokenizer, "tiny-llama", {"parameters": n_params, "seed": seed, "layers": num_layers}, prompt_format
+    )

@@ -15,7 +15,7 @@ threshold answers, otherwise the example escalates to the next; the last agent a
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -91,8 +91,10 @@ class MessageLog:
         return [self.round_summary(r) for r in range(n_rounds)]
 
     def state_dict(self) -> dict:
-        return {"count": {str(r): dict(k) for r, k in self._count.items()},
-                "bytes": {str(r): dict(k) for r, k in self._bytes.items()}}
+        return {
+            "count": {str(r): dict(k) for r, k in self._count.items()},
+            "bytes": {str(r): dict(k) for r, k in self._bytes.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key, target in (("count", self._count), ("bytes", self._bytes)):

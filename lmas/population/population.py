@@ -6,10 +6,12 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from peft import (
     LoraConfig,
+    LoraModel,
     PeftModel,
     get_peft_model,
     get_peft_model_state_dict,
@@ -92,8 +94,11 @@ class Population:
         self.lora = lora_config(**(lora or {}))
         self.seed = seed
         self.agents: dict[str, Agent] = {}
-        self.model: PeftModel | None = None
-        for name in names:
+        with torch.random.fork_rng():  # the first agent's adapter comes with the peft model
+            torch.manual_seed(seed)
+            self.model: PeftModel = get_peft_model(base.model, self.lora, adapter_name=names[0])
+        self._register(names[0])
+        for name in names[1:]:
             self.add_agent(name)
 
     # --- agents -------------------------------------------------------------------------
@@ -103,10 +108,11 @@ class Population:
             raise ValueError(f"agent {name!r} already exists")
         with torch.random.fork_rng():
             torch.manual_seed(self.seed + len(self.agents))
-            if self.model is None:
-                self.model = get_peft_model(self.base.model, config or self.lora, adapter_name=name)
-            else:
-                self.model.add_adapter(name, config or self.lora)
+            self.model.add_adapter(name, config or self.lora)
+        return self._register(name)
+
+    def _register(self, name: str) -> Agent:
+        """Record the agent whose adapter ``name`` was just added, and activate it."""
         self.agents[name] = Agent(name, [name])
         self.activate(name)
         return self.agents[name]
@@ -132,15 +138,13 @@ class Population:
         """
         self._check(name)
         adapter = adapter or self.agents[name].trainable
-        cfg = self.model.peft_config[adapter]
+        cfg = self.lora_of(adapter)
         if rank < 1:
             raise ValueError(f"resize_adapter: rank={rank} must be >= 1")
         if cfg.r == rank:
             return
         active = next((n for n, a in self.agents.items() if a.adapters == list(self.model.active_adapters)), name)
-        alpha = cfg.lora_alpha * rank / cfg.r
-        alpha = int(alpha) if float(alpha).is_integer() else alpha
-        new = dataclasses.replace(cfg, r=rank, lora_alpha=alpha, rank_pattern={}, alpha_pattern={})
+        new = with_rank(cfg, rank)
         self.model.delete_adapter(adapter)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed + 104729 * rank + self.names.index(name))
@@ -156,6 +160,13 @@ class Population:
         del self.agents[name]
         self.activate(next(iter(self.agents)))
 
+    def lora_of(self, adapter: str) -> LoraConfig:
+        """The LoRA config of one peft adapter (by adapter name)."""
+        config = self.model.peft_config[adapter]
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"adapter {adapter!r} is a {type(config).__name__}, not a LoRA adapter")
+        return config
+
     @property
     def names(self) -> list[str]:
         return list(self.agents)
@@ -169,7 +180,7 @@ class Population:
         """Make ``name``'s adapters the active ones; its newest adapter is the only trainable part."""
         self._check(name)
         adapters = self.agents[name].adapters
-        self.model.base_model.set_adapter(adapters if len(adapters) > 1 else adapters[0])
+        set_active(self.model, adapters)
         trainable = adapters[-1]
         for pname, p in self.model.named_parameters():
             p.requires_grad_(_owned_by(pname, trainable))
@@ -234,6 +245,26 @@ class Population:
             if len(ranks) == 1:  # an adapter grown by a merge (topology.max_rank) comes back at its rank
                 self.resize_adapter(name, ranks.pop(), self.agents[name].adapters[i])
             self.load_adapter_state(name, state, self.agents[name].adapters[i])
+
+
+def with_rank(config: LoraConfig, rank: int, **changes: Any) -> LoraConfig:
+    """``config`` at LoRA rank ``rank`` with the same ``α/r`` (so the same scaling), without per-module
+    rank/alpha patterns; ``changes``: other fields to replace."""
+    alpha = config.lora_alpha * rank / config.r
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return dataclasses.replace(
+        config,
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates it int; a float α (exact α/r) works
+        rank_pattern={},
+        alpha_pattern={},
+        **changes,
+    )
+
+
+def set_active(model: PeftModel, adapters: list[str]) -> None:
+    """Make ``adapters`` the active ones of ``model`` (several at once: their LoRA updates add up)."""
+    cast(LoraModel, model.base_model).set_adapter(adapters if len(adapters) > 1 else adapters[0])
 
 
 def _owned_by(param_name: str, agent: str) -> bool:

@@ -11,6 +11,7 @@ kept. The memory follows ``AGEMPlugin.update_memory``: after each task, at most
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from lmas.strategies.replay import (
     rng_from_json,
     rng_to_json,
 )
+
+if TYPE_CHECKING:
+    from lmas.training.experience import IncrementalLM
 
 Item = tuple[Example, str]
 
@@ -42,10 +46,12 @@ def agem_project(grad: Tensor, ref_grad: Tensor) -> Tensor:
 def flat_grads(params: list[Tensor], grads: list[Tensor | None] | None = None) -> Tensor:
     """Concatenate gradients (default: each ``p.grad``) into one vector; missing ones are zeros."""
     grads = [p.grad for p in params] if grads is None else grads
-    return torch.cat([
-        (g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype))
-        for p, g in zip(params, grads)
-    ])
+    return torch.cat(
+        [
+            (g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype))
+            for p, g in zip(params, grads, strict=True)
+        ]
+    )
 
 
 class AGEM(Strategy):
@@ -93,7 +99,7 @@ class AGEM(Strategy):
         rng = self._rng(agent)
         return [item for g in groups for item in rng.sample(g, min(per_group, len(g)))]
 
-    def on_train_batch_start(self, module, batch) -> None:
+    def on_train_batch_start(self, module: IncrementalLM, batch: dict[str, Tensor]) -> None:
         agent = module.agent
         sample = self.memory_sample(agent)
         if not sample:
@@ -107,7 +113,7 @@ class AGEM(Strategy):
         self._ref[agent] = (params, flat_grads(params, list(grads)).detach())
 
     @torch.no_grad()
-    def on_before_optimizer_step(self, module) -> None:
+    def on_before_optimizer_step(self, module: IncrementalLM) -> None:
         agent = module.agent
         if agent not in self._ref:
             return
@@ -126,9 +132,9 @@ class AGEM(Strategy):
                 p.grad.copy_(projected[offset : offset + n].view_as(p))
             offset += n
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         agent = module.agent
-        rows = [(ex, task.kind) for ex in task.train]
+        rows: list[Item] = [(ex, task.kind) for ex in task.train]
         rng = self._rng(agent)
         if len(rows) > self.patterns_per_task:
             rows = rng.sample(rows, self.patterns_per_task)

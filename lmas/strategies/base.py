@@ -20,6 +20,9 @@ from torch import Tensor
 from lmas.data.task import Example, Task
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.population.population import Population
+    from lmas.schema import TrainConfig
     from lmas.training.experience import IncrementalLM
 
 
@@ -33,7 +36,14 @@ class Strategy:
         return [(ex, task.kind) for ex in task.train]
 
     def external_fit(
-        self, population, agent: str, task: Task, examples: list[tuple[Example, str]], encoder, train, seed: int
+        self,
+        population: Population,
+        agent: str,
+        task: Task,
+        examples: list[tuple[Example, str]],
+        encoder: PromptEncoder,
+        train: TrainConfig,
+        seed: int,
     ) -> list[float] | None:
         """Train outside lmas' Lightning path (e.g. with Avalanche's own strategy).
 
@@ -42,15 +52,13 @@ class Strategy:
         """
         return None
 
-    def before_task(self, module: "IncrementalLM", task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         """Called before ``Trainer.fit`` of an experience."""
 
-    def on_train_batch_start(self, module: "IncrementalLM", batch: dict[str, Tensor]) -> None:
+    def on_train_batch_start(self, module: IncrementalLM, batch: dict[str, Tensor]) -> None:
         """Before the forward pass of a training batch (A-GEM computes its reference gradient here)."""
 
-    def loss_terms(
-        self, module: "IncrementalLM", batch: dict[str, Tensor], out: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         """Extra scalar losses for this batch, by name; the module adds them to the task loss.
 
         ``out`` holds the student's forward pass: ``logits`` (N, V) at the N answer positions,
@@ -58,10 +66,10 @@ class Strategy:
         """
         return {}
 
-    def on_before_optimizer_step(self, module: "IncrementalLM") -> None:
+    def on_before_optimizer_step(self, module: IncrementalLM) -> None:
         """Gradient surgery hook (A-GEM); gradients are populated when this runs."""
 
-    def after_task(self, module: "IncrementalLM", task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         """Called after ``Trainer.fit`` of an experience (consolidation: Fisher, buffers, ...)."""
 
     def fit_info(self) -> dict:
@@ -75,4 +83,3 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
-

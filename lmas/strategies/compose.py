@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from lmas.data.task import Example, Task
 from lmas.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.population.population import Population
+    from lmas.schema import TrainConfig
+    from lmas.training.experience import IncrementalLM
 
 
 def overrides(part: Strategy, method: str) -> bool:
@@ -48,19 +55,28 @@ class Compose(Strategy):
         part = self._one("train_examples")
         return (part or Strategy()).train_examples(agent, task, seen)
 
-    def external_fit(self, population, agent, task, examples, encoder, train, seed):
+    def external_fit(
+        self,
+        population: Population,
+        agent: str,
+        task: Task,
+        examples: list[tuple[Example, str]],
+        encoder: PromptEncoder,
+        train: TrainConfig,
+        seed: int,
+    ) -> list[float] | None:
         part = self._one("external_fit")
         return None if part is None else part.external_fit(population, agent, task, examples, encoder, train, seed)
 
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         for p in self.parts:
             p.before_task(module, task)
 
-    def on_train_batch_start(self, module, batch: dict[str, Tensor]) -> None:
+    def on_train_batch_start(self, module: IncrementalLM, batch: dict[str, Tensor]) -> None:
         for p in self.parts:
             p.on_train_batch_start(module, batch)
 
-    def loss_terms(self, module, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         for p in self.parts:
             for key, value in p.loss_terms(module, batch, out).items():
@@ -69,11 +85,11 @@ class Compose(Strategy):
                 terms[key] = value
         return terms
 
-    def on_before_optimizer_step(self, module) -> None:
+    def on_before_optimizer_step(self, module: IncrementalLM) -> None:
         for p in self.parts:
             p.on_before_optimizer_step(module)
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         for p in self.parts:
             p.after_task(module, task)
 
@@ -90,5 +106,5 @@ class Compose(Strategy):
         saved = state["parts"]
         if [s["name"] for s in saved] != [p.name for p in self.parts]:
             raise ValueError(f"Compose: saved parts {[s['name'] for s in saved]} != {[p.name for p in self.parts]}")
-        for p, s in zip(self.parts, saved):
+        for p, s in zip(self.parts, saved, strict=True):
             p.load_state_dict(s["state"])

@@ -17,7 +17,7 @@ class Joint(Strategy):
     name = "joint"
 
     def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
-        rows = [(ex, task.kind) for ex in task.train]
+        rows: list[tuple[Example, str]] = [(ex, task.kind) for ex in task.train]
         for old in seen:
             if old.name != task.name:
                 rows.extend((ex, old.kind) for ex in old.train)

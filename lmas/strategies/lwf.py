@@ -9,6 +9,8 @@ restricts the units to the classes seen before; an LM head has no such partition
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +18,10 @@ from torch import Tensor
 from lmas.data.task import Task
 from lmas.lm.likelihood import answer_logits
 from lmas.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lmas.population.population import Population
+    from lmas.training.experience import IncrementalLM
 
 
 def lwf_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -33,8 +39,9 @@ class LwF(Strategy):
     ``before_task`` copies the agent's trainable adapter weights into a spare peft adapter
     ``<agent>-lwf`` (created once per agent, never trainable, never listed in the agent's
     adapters); ``loss_terms`` runs the teacher — the agent's frozen adapters other than the
-    trainable one, as they were at ``before_task``, plus the spare — on the same batch under ``no_grad`` and in eval mode, then re-activates the agent and
-    restores every parameter's ``requires_grad`` flag. The term ``lwf`` is absent on an agent's
+    trainable one, as they were at ``before_task``, plus the spare — on the same batch under
+    ``no_grad`` and in eval mode, then re-activates the agent and restores every parameter's
+    ``requires_grad`` flag. The term ``lwf`` is absent on an agent's
     first task (nothing to distil yet). The teacher shares the base model with the student, so it
     is the start-of-task model only while the base is frozen (not under SeqFT).
 
@@ -59,7 +66,7 @@ class LwF(Strategy):
     def spare_name(agent: str) -> str:
         return f"{agent}-lwf"
 
-    def _ensure_spare(self, population, agent: str) -> str:
+    def _ensure_spare(self, population: Population, agent: str) -> str:
         spare = self.spare_name(agent)
         if spare in population.agents:
             raise ValueError(f"LwF needs the adapter name {spare!r}, but it is an agent of the population")
@@ -69,7 +76,7 @@ class LwF(Strategy):
             population.activate(agent)
         return spare
 
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         agent = module.agent
         self.teachers.pop(agent, None)
         if self.trained.get(agent, 0) == 0:
@@ -84,7 +91,7 @@ class LwF(Strategy):
         self.teachers[agent] = population.agents[agent].adapters[:-1] + [spare]
 
     @torch.no_grad()
-    def teacher_logits(self, module, batch: dict[str, Tensor]) -> Tensor:
+    def teacher_logits(self, module: IncrementalLM, batch: dict[str, Tensor]) -> Tensor:
         """(N, V) answer-position logits of the start-of-task model on ``batch``."""
         population, agent = module.population, module.agent
         flags = [(p, p.requires_grad) for p in population.model.parameters()]
@@ -101,13 +108,13 @@ class LwF(Strategy):
                 p.requires_grad_(flag)
         return logits
 
-    def loss_terms(self, module, batch, out) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         if module.agent not in self.teachers:
             return {}
         teacher = self.teacher_logits(module, batch)
         return {"lwf": self.alpha * lwf_loss(out["logits"], teacher, self.temperature)}
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         self.trained[module.agent] = self.trained.get(module.agent, 0) + 1
         self.teachers.pop(module.agent, None)
 

@@ -15,13 +15,18 @@ IncLoRA is the same adapter growth without either term.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
 
 from lmas.data.task import Task
 from lmas.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lmas.population.population import Population
+    from lmas.training.experience import IncrementalLM
 
 
 def olora_orthogonality(prev_As: list[Tensor], cur_A: Tensor) -> Tensor:
@@ -54,13 +59,13 @@ class IncLoRA(Strategy):
     def __init__(self) -> None:
         self.trained: dict[str, int] = {}
 
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         agent = module.agent
         population = module.population
         if self.trained.get(agent, 0) > 0 and len(population.agents[agent].adapters) <= self.trained[agent]:
             population.add_task_adapter(agent)
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         self.trained[module.agent] = self.trained.get(module.agent, 0) + 1
 
     def state_dict(self) -> dict:
@@ -92,7 +97,7 @@ class OLoRA(IncLoRA):
         self.lambda_l2 = lambda_l2
         self._pairs: dict[str, tuple[str, list[tuple[Tensor, list[Tensor]]]]] = {}
 
-    def layer_pairs(self, population, agent: str) -> list[tuple[Tensor, list[Tensor]]]:
+    def layer_pairs(self, population: Population, agent: str) -> list[tuple[Tensor, list[Tensor]]]:
         """(current A, [earlier A's]) per LoRA layer of ``agent`` (cached per current adapter)."""
         adapters = population.agents[agent].adapters
         cached = self._pairs.get(agent)
@@ -104,7 +109,7 @@ class OLoRA(IncLoRA):
                 key = layer_key(pname, adapter)
                 if key is not None:
                     previous.setdefault(key, []).append(p.detach())
-        pairs = []
+        pairs: list[tuple[Tensor, list[Tensor]]] = []
         for pname, p in population.parameters_of(agent).items():
             key = layer_key(pname, adapters[-1])
             if key is not None and key in previous:
@@ -112,17 +117,17 @@ class OLoRA(IncLoRA):
         self._pairs[agent] = (adapters[-1], pairs)
         return pairs
 
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         super().before_task(module, task)
         self._pairs.pop(module.agent, None)
 
-    def loss_terms(self, module, batch, out) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         population, agent = module.population, module.agent
         terms: dict[str, Tensor] = {}
         if len(population.agents[agent].adapters) > 1 and self.lambda_orth > 0:
             pairs = self.layer_pairs(population, agent)
             if pairs:
-                orth = sum(olora_orthogonality(prev, cur) for cur, prev in pairs)
+                orth = cast(Tensor, sum(olora_orthogonality(prev, cur) for cur, prev in pairs))  # pairs: >= 1
                 terms["olora_orth"] = self.lambda_orth * orth
         if self.lambda_l2 > 0:
             terms["olora_l2"] = self.lambda_l2 * olora_l2(population.parameters_of(agent).values())

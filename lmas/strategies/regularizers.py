@@ -18,15 +18,19 @@ The math is small pure functions on ``{name: tensor}`` dicts:
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, Mapping, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmas.data.task import Task
+from lmas.data.task import Example, Task
 from lmas.lm.likelihood import answer_logits
 from lmas.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lmas.training.experience import IncrementalLM
 
 B = TypeVar("B")
 
@@ -41,12 +45,12 @@ def diagonal_fisher(
     """
     names = list(params)
     tensors = [params[n] for n in names]
-    fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in zip(names, tensors)}
+    fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in zip(names, tensors, strict=True)}
     n_batches = 0
     for batch in batches:
         loss = loss_fn(batch)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-        for n, g in zip(names, grads):
+        for n, g in zip(names, grads, strict=True):
             if g is not None:
                 fisher[n] += g.detach().float().pow(2)
         n_batches += 1
@@ -80,7 +84,7 @@ def l2_penalty(params: Mapping[str, Tensor], anchors: Mapping[str, Tensor]) -> T
     return ewc_penalty(params, anchors, ones)
 
 
-def trainable_params(module) -> dict[str, Tensor]:
+def trainable_params(module: IncrementalLM) -> dict[str, Tensor]:
     """The parameters the optimizer updates in this experience, by name (stable order)."""
     return {n: p for n, p in module.net.named_parameters() if p.requires_grad}
 
@@ -133,23 +137,23 @@ class EWC(Strategy):
         # per agent: a list of {"anchors": {...}, "fisher": {...}} (one entry in online mode)
         self.consolidated: dict[str, list[dict[str, dict[str, Tensor]]]] = {}
 
-    def loss_terms(self, module, batch, out) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         entries = self.consolidated.get(module.agent)
         if not entries:
             return {}
         params = trainable_params(module)
-        penalty = sum(ewc_penalty(params, e["anchors"], e["fisher"]) for e in entries)
+        penalty = cast(Tensor, sum(ewc_penalty(params, e["anchors"], e["fisher"]) for e in entries))  # entries: >= 1
         return {"ewc": self.ewc_lambda * penalty}
 
-    def fisher(self, module, task: Task) -> dict[str, Tensor]:
+    def fisher(self, module: IncrementalLM, task: Task) -> dict[str, Tensor]:
         """The diagonal Fisher of the module's trainable parameters on ``task.train``."""
-        rows = [(ex, task.kind) for ex in task.train]
+        rows: list[tuple[Example, str]] = [(ex, task.kind) for ex in task.train]
         size = self.fisher_batch_size
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         if self.fisher_batches is not None:
             chunks = chunks[: self.fisher_batches]
 
-        def loss_fn(chunk) -> Tensor:
+        def loss_fn(chunk: list[tuple[Example, str]]) -> Tensor:
             logits, targets, _ = answer_logits(module.net, module.batch_of(chunk))
             return F.cross_entropy(logits, targets)
 
@@ -161,7 +165,7 @@ class EWC(Strategy):
         finally:
             module.net.train(was_training)
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         new = self.fisher(module, task)
         anchors = _detached(trainable_params(module))
         entries = self.consolidated.setdefault(module.agent, [])
@@ -171,12 +175,16 @@ class EWC(Strategy):
             entries[0] = {"anchors": anchors, "fisher": online_fisher(entries[0]["fisher"], new, self.decay)}
 
     def state_dict(self) -> dict:
-        return {"consolidated": {a: [{k: dict(v) for k, v in e.items()} for e in entries]
-                                 for a, entries in self.consolidated.items()}}
+        return {
+            "consolidated": {
+                a: [{k: dict(v) for k, v in e.items()} for e in entries] for a, entries in self.consolidated.items()
+            }
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.consolidated = {a: [{k: dict(v) for k, v in e.items()} for e in entries]
-                             for a, entries in state["consolidated"].items()}
+        self.consolidated = {
+            a: [{k: dict(v) for k, v in e.items()} for e in entries] for a, entries in state["consolidated"].items()
+        }
 
 
 class L2(Strategy):
@@ -197,19 +205,19 @@ class L2(Strategy):
         self.trained: dict[str, int] = {}
         self.anchors: dict[str, dict[str, Tensor]] = {}
 
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         if self.trained.get(module.agent, 0) > 0:
             self.anchors[module.agent] = _detached(trainable_params(module))
         else:
             self.anchors.pop(module.agent, None)
 
-    def loss_terms(self, module, batch, out) -> dict[str, Tensor]:
+    def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         anchors = self.anchors.get(module.agent)
         if not anchors:
             return {}
         return {"l2": self.l2_lambda * l2_penalty(trainable_params(module), anchors)}
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         self.trained[module.agent] = self.trained.get(module.agent, 0) + 1
         self.anchors.pop(module.agent, None)
 

@@ -17,10 +17,14 @@ Items are ``(Example, kind)`` pairs; ``state_dict`` is JSON-safe (an example is 
 from __future__ import annotations
 
 import random
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 from lmas.data.task import Example, Task
 from lmas.strategies.base import Strategy
+
+if TYPE_CHECKING:
+    from lmas.training.experience import IncrementalLM
 
 Item = tuple[Example, str]
 
@@ -104,8 +108,12 @@ class ReservoirBuffer:
         return rng.sample(self._items, min(max(n, 0), len(self._items)))
 
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "seen": self.seen, "items": [item_to_json(it) for it in self._items],
-                "rng": rng_to_json(self._rng)}
+        return {
+            "capacity": self.capacity,
+            "seen": self.seen,
+            "items": [item_to_json(it) for it in self._items],
+            "rng": rng_to_json(self._rng),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = int(state["capacity"])
@@ -136,7 +144,7 @@ class TaskBalancedBuffer:
         if task_name not in self.groups:
             self.groups[task_name] = ReservoirBuffer(0, seed=self.seed * 1_000_003 + len(self.groups))
         shares = balanced_shares(self.capacity, len(self.groups))
-        for share, (name, group) in zip(shares, self.groups.items()):
+        for share, (name, group) in zip(shares, self.groups.items(), strict=True):
             group.shrink(share)  # also sets the share as the group's capacity
             if name == task_name:
                 group.add(items)
@@ -153,8 +161,11 @@ class TaskBalancedBuffer:
         return rng.sample(pool, min(max(n, 0), len(pool)))
 
     def state_dict(self) -> dict:
-        return {"capacity": self.capacity, "seed": self.seed,
-                "groups": [[name, g.state_dict()] for name, g in self.groups.items()]}
+        return {
+            "capacity": self.capacity,
+            "seed": self.seed,
+            "groups": [[name, g.state_dict()] for name, g in self.groups.items()],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.capacity = int(state["capacity"])
@@ -166,7 +177,10 @@ class TaskBalancedBuffer:
             self.groups[name] = group
 
 
-BUFFERS = {"reservoir": ReservoirBuffer, "task_balanced": TaskBalancedBuffer}
+BUFFERS: dict[str, type[ReservoirBuffer | TaskBalancedBuffer]] = {
+    "reservoir": ReservoirBuffer,
+    "task_balanced": TaskBalancedBuffer,
+}
 
 
 def make_buffer(kind: str, capacity: int, seed: int) -> ReservoirBuffer | TaskBalancedBuffer:
@@ -227,7 +241,7 @@ class Replay(Strategy):
         new = [(ex, task.kind) for ex in task.train]
         return new + self.replayed(agent, len(new))
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         agent = module.agent
         self.buffer_of(agent).add([(ex, task.kind) for ex in task.train], task.name)
         self.trained[agent] = self.trained.get(agent, 0) + 1

@@ -8,11 +8,18 @@ fine-tuning; the base stays modified after the run.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from torch import nn
+
 from lmas.data.task import Task
 from lmas.strategies.base import Strategy
 
+if TYPE_CHECKING:
+    from lmas.training.experience import IncrementalLM
 
-def base_parameters(net) -> dict:
+
+def base_parameters(net: nn.Module) -> dict[str, nn.Parameter]:
     """Every non-LoRA parameter of a peft model, by name."""
     return {n: p for n, p in net.named_parameters() if "lora_" not in n}
 
@@ -22,7 +29,7 @@ class SeqFT(Strategy):
 
     name = "seqft"
 
-    def before_task(self, module, task: Task) -> None:
+    def before_task(self, module: IncrementalLM, task: Task) -> None:
         agents = list(module.population.agents)
         if len(agents) > 1:
             raise ValueError(
@@ -32,6 +39,6 @@ class SeqFT(Strategy):
         for p in base_parameters(module.net).values():
             p.requires_grad_(True)
 
-    def after_task(self, module, task: Task) -> None:
+    def after_task(self, module: IncrementalLM, task: Task) -> None:
         for p in base_parameters(module.net).values():
             p.requires_grad_(False)

@@ -19,23 +19,34 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.tracking import lineage
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
 REPORT = "report.html"
 OVER_TIME = ("avg_acc", "forgetting", "bwt", "fwt")
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure  # a bare Figure: Agg, no pyplot state
 
     return Figure(figsize=(width, height), dpi=100)
 
 
-def _png(fig) -> bytes:
+def _integer_ticks(ax: Axes) -> None:
+    """Only whole numbers (rounds) on the x axis."""
+    cast("MaxNLocator", ax.xaxis.get_major_locator()).set_params(integer=True)  # the default AutoLocator is one
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -59,7 +70,7 @@ def metrics_over_time(matrix: KnowledgeMatrix) -> dict[str, list[dict[str, float
     return out
 
 
-def plot_task_curves(ax, matrix: KnowledgeMatrix, agent: str) -> None:
+def plot_task_curves(ax: Axes, matrix: KnowledgeMatrix, agent: str) -> None:
     """``agent``'s metric on every task over rounds (x = -1: untrained); filled markers: trained then."""
     a = matrix.agents.index(agent)
     values, initial = matrix.values(), matrix.initial()
@@ -67,10 +78,11 @@ def plot_task_curves(ax, matrix: KnowledgeMatrix, agent: str) -> None:
     trained = {(r, t) for r, _, t in matrix.trained(agent)}
     for j, task in enumerate(matrix.tasks):
         ys = [initial[a, j]] + [values[r, a, j] for r in range(matrix.n_rounds)]
-        line, = ax.plot(xs, ys, marker="o", markersize=3, label=f"{task} ({matrix.metrics[task]})")
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=f"{task} ({matrix.metrics[task]})")
         hits = [(r, values[r, a, j]) for r in range(matrix.n_rounds) if (r, task) in trained]
         if hits:
-            ax.scatter(*zip(*hits), s=60, color=line.get_color(), edgecolors="black", zorder=3)
+            rounds, scores = zip(*hits, strict=True)
+            ax.scatter(rounds, scores, s=60, color=line.get_color(), edgecolors="black", zorder=3)
     ax.set_xticks(xs)
     ax.set_xticklabels(["init"] + [str(r) for r in xs[1:]], fontsize=7)
     ax.set_xlabel("round", fontsize=8)
@@ -79,7 +91,7 @@ def plot_task_curves(ax, matrix: KnowledgeMatrix, agent: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_over_time(ax, over_time: dict[str, list[dict[str, float]]], key: str) -> bool:
+def plot_over_time(ax: Axes, over_time: dict[str, list[dict[str, float]]], key: str) -> bool:
     """One line per agent of ``key`` (avg_acc, forgetting, bwt, fwt, ...) at the end of each round."""
     import matplotlib
 
@@ -88,23 +100,25 @@ def plot_over_time(ax, over_time: dict[str, list[dict[str, float]]], key: str) -
     for i, (agent, rows) in enumerate(over_time.items()):  # one colour per agent in every panel
         pts = [(r, row[key]) for r, row in enumerate(rows) if key in row and row[key] is not None]
         if pts:
-            ax.plot(*zip(*pts), marker="o", markersize=3, label=agent, color=palette(i % 10))
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=agent, color=palette(i % 10))
             drawn = True
     ax.set_title(key, fontsize=9)
     ax.set_xlabel("round", fontsize=8)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(ax)
     ax.grid(alpha=0.3)
     if drawn:
         ax.legend(fontsize=7)
     return drawn
 
 
-SIMILARITY_TITLES = {"weights": "cosine similarity of adapter updates ΔW",
-                     "predictions": "prediction agreement on the probe set"}
+SIMILARITY_TITLES = {
+    "weights": "cosine similarity of adapter updates ΔW",
+    "predictions": "prediction agreement on the probe set",
+}
 MAX_PAIR_LINES = 10  # more agent pairs than this: the last round as an agent x agent matrix
 
 
-def plot_similarity(ax, similarity: list[dict], kind: str) -> bool:
+def plot_similarity(ax: Axes, similarity: list[dict], kind: str) -> bool:
     """``kind`` (``weights``: cosine of ΔW, ``predictions``: agreement) of every agent pair: one line
     per pair over rounds, or, with more than :data:`MAX_PAIR_LINES` pairs, the last round's matrix."""
     series: dict[str, list[tuple[int, float]]] = {}
@@ -135,10 +149,10 @@ def plot_similarity(ax, similarity: list[dict], kind: str) -> bool:
         ax.set_title(f"{title}, round {last['round']}", fontsize=9)
         return True
     for pair, pts in series.items():
-        ax.plot(*zip(*pts), marker="o", markersize=3, label=pair)
+        ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=pair)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("round", fontsize=8)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    _integer_ticks(ax)
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=7)
@@ -155,8 +169,11 @@ def figures(results: dict) -> dict[str, bytes]:
     """The report's pictures as PNG bytes, by title (only those the run has data for)."""
     matrix = matrix_of(results)
     out: dict[str, bytes] = {"Knowledge matrix": _heatmap(matrix)}
-    agents = [a for a in matrix.agents if matrix.trained(a) or any(
-        not math.isnan(v) for v in matrix.values()[:, matrix.agents.index(a), :].ravel())]
+    agents = [
+        a
+        for a in matrix.agents
+        if matrix.trained(a) or any(not math.isnan(v) for v in matrix.values()[:, matrix.agents.index(a), :].ravel())
+    ]
     if agents and matrix.n_rounds:
         cols = min(3, len(agents))
         rows = math.ceil(len(agents) / cols)
@@ -167,8 +184,9 @@ def figures(results: dict) -> dict[str, bytes]:
         out["Metric per task over rounds"] = _png(fig)
         over = metrics_over_time(matrix)
         fig = _figure(4.2 * len(OVER_TIME), 3.2)
-        any_drawn = [plot_over_time(fig.add_subplot(1, len(OVER_TIME), i + 1), over, k)
-                     for i, k in enumerate(OVER_TIME)]
+        any_drawn = [
+            plot_over_time(fig.add_subplot(1, len(OVER_TIME), i + 1), over, k) for i, k in enumerate(OVER_TIME)
+        ]
         fig.tight_layout()
         if any(any_drawn):
             out["Average accuracy, forgetting, BWT and FWT over time"] = _png(fig)
@@ -180,8 +198,10 @@ def figures(results: dict) -> dict[str, bytes]:
     if similarity:
         n_pairs = max(len(e.get("weights") or {}) for e in similarity)
         fig = _figure(10, 3.4) if n_pairs <= MAX_PAIR_LINES else _figure(12, 5.5)
-        drawn = [plot_similarity(fig.add_subplot(1, 2, i + 1), similarity, k)
-                 for i, k in enumerate(("weights", "predictions"))]
+        drawn = [
+            plot_similarity(fig.add_subplot(1, 2, i + 1), similarity, k)
+            for i, k in enumerate(("weights", "predictions"))
+        ]
         fig.tight_layout()
         if any(drawn):
             out["Inter-agent similarity over time"] = _png(fig)
@@ -194,7 +214,7 @@ def figures(results: dict) -> dict[str, bytes]:
         for kind in kinds:
             ys = [c.get("by_kind", {}).get(kind, {}).get("bytes", 0) for c in comm]
             ax1.bar(range(len(comm)), ys, bottom=bottom, label=kind)
-            bottom = [b + y for b, y in zip(bottom, ys)]
+            bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
         ax1.set_title("bytes per round", fontsize=9)
         ax2.bar(range(len(comm)), [c.get("messages", 0) for c in comm])
         ax2.set_title("messages per round", fontsize=9)
@@ -226,7 +246,7 @@ def _table(head: list[str], rows: list[list]) -> str:
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
@@ -237,29 +257,50 @@ def render(results: dict, title: str = "lmas run") -> str:
     keys = list(dict.fromkeys(k for summary in metrics.values() for k in summary))
     parts = [
         f"<h1>{html.escape(title)}</h1>",
-        "<p>" + html.escape(
+        "<p>"
+        + html.escape(
             f"stream {results.get('stream')} ({results.get('scenario', '?')}-incremental; tasks "
             f"{', '.join(t['name'] + ' [' + t['metric'] + ']' for t in tasks)}), strategy {results.get('strategy')}, "
-            f"seed {results.get('seed')}, {'complete' if results.get('complete') else 'NOT complete (partial results)'}, "
-            f"train {results.get('timings', {}).get('train_s', 0):.0f} s") + "</p>",
+            f"seed {results.get('seed')}, "
+            f"{'complete' if results.get('complete') else 'NOT complete (partial results)'}, "
+            f"train {results.get('timings', {}).get('train_s', 0):.0f} s"
+        )
+        + "</p>",
         "<h2>Continual-learning metrics</h2>",
         _table(["agent", *keys], [[a, *(_fmt(s.get(k)) for k in keys)] for a, s in metrics.items()]),
     ]
     for name, png in figures(results).items():
         data = base64.b64encode(png).decode("ascii")
-        parts += [f"<h2>{html.escape(name)}</h2>", f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">']
+        parts += [
+            f"<h2>{html.escape(name)}</h2>",
+            f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">',
+        ]
     histories = {a: info.get("history", []) for a, info in results.get("agents", {}).items()}
     vs = lineage.versions(histories)
     if vs:
-        parts += ["<h2>Adapter versions</h2>", _table(
-            ["version", "what happened", "parents"],
-            [[lineage.ref(v.agent, v.round), v.label,
-              ", ".join(f"{lineage.ref(a, r)} ({k})" for a, r, k in v.parents) or "-"] for v in vs])]
-    style = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
-             "img{max-width:100%;display:block;margin:0.5em 0}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+        parts += [
+            "<h2>Adapter versions</h2>",
+            _table(
+                ["version", "what happened", "parents"],
+                [
+                    [
+                        lineage.ref(v.agent, v.round),
+                        v.label,
+                        ", ".join(f"{lineage.ref(a, r)} ({k})" for a, r, k in v.parents) or "-",
+                    ]
+                    for v in vs
+                ],
+            ),
+        ]
+    style = (
+        "body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}"
+        "img{max-width:100%;display:block;margin:0.5em 0}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
@@ -278,8 +319,9 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmas.tracking.html_report",
-                                     description="Write <run_dir>/report.html from its results.json.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lmas.tracking.html_report", description="Write <run_dir>/report.html from its results.json."
+    )
     parser.add_argument("run_dirs", nargs="+", help="lmas run directories")
     args = parser.parse_args(argv)
     status = 0

@@ -24,6 +24,8 @@ order with every parent logged before its child (what W&B's lineage graph needs)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 SOURCE_KEYS = ("sources", "teachers", "teacher", "source")
 
@@ -103,6 +105,7 @@ def versions(histories: dict[str, list[dict]]) -> list[Version]:
                 if s == v.agent:
                     continue
                 same = by_key.get((s, v.round))
+                parent: int | None
                 if "transfer" not in event and same is not None and not same.exchanged:
                     parent = v.round
                 else:
@@ -121,7 +124,7 @@ def parents_of(histories: dict[str, list[dict]], agent: str, round_idx: int) -> 
     return []
 
 
-def draw(histories: dict[str, list[dict]], path_or_file, dpi: int = 100) -> bool:
+def draw(histories: dict[str, list[dict]], path_or_file: str | Path | BinaryIO, dpi: int = 100) -> bool:
     """Draw the lineage graph as a PNG: one row per agent, one column per round, a node per
     version (labelled with what happened), grey arrows from the agent's previous version,
     coloured arrows from the versions merged/distilled into it. Returns False (and draws
@@ -140,7 +143,7 @@ def draw(histories: dict[str, list[dict]], path_or_file, dpi: int = 100) -> bool
     pos = {v.key: (col[v.round], -row[v.agent]) for v in vs}
     kinds = sorted({k for v in vs for *_, k in v.parents if k != "self"})
     palette = matplotlib.colormaps["tab10"]
-    colour = {k: palette(i % 10) for i, k in enumerate(kinds)}
+    colour: dict[str, str | tuple[float, float, float, float]] = {k: palette(i % 10) for i, k in enumerate(kinds)}
     colour["self"] = "#888888"
     fig = Figure(figsize=(max(5.0, 1.9 * len(rounds) + 2.0), max(2.5, 1.0 * len(agents) + 1.4)), dpi=dpi)
     ax = fig.add_subplot()
@@ -151,9 +154,19 @@ def draw(histories: dict[str, list[dict]], path_or_file, dpi: int = 100) -> bool
                 continue
             x0, y0 = pos[(pa, pr)]
             bend = 0.35 if x0 == x1 and abs(y0 - y1) > 1 else 0.0  # within a round: around the nodes between
-            ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                        arrowprops=dict(arrowstyle="-|>", color=colour[kind], lw=1.4 if kind == "self" else 1.8,
-                                        shrinkA=14, shrinkB=14, connectionstyle=f"arc3,rad={bend}"))
+            ax.annotate(
+                "",
+                xy=(x1, y1),
+                xytext=(x0, y0),
+                arrowprops=dict(
+                    arrowstyle="-|>",
+                    color=colour[kind],
+                    lw=1.4 if kind == "self" else 1.8,
+                    shrinkA=14,
+                    shrinkB=14,
+                    connectionstyle=f"arc3,rad={bend}",
+                ),
+            )
     for v in vs:
         x, y = pos[v.key]
         trained = any(e.get("event") == "trained" for e in v.events)
@@ -166,8 +179,10 @@ def draw(histories: dict[str, list[dict]], path_or_file, dpi: int = 100) -> bool
     ax.set_xlim(-0.6, len(rounds) - 0.4)
     ax.set_ylim(-len(agents) + 0.4, 0.6)
     ax.set_title("adapter lineage (node = version saved that round; green: trained)", fontsize=9)
-    handles = [Line2D([], [], color=colour[k], lw=2, label="previous version" if k == "self" else f"{k} from")
-               for k in ["self", *kinds]]
+    handles = [
+        Line2D([], [], color=colour[k], lw=2, label="previous version" if k == "self" else f"{k} from")
+        for k in ["self", *kinds]
+    ]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)

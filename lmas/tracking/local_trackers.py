@@ -88,8 +88,9 @@ class _SafeTracker(Tracker):
         try:
             fn()
         except Exception as err:  # a tracker must never stop training
-            log.warning("%s %s failed (%s); %s logging is off for the rest of the run", self.label, what, err,
-                        self.label)
+            log.warning(
+                "%s %s failed (%s); %s logging is off for the rest of the run", self.label, what, err, self.label
+            )
             self.on = False
 
 
@@ -111,12 +112,19 @@ class TensorBoardTracker(_SafeTracker):
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / self.subdir), flush_secs=self.flush_secs)
             self.on = True
         except Exception as err:
-            log.warning("TensorBoard could not start in %s (%s); continuing without TensorBoard",
-                        Path(run_dir) / self.subdir, err)
+            log.warning(
+                "TensorBoard could not start in %s (%s); continuing without TensorBoard",
+                Path(run_dir) / self.subdir,
+                err,
+            )
             self.on = False
             return
-        self._safe("config", lambda: self.writer.add_text(
-            "config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", 0))
+        self._safe(
+            "config",
+            lambda: self.writer.add_text(
+                "config", "```json\n" + json.dumps(config, indent=2, default=str) + "\n```", 0
+            ),
+        )
 
     def log(self, metrics: dict[str, float], step_key: str, step: int) -> None:
         def _do() -> None:
@@ -151,7 +159,7 @@ def artifact_root(uri: str) -> str | None:
     the current directory; ``None`` (MLflow's default, inside the store) for file stores."""
     if not uri.startswith("sqlite:///"):
         return None
-    return (Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
+    return (Path(uri[len("sqlite:///") :]).expanduser().resolve().parent / "mlartifacts").as_uri()
 
 
 class MLflowTracker(_SafeTracker):
@@ -165,8 +173,13 @@ class MLflowTracker(_SafeTracker):
 
     label = "MLflow"
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "lmas", tags: dict | None = None,
-                 log_adapters: bool = True) -> None:
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "lmas",
+        tags: dict | None = None,
+        log_adapters: bool = True,
+    ) -> None:
         super().__init__()
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -184,8 +197,11 @@ class MLflowTracker(_SafeTracker):
 
             self.client = MlflowClient(uri)
             exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(
-                self.experiment, artifact_location=artifact_root(uri))
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else self.client.create_experiment(self.experiment, artifact_location=artifact_root(uri))
+            )
             self.run_id = self.client.create_run(exp_id, run_name=name, tags=self.tags).info.run_id
             self.on = True
         except Exception as err:
@@ -202,7 +218,7 @@ class MLflowTracker(_SafeTracker):
         batch = [Param(k, v) for k, v in params.items()]
         try:
             for i in range(0, len(batch), 100):  # at most 100 params a batch
-                self.client.log_batch(self.run_id, params=batch[i:i + 100])
+                self.client.log_batch(self.run_id, params=batch[i : i + 100])
         except Exception as err:  # the config is in config.json all the same
             log.warning("MLflow: the config's params were not all logged (%s); see the artifact config.json", err)
 
@@ -213,28 +229,43 @@ class MLflowTracker(_SafeTracker):
             now = int(time.time() * 1000)
             batch = [Metric(mlflow_key(k), float(v), now, int(step)) for k, v in metrics.items()]
             for i in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
-                self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
         self._safe("log", _do)
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        self._safe("table", lambda: self.client.log_text(
-            self.run_id, csv_text(list(columns), [list(r) for r in rows]), f"{mlflow_key(key)}/round{step:03d}.csv"))
+        self._safe(
+            "table",
+            lambda: self.client.log_text(
+                self.run_id, csv_text(list(columns), [list(r) for r in rows]), f"{mlflow_key(key)}/round{step:03d}.csv"
+            ),
+        )
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        self._safe("image", lambda: self.client.log_artifact(self.run_id, str(path),
-                                                             f"{mlflow_key(key)}/round{step:03d}"))
+        self._safe(
+            "image", lambda: self.client.log_artifact(self.run_id, str(path), f"{mlflow_key(key)}/round{step:03d}")
+        )
 
-    def log_artifact(self, path: Path, name: str, kind: str, metadata: dict, aliases: list[str] | None = None,
-                     parents: list[str] | None = None) -> None:
+    def log_artifact(
+        self,
+        path: Path,
+        name: str,
+        kind: str,
+        metadata: dict,
+        aliases: list[str] | None = None,
+        parents: list[str] | None = None,
+    ) -> None:
         if not self.log_adapters:
             return
         where = f"{mlflow_key(name)}/{mlflow_key((aliases or ['latest'])[0])}"
 
         def _do() -> None:
             self.client.log_artifact(self.run_id, str(path), where)
-            self.client.log_dict(self.run_id, {**metadata, "kind": kind, "aliases": list(aliases or []),
-                                               "parents": list(parents or [])}, f"{where}/metadata.json")
+            self.client.log_dict(
+                self.run_id,
+                {**metadata, "kind": kind, "aliases": list(aliases or []), "parents": list(parents or [])},
+                f"{where}/metadata.json",
+            )
 
         self._safe("artifact", _do)
 

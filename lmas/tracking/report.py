@@ -8,7 +8,10 @@ import math
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmas.metrics.knowledge import KnowledgeMatrix
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def metrics_table(results: dict) -> str:
     return "\n".join(fmt.format(*r) for r in [head] + body)
 
 
-def write_run(run_dir: str | Path, results: dict, matrix) -> dict[str, Path]:
+def write_run(run_dir: str | Path, results: dict, matrix: KnowledgeMatrix) -> dict[str, Path]:
     """Write the final results.json, knowledge_matrix.csv, knowledge_matrix.png and report.html.
 
     The report (:mod:`lmas.tracking.html_report`) is a convenience: if drawing it fails, the run's
@@ -77,6 +80,10 @@ def write_run(run_dir: str | Path, results: dict, matrix) -> dict[str, Path]:
     try:
         paths["report"] = html_report.write_report(run_dir)  # from the results.json just written
     except Exception as err:  # never lose a finished run to a plotting problem
-        log.warning("report.html not written (%s: %s); retry with `python -m lmas.tracking.html_report %s`",
-                    type(err).__name__, err, run_dir)
+        log.warning(
+            "report.html not written (%s: %s); retry with `python -m lmas.tracking.html_report %s`",
+            type(err).__name__,
+            err,
+            run_dir,
+        )
     return paths

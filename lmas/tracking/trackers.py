@@ -15,8 +15,12 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from wandb.sdk.wandb_run import Run
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,15 @@ class Tracker:
     def log_image(self, key: str, path: Path, step: int) -> None:
         """Log a picture (the heatmap)."""
 
-    def log_artifact(self, path: Path, name: str, kind: str, metadata: dict, aliases: list[str] | None = None,
-                     parents: list[str] | None = None) -> None:
+    def log_artifact(
+        self,
+        path: Path,
+        name: str,
+        kind: str,
+        metadata: dict,
+        aliases: list[str] | None = None,
+        parents: list[str] | None = None,
+    ) -> None:
         """Log a file as a new version of the artifact ``name`` (adapters).
 
         ``aliases``: extra names of this version (e.g. ``round003``); ``parents``: the versions it
@@ -53,18 +64,19 @@ class CSVTracker(Tracker):
 
     def __init__(self, filename: str = "metrics.csv") -> None:
         self.filename = filename
-        self._file = None
-        self._writer = None
+        self._file: TextIO | None = None
 
     def start(self, run_dir: Path, config: dict, name: str) -> None:
         self._file = open(Path(run_dir) / self.filename, "a", newline="")
-        self._writer = csv.writer(self._file)
         if self._file.tell() == 0:
-            self._writer.writerow(["axis", "step", "key", "value"])
+            csv.writer(self._file).writerow(["axis", "step", "key", "value"])
 
     def log(self, metrics: dict[str, float], step_key: str, step: int) -> None:
+        if self._file is None:
+            raise RuntimeError(f"CSVTracker.log before start(): {self.filename} is not open")
+        writer = csv.writer(self._file)
         for key, value in metrics.items():
-            self._writer.writerow([step_key, step, key, value])
+            writer.writerow([step_key, step, key, value])
         self._file.flush()
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
@@ -107,10 +119,11 @@ class WandbTracker(Tracker):
     ) -> None:
         if mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logger.mode={mode!r}: expected offline, online or disabled")
-        self.kwargs = dict(project=project, entity=entity, mode=mode, group=group, job_type=job_type,
-                           tags=list(tags) if tags else None)
+        self.kwargs: dict[str, Any] = dict(
+            project=project, entity=entity, mode=mode, group=group, job_type=job_type, tags=list(tags) if tags else None
+        )
         self.lineage_runs = lineage_runs
-        self.run = None
+        self.run: Run | None = None
         self._dir: Path | None = None
         self._logged: dict[str, Any] = {}  # "<name>:<alias>" -> the logged wandb.Artifact
 
@@ -118,11 +131,12 @@ class WandbTracker(Tracker):
     def online(self) -> bool:
         return self.run is not None and self.kwargs["mode"] == "online"
 
-    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+    def _safe(self, what: str, fn: Callable[[Run], object]) -> None:
+        """``fn(run)`` on the open run; a failure turns W&B off (logged), never stops training."""
         if self.run is None:
             return
         try:
-            fn(*args, **kwargs)
+            fn(self.run)
         except Exception as err:  # a tracker must never stop training
             log.warning("W&B %s failed (%s); W&B logging is off for the rest of the run", what, err)
             self.run = None
@@ -133,66 +147,85 @@ class WandbTracker(Tracker):
 
             self._dir = Path(run_dir)
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(dir=str(self._dir), config=config, name=name, reinit="finish_previous",
-                                  **self.kwargs)
-            self.run.define_metric("step")
-            self.run.define_metric("round")
-            self.run.define_metric("train/*", step_metric="step")
+            self.run = run = wandb.init(
+                dir=str(self._dir), config=config, name=name, reinit="finish_previous", **self.kwargs
+            )
+            run.define_metric("step")
+            run.define_metric("round")
+            run.define_metric("train/*", step_metric="step")
             for prefix in ROUND_PREFIXES:
-                self.run.define_metric(f"{prefix}/*", step_metric="round")
+                run.define_metric(f"{prefix}/*", step_metric="round")
             for key in ROUND_KEYS:
-                self.run.define_metric(key, step_metric="round")
+                run.define_metric(key, step_metric="round")
         except Exception as err:
             log.warning("W&B could not start (%s); continuing without W&B", err)
             self.run = None
 
     def log(self, metrics: dict[str, float], step_key: str, step: int) -> None:
-        self._safe("log", lambda: self.run.log({**metrics, step_key: step}))
+        self._safe("log", lambda run: run.log({**metrics, step_key: step}))
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
-        def _do():
+        def _do(run: Run) -> None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows]), "round": step})
+            run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows]), "round": step})
 
         self._safe("table", _do)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        def _do():
+        def _do(run: Run) -> None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path)), "round": step})
+            run.log({key: wandb.Image(str(path)), "round": step})
 
         self._safe("image", _do)
 
-    def _use(self, run, parent: str) -> None:
+    def _use(self, run: Run, parent: str) -> None:
         """``run`` uses the version ``parent`` (online only); a parent W&B cannot find is skipped."""
         try:
             run.use_artifact(self._logged.get(parent, parent))
         except Exception as err:
             log.warning("W&B: could not record the use of %s (%s); the lineage misses that edge", parent, err)
 
-    def log_artifact(self, path: Path, name: str, kind: str, metadata: dict, aliases: list[str] | None = None,
-                     parents: list[str] | None = None) -> None:
+    def log_artifact(
+        self,
+        path: Path,
+        name: str,
+        kind: str,
+        metadata: dict,
+        aliases: list[str] | None = None,
+        parents: list[str] | None = None,
+    ) -> None:
         parents = list(parents or [])
         aliases = list(aliases or [])
 
-        def _do():
+        def _do(run: Run) -> None:
             import wandb
 
-            art = wandb.Artifact(name, type=kind, metadata={**metadata, "parents": parents},
-                                 description=f"from {', '.join(parents)}" if parents else None)
+            art = wandb.Artifact(
+                name,
+                type=kind,
+                metadata={**metadata, "parents": parents},
+                description=f"from {', '.join(parents)}" if parents else None,
+            )
             art.add_file(str(path))
-            producer = self.run
+            producer = run
             if self.online and self.lineage_runs:
                 label = f":{aliases[0]}" if aliases else ""
                 try:
-                    producer = wandb.init(dir=str(self._dir), name=f"{self.run.name}/{name}{label}",
-                                          reinit="create_new", config={"main_run": self.run.id},
-                                          **{**self.kwargs, "job_type": kind})
+                    producer = wandb.init(
+                        dir=str(self._dir),
+                        name=f"{run.name}/{name}{label}",
+                        reinit="create_new",
+                        config={"main_run": run.id},
+                        **{**self.kwargs, "job_type": kind},
+                    )
                 except Exception as err:
-                    log.warning("W&B: no run of its own for %s (%s); adapter versions are logged from the "
-                                "main run from now on", name, err)
+                    log.warning(
+                        "W&B: no run of its own for %s (%s); adapter versions are logged from the main run from now on",
+                        name,
+                        err,
+                    )
                     self.lineage_runs = False
             try:
                 if self.online:
@@ -202,7 +235,7 @@ class WandbTracker(Tracker):
                 if self.online:
                     logged.wait()  # committed (has an id): later versions can use it
             finally:
-                if producer is not self.run:
+                if producer is not run:
                     producer.finish()
             for a in aliases:
                 self._logged[f"{name}:{a}"] = logged
@@ -210,7 +243,7 @@ class WandbTracker(Tracker):
         self._safe("artifact", _do)
 
     def finish(self) -> None:
-        self._safe("finish", lambda: self.run.finish())
+        self._safe("finish", lambda run: run.finish())
         self.run = None
 
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from lmas.transfer.merge import is_stacked, merge_adapters
+from typing import TYPE_CHECKING
+
+from lmas.transfer.factors import is_stacked
+from lmas.transfer.merge import merge_adapters
+
+if TYPE_CHECKING:
+    from lmas.population.population import Population
 
 
 def init_from_merge(
-    population,
+    population: Population,
     new_agent: str,
     sources: list[str],
     weights: list[float] | None = None,
@@ -25,6 +31,8 @@ def init_from_merge(
     if weights is None:
         weights = [1.0 / len(sources)] * len(sources) if sources else []
     if new_agent in sources and new_agent in population.agents and is_stacked(population, new_agent):
-        raise ValueError(f"init_from_merge: {new_agent!r} is one of its own sources and keeps its frozen adapters, "
-                         "which would count them twice; leave it out of `sources` or use merge_adapters")
+        raise ValueError(
+            f"init_from_merge: {new_agent!r} is one of its own sources and keeps its frozen adapters, "
+            "which would count them twice; leave it out of `sources` or use merge_adapters"
+        )
     return merge_adapters(population, sources, weights, new_agent, method, keep_frozen=True, **merge)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,12 +25,11 @@ from torch import Tensor
 from lmas.data.task import Example
 from lmas.lm.encoding import IGNORE, PromptEncoder, collate
 from lmas.lm.likelihood import answer_loss
-from lmas.transfer.merge import (
-    agent_factors,
-    check_merge,
-    merge_adapters,
-    target_config,
-)
+from lmas.transfer.factors import agent_factors
+from lmas.transfer.merge import check_merge, merge_adapters, target_config
+
+if TYPE_CHECKING:
+    from lmas.population.population import Population
 
 
 # --- search (pure) --------------------------------------------------------------------------
@@ -79,7 +79,9 @@ def one_plus_one_es(
 
 
 # --- few-shot loss --------------------------------------------------------------------------
-def few_shot_batches(encoder: PromptEncoder, examples: Sequence[Example], kind: str, batch_size: int = 16) -> list[dict]:
+def few_shot_batches(
+    encoder: PromptEncoder, examples: Sequence[Example], kind: str, batch_size: int = 16
+) -> list[dict]:
     """The examples encoded as training sequences, in collated batches."""
     if not examples:
         raise ValueError("lorahub: `examples` is empty; give a few examples of the new task")
@@ -99,7 +101,7 @@ def answer_nll(model: torch.nn.Module, batches: Sequence[dict[str, Tensor]]) -> 
 
 
 # --- population glue ------------------------------------------------------------------------
-def active_agent(population) -> str | None:
+def active_agent(population: Population) -> str | None:
     """The agent whose adapters are the active ones (None if no agent matches)."""
     active = list(population.model.active_adapters)
     return next((n for n, a in population.agents.items() if a.adapters == active), None)
@@ -108,7 +110,7 @@ def active_agent(population) -> str | None:
 class _Scratch:
     """A temporary agent holding ``Σ w_i ΔW_i`` as a stacked adapter; only B changes per candidate."""
 
-    def __init__(self, population, sources: Sequence[str]) -> None:
+    def __init__(self, population: Population, sources: Sequence[str]) -> None:
         self.population = population
         self.sets = [agent_factors(population, s) for s in sources]  # each agent: all its adapters
         modules = sorted(set().union(*self.sets))
@@ -131,7 +133,7 @@ class _Scratch:
     @torch.no_grad()
     def set_weights(self, weights: Sequence[float]) -> None:
         for m, p in self.b.items():
-            cols = [w * s[m][1] for s, w in zip(self.sets, weights) if m in s]
+            cols = [w * s[m][1] for s, w in zip(self.sets, weights, strict=True) if m in s]
             stacked = torch.cat(cols, dim=1) / self.scale[m] if cols else p[:, :0]
             p.zero_()[:, : stacked.shape[1]] = stacked
 
@@ -140,7 +142,7 @@ class _Scratch:
 
 
 def lorahub_weights(
-    population,
+    population: Population,
     sources: list[str],
     examples: Sequence[Example],
     kind: str,
@@ -165,6 +167,7 @@ def lorahub_weights(
     scratch = _Scratch(population, sources)
     population.model.eval()
     try:
+
         def objective(w: list[float]) -> float:
             scratch.set_weights(w)
             return l1_objective(answer_nll(population.model, batches), w, l1)
@@ -180,7 +183,7 @@ def lorahub_weights(
 
 
 def compose_adapter(
-    population,
+    population: Population,
     sources: list[str],
     examples: Sequence[Example],
     kind: str,

@@ -123,6 +123,12 @@ def test_task_validation(kwargs, message):
         Task(**args)
 
 
+def test_class_labels_of_a_classification_task_and_error_for_other_kinds():
+    assert _cls("t", ["b", "a"]).class_labels == ["b", "a"]
+    with pytest.raises(ValueError, match="task 'g' is a generation task; only classification tasks have labels"):
+        _gen("g").class_labels
+
+
 def test_task_allows_empty_val_and_lm_without_labels():
     rows = [Example("", "some text")]
     task = Task("lm", "lm", rows, [], rows)

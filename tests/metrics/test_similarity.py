@@ -11,7 +11,8 @@ from lmas.data.stream import Stream
 from lmas.data.task import Example, Task
 from lmas.metrics import similarity as sim
 from lmas.population.population import Population
-from lmas.transfer.merge import agent_factors, delta, lora_layers, merge_adapters
+from lmas.transfer.factors import agent_factors, delta, lora_layers
+from lmas.transfer.merge import merge_adapters
 
 
 def _set(population, adapter: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -108,6 +108,11 @@ def test_csv_tracker_writes_scalars_and_ignores_tables(tmp_path):
                                                                   "round,1,similarity/a~b/weights,0.5"]
 
 
+def test_csv_tracker_log_before_start_names_the_file():
+    with pytest.raises(RuntimeError, match=r"CSVTracker.log before start\(\): metrics.csv is not open"):
+        CSVTracker().log({"x": 1.0}, "round", 0)
+
+
 # --- real W&B, offline ------------------------------------------------------------------------------
 def _records(path: str):
     """The records of an offline run's transaction log (.wandb: W&B's LevelDB-style log of protobufs)."""

@@ -59,7 +59,7 @@ def base_state(population) -> dict[str, torch.Tensor]:
 
 def deltas(population, name: str) -> dict[str, torch.Tensor]:
     """Per-module ΔW = s·B·A of an agent's trainable adapter."""
-    from lmas.transfer.merge import delta, read_factors
+    from lmas.transfer.factors import delta, read_factors
 
     return {m: delta(a, b) for m, (a, b) in read_factors(population, name).items()}
 

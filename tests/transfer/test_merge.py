@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmas.transfer import init_from_merge, merge_adapters, merged_model
-from lmas.transfer.merge import METHODS, NEEDS_DENSITY, PEFT_METHODS, factorise, pad_rank
+from lmas.transfer.factors import factorise, pad_rank
+from lmas.transfer.merge import METHODS, NEEDS_DENSITY, PEFT_METHODS
 from lmas.transfer.policy import Merge
 
 CONFIGS = ["r2-qv", "r4-qv", "r4-all"]
