@@ -533,11 +533,12 @@ def _check_cross(ctx: _Ctx) -> None:
     distills = [(path, node) for path, node in nodes
                 if isinstance(node, dict) and str(node.get("_target_", "")).endswith("Distill")]
 
-    # The self-learning loop adds its own distillation term (selflearn.distill) to the strategy
-    if ctx.get("selflearn", default=None) and distills:
+    # The self-learning loop adds its own distillation term (loop.distill) to the strategy
+    selflearn = str(ctx.get("loop._target_", default="")).endswith("SelfLearning")
+    if selflearn and distills:
         ctx.fail(distills[0][0], "<a Distill>", "the self-learning loop consolidates with its own distillation "
-                 "term (selflearn.distill.*); keep distill=none and a strategy without Distill parts")
-    if ctx.get("selflearn", default=None):
+                 "term (loop.distill.*); keep distill=none and a strategy without Distill parts")
+    if selflearn:
         _check_selflearn(ctx)
 
     # Distillation from external teachers (another tokenizer) gives label distributions only:
@@ -558,7 +559,7 @@ def _check_selflearn(ctx: _Ctx) -> None:
     from lmas.population.topology import Topology
     from lmas.transfer.policy import Transfer
 
-    why = "is not used by the self-learning loop (selflearn.*), whose cycles "
+    why = "is not used by the self-learning loop (loop=self_learning), whose cycles "
     for path, base, what, default in (
             ("transfer", Transfer, "have no transfer step", "transfer=none"),
             ("population.allocation", Broadcast, "train every agent on every task",

@@ -23,7 +23,6 @@ from lmas.confdir import PRIMARY_NAME, config_dir
 from lmas.config import validate
 from lmas.loop import ContinualLoop
 from lmas.schema import EvalConfig, TrainConfig
-from lmas.selflearn import SelfLearningLoop
 from lmas.strategies.compose import Compose
 from lmas.tracking import report
 from lmas.tracking.trackers import Tracker
@@ -66,10 +65,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     tracker = instantiate(cfg.logger, _convert_="all") if not rank else Tracker()
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker.start(run_dir, config, name=run_dir.name)
-    loop_cls, extra = ContinualLoop, {}
-    if cfg.get("selflearn"):  # experiment=self_learning: rounds are self-learning cycles
-        loop_cls, extra = SelfLearningLoop, {"selflearn": OmegaConf.to_container(cfg.selflearn, resolve=True)}
-    loop = loop_cls(
+    loop = ContinualLoop(
         population=population,
         stream=stream,
         strategy=strategy,
@@ -84,8 +80,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         topology=topology,
         transfer=transfer,
         config=config,
+        body=instantiate(cfg.loop, _convert_="all"),
         progress=cfg.progress,
-        **extra,
     )
     results = loop.run(resume=resume)
     print(summary(results, run_dir))

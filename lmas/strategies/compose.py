@@ -34,10 +34,14 @@ class Compose(Strategy):
         parts = list(parts)
         if not parts:
             raise ValueError("Compose needs at least one strategy in `parts`")
-        for method in ("train_examples", "external_fit"):
-            changing = [p.name for p in parts if overrides(p, method)]
-            if len(changing) > 1:
-                raise ValueError(f"Compose: {changing} all override {method}; at most one part may")
+        changing = [p.name for p in parts if overrides(p, "train_examples")]
+        if len(changing) > 1:
+            raise ValueError(f"Compose: {changing} all override train_examples; at most one part may")
+        other = [p.name for p in parts if p.fit_backend != Strategy.fit_backend]
+        if other and len(parts) > 1:
+            raise ValueError(f"Compose: {other[0]} trains with its own fit backend, which cannot add the terms of "
+                             f"{[p.name for p in parts if p.name != other[0]]}; use it alone")
+        self.fit_backend = parts[0].fit_backend if len(parts) == 1 else Strategy.fit_backend
         self.parts = parts
         self.name = name or "+".join(p.name for p in parts)
 
@@ -47,10 +51,6 @@ class Compose(Strategy):
     def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
         part = self._one("train_examples")
         return (part or Strategy()).train_examples(agent, task, seen)
-
-    def external_fit(self, population, agent, task, examples, encoder, train, seed):
-        part = self._one("external_fit")
-        return None if part is None else part.external_fit(population, agent, task, examples, encoder, train, seed)
 
     def before_task(self, module, task: Task) -> None:
         for p in self.parts:
