@@ -63,7 +63,7 @@ def seconds_per_step(base, task, strategy, epochs: int, batch: int) -> tuple[flo
         t0, c0 = time.perf_counter(), time.process_time()
         loop.fit("student", task, [], 0)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return wall / loop.step, cpu / loop.step, loop.step
+    return wall / loop.state.step, cpu / loop.state.step, loop.state.step
 
 
 def main() -> None:

@@ -178,7 +178,7 @@ def self_learning(runs: list[dict]) -> str:
     """Per run and cycle: pseudo-labels kept and their precision, the gate, the student's accuracies."""
     parts = []
     for run in runs:
-        sl = run["config"]["selflearn"]
+        sl = run["config"].get("selflearn") or run["config"]["loop"]  # runs before the loop group: `selflearn`
         m = run["matrix"]
         rows = []
         for cyc, values in zip(run["self_learning"], m["values"]):

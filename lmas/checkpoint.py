@@ -30,6 +30,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -42,8 +43,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+log = logging.getLogger(__name__)
 DIR = "checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the loop's state is one RunState entry ("run")
 MANIFEST = "manifest.json"
 _TENSOR = "__tensor__"
 
@@ -278,3 +280,23 @@ def load(run_dir: Path) -> tuple[dict, Path]:
         raise CheckpointError(f"{(folder / 'state.json').resolve()}: checkpoint format {version} is not "
                               f"{FORMAT_VERSION}")
     return join_tensors(plain, read_tensors(folder / "tensors.safetensors")), folder
+
+
+def save_round(run_dir: Path, r: int, run: dict, population, allocation, strategy) -> Path:
+    """The checkpoint after round ``r``: the run's state (``RunState.to_dict``), the allocation's and the
+    strategy's state, every agent's history and adapters, the random-number generators."""
+    histories = {n: a.history for n, a in population.agents.items()}
+    return save(run_dir, {"round": r, "run": run, "allocation": allocation.state_dict(),
+                          "strategy": strategy.state_dict(), "histories": histories}, population)
+
+
+def load_round(run_dir: Path, population, allocation, strategy) -> tuple[int, dict]:
+    """Restore :func:`save_round` into ``population``, ``allocation``, ``strategy`` and the RNGs; returns the
+    last complete round and the run's state dict (for ``RunState.from_dict``)."""
+    state, folder = load(run_dir)
+    restore_population(population, state["adapters"], folder / "adapters", state["histories"])
+    allocation.load_state_dict(state["allocation"])
+    strategy.load_state_dict(state["strategy"])
+    set_rng_state(state["rng"])
+    log.info("resumed %s after round %d (from %s)", run_dir, state["round"], folder)
+    return int(state["round"]), state["run"]

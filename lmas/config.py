@@ -118,13 +118,13 @@ def _names(r: Reader) -> None:
 def _self_learning(r: Reader) -> None:
     """Each cycle of the self-learning loop (lmas/selflearn.py) trains every agent on every task (no allocation),
     with no transfer step and no exchange: options it would ignore are refused."""
-    if not r.get("selflearn"):
+    if not _is_self_learning(r):
         return
     from lmas.population.allocation import Broadcast
     from lmas.population.topology import Topology
     from lmas.transfer.policy import Transfer
 
-    why = "is not used by the self-learning loop (selflearn.*), whose cycles "
+    why = "is not used by the self-learning loop (loop=self_learning), whose cycles "
     for path, base, what in (
         ("transfer", Transfer, "have no transfer step; use transfer=none"),
         ("allocation", Broadcast, "train every agent on every task; use allocation=broadcast"),
@@ -135,14 +135,19 @@ def _self_learning(r: Reader) -> None:
             r.fail(f"{path}._target_", r.get(f"{path}._target_"), why + what)
 
 
+def _is_self_learning(r: Reader) -> bool:
+    """Whether the round body is self-learning (``loop=self_learning``)."""
+    return getattr(r.target("loop"), "__name__", "") == "SelfLearning"
+
+
 def _distill(r: Reader) -> None:
     """Distillation terms (distill=, Distill parts of the strategy): the self-learning loop adds its own, and
     external teachers (another tokenizer) teach label distributions only, so token-level distillation on a
     generation/lm task needs agent teachers (the student's tokenizer)."""
     nodes = [("distill", r.target("distill")), *_strategies(r)]
     distills = [(p, r.get(p)) for p, cls in nodes if getattr(cls, "__name__", "") == "Distill"]
-    if distills and r.get("selflearn"):
-        why = "the self-learning loop distils with its own term (selflearn.distill.*); keep distill=none"
+    if distills and _is_self_learning(r):
+        why = "the self-learning loop distils with its own term (loop.distill.*); keep distill=none"
         r.fail(distills[0][0], "<a Distill>", why + " and a strategy without Distill parts")
     tasks = r.get("stream.tasks")
     kinds = {t.get("name"): _task_kind(t) for t in tasks if isinstance(t, dict)} if isinstance(tasks, list) else {}

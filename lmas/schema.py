@@ -169,12 +169,11 @@ class StreamConfig:
 @dataclass
 class RootConfig:
     """The whole config: conf/train.yaml's own options and one key per config group; the groups without a schema
-    here take their ``_target_``'s parameters (:func:`problems`); ``selflearn`` and ``loop`` are left open."""
+    here take their ``_target_``'s parameters (:func:`problems`), ``loop`` (the round body) too."""
 
     seed: Any = _opt(0, _rule(lambda v: _is_int(v) and 0 <= v <= SEED_MAX, f"expected an integer in [0, {SEED_MAX}]"))
     progress: bool = True
     resume: str | None = None  # a run dir to continue
-    selflearn: Any = None
     loop: Any = None
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -13,7 +13,7 @@ updates, cut to its LoRA rank, with the relative residual in its ``merged`` even
 validation gate compares the student's validation accuracy on every task with its value before
 the cycle: if any task drops by more than ``tolerance``, the cycle is rejected and the whole
 population is restored to its state before the cycle
-(:meth:`SelfLearningLoop.snapshot` / :meth:`SelfLearningLoop.rollback`):
+(:meth:`SelfLearning.snapshot` / :meth:`SelfLearning.rollback`):
 
 * every agent's adapter set: adapters added during the cycle (IncLoRA/O-LoRA task adapters) are
   deleted, adapters changed in shape or config are rebuilt, every weight is loaded back
@@ -38,6 +38,8 @@ base loop's fallback, it overlaps the seed's training data. Options the cycle do
 (``transfer``, a topology's exchange, an allocation other than ``Broadcast``) are refused by
 :func:`lmas.config.validate`.
 
+``loop=self_learning`` chooses this round body (``conf/loop/self_learning.yaml``; options ``loop.*``).
+
 Workers and student train with the configured CL strategy (``strategy=``; the student adds the
 distillation term to it). What a strategy may see of earlier tasks (``seen``, e.g. for
 ``strategy=joint``) is the *labelled pool*: the seed's true labels and the pseudo-labels of
@@ -45,20 +47,20 @@ accepted cycles — never the withheld labels.
 
 Per cycle the loop logs (and ``results.json`` keeps under ``self_learning``) each task's
 pseudo-label coverage and precision against the withheld true labels, the gate's values and the
-decision; the knowledge matrix has one round per cycle.
+decision; the knowledge matrix has one round per cycle. The cycles' records and the labelled pool live in
+the run's state (``RunState.body``), so checkpoints and resume carry them.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
 from lmas.data.task import Example, Task
 from lmas.distill.strategy import Distill
-from lmas.loop import ContinualLoop
+from lmas.loop import ContinualLoop, RoundBody
 from lmas.population.fusion import FUSIONS, fuse
 from lmas.population.messages import COORDINATOR, Message
 from lmas.strategies.compose import Compose
@@ -70,54 +72,68 @@ CONSOLIDATION = ("distill", "merge")
 GATE_EPS = 1e-6  # float32 rounding of accuracies, far below one example of any val split
 
 
-@dataclass
-class SelfLearnConfig:
-    """Options of the self-learning loop (``selflearn.*`` in the config)."""
+class SelfLearning(RoundBody):
+    """Self-learning cycles as the rounds of a :class:`~lmas.loop.ContinualLoop` (module docstring).
 
-    cycles: int = 3
-    seed_labels: int = 16  # labelled training examples per task in round 0
-    chunk: int = 48  # unlabelled training examples per task arriving in each cycle
-    labelling: str = "agreement"  # agreement | confidence
-    threshold: float = 0.8  # confidence labelling: fused top probability needed
-    fusion: str = "uniform"  # how the workers' label distributions are fused
-    consolidate: str = "distill"  # distill | merge
-    tolerance: float = 0.05  # largest allowed drop of the student's validation accuracy on a task
-    student: str = "student"
-    distill: dict = field(default_factory=dict)  # options of the consolidation's Distill term
+    Args:
+        cycles: cycles after the labelled seed (round 0).
+        seed_labels: labelled training examples per task in round 0.
+        chunk: unlabelled training examples per task arriving in each cycle.
+        labelling: ``agreement`` (all workers agree) | ``confidence`` (fused top probability >= ``threshold``).
+        fusion: how the workers' label distributions are fused (uniform | confidence | best).
+        consolidate: ``distill`` | ``merge``: how the student takes the workers' knowledge.
+        tolerance: largest allowed drop of the student's validation accuracy on a task.
+        student: the consolidated agent's name. distill: options of the consolidation's Distill term.
+    """
 
-    def __post_init__(self) -> None:
-        if self.labelling not in LABELLING:
-            raise ValueError(f"selflearn.labelling={self.labelling!r}: expected one of {LABELLING}")
-        if self.consolidate not in CONSOLIDATION:
-            raise ValueError(f"selflearn.consolidate={self.consolidate!r}: expected one of {CONSOLIDATION}")
-        if self.fusion not in FUSIONS or self.fusion == "val_acc":
-            raise ValueError(f"selflearn.fusion={self.fusion!r}: expected uniform, confidence or best")
-        if self.cycles < 1 or self.seed_labels < 1 or self.chunk < 1 or self.tolerance < 0:
-            raise ValueError("selflearn: need cycles, seed_labels, chunk >= 1 and tolerance >= 0")
+    name = "self_learning"
 
+    def __init__(self, cycles: int = 3, seed_labels: int = 16, chunk: int = 48, labelling: str = "agreement",
+                 threshold: float = 0.8, fusion: str = "uniform", consolidate: str = "distill",
+                 tolerance: float = 0.05, student: str = "student", distill: dict | None = None) -> None:
+        if labelling not in LABELLING:
+            raise ValueError(f"loop.labelling={labelling!r}: expected one of {LABELLING}")
+        if consolidate not in CONSOLIDATION:
+            raise ValueError(f"loop.consolidate={consolidate!r}: expected one of {CONSOLIDATION}")
+        if fusion not in FUSIONS or fusion == "val_acc":
+            raise ValueError(f"loop.fusion={fusion!r}: expected uniform, confidence or best")
+        if cycles < 1 or seed_labels < 1 or chunk < 1 or tolerance < 0:
+            raise ValueError("loop (self_learning): need cycles, seed_labels, chunk >= 1 and tolerance >= 0")
+        self.cycles, self.seed_labels, self.chunk, self.labelling = cycles, seed_labels, chunk, labelling
+        self.threshold, self.fusion, self.consolidate, self.tolerance = threshold, fusion, consolidate, tolerance
+        self.student, self.distill = student, dict(distill or {})
 
-class SelfLearningLoop(ContinualLoop):
-    """A :class:`~lmas.loop.ContinualLoop` whose rounds are self-learning cycles (module docstring)."""
-
-    def __init__(self, *args, selflearn: SelfLearnConfig | dict | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sl = selflearn if isinstance(selflearn, SelfLearnConfig) else SelfLearnConfig(**(selflearn or {}))
-        if self.sl.student not in self.population.agents:
-            raise ValueError(f"selflearn.student={self.sl.student!r} is not an agent of the population "
-                             f"{self.population.names}")
-        self.workers = [a for a in self.population.names if a != self.sl.student]
+    def bind(self, loop: ContinualLoop) -> list[list[int]]:
+        if self.student not in loop.population.agents:
+            raise ValueError(f"loop.student={self.student!r} is not an agent of the population {loop.population.names}")
+        self.workers = [a for a in loop.population.names if a != self.student]
         if not self.workers:
-            raise ValueError("selflearn: the population needs at least one worker besides the student")
-        bad = [t.name for t in self.stream if t.kind != "classification"]
+            raise ValueError("loop=self_learning: the population needs at least one worker besides the student")
+        bad = [t.name for t in loop.stream if t.kind != "classification"]
         if bad:
-            raise ValueError(f"selflearn: tasks {bad} are not classification tasks (pseudo-labels need label sets)")
-        self.plan = [list(range(len(self.stream)))] * (self.sl.cycles + 1)
-        self.cycles: list[dict] = []
-        self.pool: dict[str, list[Example]] = {}  # task -> labelled examples held (seed + accepted pseudo-labels)
+            raise ValueError(f"loop=self_learning: tasks {bad} are not classification tasks (pseudo-labels need label sets)")
+        self.loop = loop
+        loop.evaluator.val_view = self._eval_view
+        return [list(range(len(loop.stream)))] * (self.cycles + 1)
 
-    # --- the run: ContinualLoop.run with a self-learning cycle as each round's learning -------
-    def train_round(self, r: int) -> None:
-        self.assignments.append([])
+    # --- the record and the labelled pool, in the run's state -----------------------------------
+    @property
+    def records(self) -> list[dict]:
+        """One record per cycle so far (results.json's ``self_learning``)."""
+        return self.loop.state.body.setdefault("cycles", [])
+
+    def pool(self, task: str) -> list[Example]:
+        """The labelled examples held for ``task``: the seed and the accepted pseudo-labels."""
+        return [Example(p, a) for p, a in self.loop.state.body.setdefault("pool", {}).get(task, [])]
+
+    def add_to_pool(self, task: str, rows: list[Example]) -> None:
+        self.loop.state.body.setdefault("pool", {}).setdefault(task, []).extend([ex.prompt, ex.answer] for ex in rows)
+
+    def results(self, loop: ContinualLoop) -> dict:
+        return {"self_learning": self.records}
+
+    def learn(self, loop: ContinualLoop, r: int) -> None:
+        loop.state.assignments.append([])
         self.cycle(r)
 
     def cycle(self, r: int) -> dict:
@@ -126,74 +142,69 @@ class SelfLearningLoop(ContinualLoop):
         gate_before = self._val_scores() if r > 0 else {}
         record: dict = {"cycle": r, "tasks": {}}
         pseudo_tasks, trained = [], []  # trained: (agent, task), marked in the matrix once accepted
-        for j, task in enumerate(self.stream.tasks):
+        for j, task in enumerate(self.loop.stream.tasks):
             stats, ptask = self.label(r, task)
             record["tasks"][task.name] = stats
             if ptask is None:
                 continue
             pseudo_tasks.append(ptask)
             if r == 0:  # the seed's true labels are held from the start
-                self.pool[task.name] = list(ptask.train)
-            seen = [self._task(t, self.pool[t.name]) for t in self.stream.tasks
-                    if t.name != task.name and self.pool.get(t.name)]
+                self.add_to_pool(task.name, ptask.train)
+            seen = [self._task(t, self.pool(t.name)) for t in self.loop.stream.tasks
+                    if t.name != task.name and self.pool(t.name)]
             for w in self.workers:
-                self.loss_curves[f"{w}/{task.name}/{r}"] = self.fit(w, ptask, seen, r)
+                self.loop.state.loss_curves[f"{w}/{task.name}/{r}"] = self.loop.fit(w, ptask, seen, r)
                 trained.append((w, task.name))
-                self.assignments[r].append((w, j))
-            if self.sl.consolidate == "distill":
-                teacher = Distill(teachers=self.workers, **self.sl.distill)
-                self.loss_curves[f"{self.sl.student}/{task.name}/{r}"] = self.fit(
-                    self.sl.student, ptask, seen, r, strategy=Compose([self.strategy, teacher]))
-            trained.append((self.sl.student, task.name))
-        if self.sl.consolidate == "merge" and pseudo_tasks:
-            residual = merge_adapters(self.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
-                                      self.sl.student, "exact", seed=self.seed)
-            self.population.agents[self.sl.student].history.append(  # residual: cut to the student's rank
+                self.loop.state.assignments[r].append((w, j))
+            if self.consolidate == "distill":
+                teacher = Distill(teachers=self.workers, **self.distill)
+                self.loop.state.loss_curves[f"{self.student}/{task.name}/{r}"] = self.loop.fit(
+                    self.student, ptask, seen, r, strategy=Compose([self.loop.strategy, teacher]))
+            trained.append((self.student, task.name))
+        if self.consolidate == "merge" and pseudo_tasks:
+            residual = merge_adapters(self.loop.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
+                                      self.student, "exact", seed=self.loop.seed)
+            self.loop.population.agents[self.student].history.append(  # residual: cut to the student's rank
                 {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact",
                  "residual": residual})
         record.update(self.gate(r, gate_before, before))
         if record["accepted"]:
             for agent, task_name in trained:
-                self.matrix.mark_trained(r, agent, task_name)
+                self.loop.state.matrix.mark_trained(r, agent, task_name)
             if r > 0:  # accepted pseudo-labels join the labelled pool
                 for ptask in pseudo_tasks:
-                    self.pool.setdefault(ptask.name, []).extend(ptask.train)
-        self.cycles.append(record)
-        metrics = {"self_learning/accepted": float(record["accepted"])}
-        for name, st in record["tasks"].items():
-            for key in ("coverage", "precision"):
-                if st.get(key) is not None:
-                    metrics[f"self_learning/{name}/{key}"] = st[key]
-        self.tracker.log(metrics, "round", r)
+                    self.add_to_pool(ptask.name, ptask.train)
+        self.records.append(record)
+        self.loop.log.self_learning(r, record)
         return record
 
     # --- the steps -----------------------------------------------------------------------
     def label(self, r: int, task: Task) -> tuple[dict, Task | None]:
         """This cycle's training data of ``task``: the seed's true labels, or pseudo-labels."""
-        seed = self.sl.seed_labels
+        seed = self.seed_labels
         if r == 0:
             rows = task.train[:seed]
             return {"arrived": len(rows), "kept": len(rows), "coverage": 1.0, "precision": 1.0}, self._task(task, rows)
-        start = seed + (r - 1) * self.sl.chunk
-        rows = task.train[start : start + self.sl.chunk]
+        start = seed + (r - 1) * self.chunk
+        rows = task.train[start : start + self.chunk]
         if not rows:
             log.warning("selflearn: task %s has no unlabelled examples left for cycle %d", task.name, r)
             return {"arrived": 0, "kept": 0, "coverage": None, "precision": None}, None
         labels = list(task.labels)
-        lp = self.scorer.label_logprobs(self.workers, [ex.prompt for ex in rows], labels)  # (A, N, L)
+        lp = self.loop.scorer.label_logprobs(self.workers, [ex.prompt for ex in rows], labels)  # (A, N, L)
         for i, w in enumerate(self.workers):
-            self.messages.send(Message("label_distribution", w, COORDINATOR, r, lp[i].float()))
-        fused = fuse(lp, self.sl.fusion)  # (N, L)
+            self.loop.state.messages.send(Message("label_distribution", w, COORDINATOR, r, lp[i].float()))
+        fused = fuse(lp, self.fusion)  # (N, L)
         pred = fused.argmax(-1)
-        if self.sl.labelling == "agreement":
+        if self.labelling == "agreement":
             votes = lp.argmax(-1)  # (A, N)
             keep = (votes == votes[0]).all(0)
         else:
-            keep = fused.max(-1).values >= self.sl.threshold
+            keep = fused.max(-1).values >= self.threshold
         gold = torch.tensor([labels.index(ex.answer) for ex in rows])  # withheld: only for the logs
         pseudo = [Example(ex.prompt, labels[int(p)]) for ex, p, k in zip(rows, pred, keep) if k]
-        for agent in self.population.names:
-            self.messages.send(Message("pseudo_labels", COORDINATOR, agent, r, pseudo))
+        for agent in self.loop.population.names:
+            self.loop.state.messages.send(Message("pseudo_labels", COORDINATOR, agent, r, pseudo))
         kept = int(keep.sum())
         stats = {"arrived": len(rows), "kept": kept, "coverage": kept / len(rows),
                  "precision": float((pred[keep] == gold[keep]).float().mean()) if kept else None,
@@ -210,16 +221,16 @@ class SelfLearningLoop(ContinualLoop):
     def _labelled_val(self, task: Task) -> list[Example]:
         """The task's val split, or (none) its first ``min(eval.val_fallback, seed_labels)`` seed-labelled
         training examples: never an example whose label is withheld (module docstring)."""
-        return task.val or task.train[: min(self.eval_cfg.val_fallback, self.sl.seed_labels)]
+        return task.val or task.train[: min(self.loop.eval_cfg.val_fallback, self.seed_labels)]
 
-    def _eval_view(self, task: Task, split: str) -> Task:
-        """The base loop's view, with the fallback val split cut from the seed-labelled examples only."""
-        return task if split != "val" or task.val else self._task(task, task.train)
+    def _eval_view(self, task: Task) -> Task:
+        """The evaluator's validation view, with the fallback val split cut from the seed-labelled examples only."""
+        return task if task.val else self._task(task, task.train)
 
     def _val_scores(self) -> dict[str, float]:
         """The student's validation accuracy on every task."""
-        return {t.name: self.scorer.score(self.sl.student, self._eval_view(t, "val"), "val", t.labels)
-                for t in self.stream.tasks}
+        return {t.name: self.loop.scorer.score(self.student, self._eval_view(t), "val", t.labels)
+                for t in self.loop.stream.tasks}
 
     def gate(self, r: int, before: dict[str, float], snapshot: dict) -> dict:
         """Accept the cycle unless the student's validation accuracy on a task fell by > tolerance."""
@@ -228,11 +239,11 @@ class SelfLearningLoop(ContinualLoop):
         after = self._val_scores()
         drops = {t: before[t] - after[t] for t in before}
         # accuracies are float32 means: a drop of exactly 2/20 reads 0.10000002, so allow rounding
-        accepted = all(d <= self.sl.tolerance + GATE_EPS for d in drops.values())
+        accepted = all(d <= self.tolerance + GATE_EPS for d in drops.values())
         if not accepted:
             self.rollback(snapshot, r)
             log.info("selflearn cycle %d rejected (val drops %s > %.3f): population restored", r, drops,
-                     self.sl.tolerance)
+                     self.tolerance)
         return {"accepted": accepted, "val_before": before, "val_after": after, "drops": drops}
 
     # --- the whole population's state, for the rollback of a rejected cycle ---------------------
@@ -240,21 +251,21 @@ class SelfLearningLoop(ContinualLoop):
         """Everything a cycle changes that a rejection restores (module docstring): per agent its
         adapter names in order, each adapter's peft config and weights, its history length; the
         strategy's and the allocation's state."""
-        model = self.population.model
+        model = self.loop.population.model
         agents = {}
-        for name, agent in self.population.agents.items():
+        for name, agent in self.loop.population.agents.items():
             agents[name] = {
                 "adapters": list(agent.adapters),
                 "configs": {a: copy.deepcopy(model.peft_config[a]) for a in agent.adapters},
-                "weights": {a: self.population.adapter_state(name, a) for a in agent.adapters},
+                "weights": {a: self.loop.population.adapter_state(name, a) for a in agent.adapters},
                 "history": len(agent.history),
             }
-        return {"agents": agents, "strategy": copy.deepcopy(self.strategy.state_dict()),
-                "allocation": copy.deepcopy(self.allocation.state_dict())}
+        return {"agents": agents, "strategy": copy.deepcopy(self.loop.strategy.state_dict()),
+                "allocation": copy.deepcopy(self.loop.allocation.state_dict())}
 
     def rollback(self, snap: dict, r: int) -> None:
         """Restore :meth:`snapshot` after the rejected cycle ``r``."""
-        pop, model = self.population, self.population.model
+        pop, model = self.loop.population, self.loop.population.model
         for name in [n for n in pop.names if n not in snap["agents"]]:  # agents the cycle created
             pop.delete_agent(name)
         for name, state in snap["agents"].items():
@@ -274,20 +285,6 @@ class SelfLearningLoop(ContinualLoop):
             undone = agent.history[state["history"]:]
             del agent.history[state["history"]:]
             agent.history.append({"round": r, "event": "rejected", "restored_to_round": r - 1, "undone": undone})
-        self.strategy.load_state_dict(snap["strategy"])
-        self.allocation.load_state_dict(snap["allocation"])
+        self.loop.strategy.load_state_dict(snap["strategy"])
+        self.loop.allocation.load_state_dict(snap["allocation"])
         pop.activate(pop.names[0])
-
-    # --- outputs and checkpoints ---------------------------------------------------------------
-    def results(self, partial: bool = False) -> dict:
-        out = super().results(partial)
-        out["self_learning"] = self.cycles
-        return out
-
-    def extra_state(self) -> dict:
-        return {"cycles": self.cycles,
-                "pool": {t: [[ex.prompt, ex.answer] for ex in rows] for t, rows in self.pool.items()}}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.cycles = list(state.get("cycles", []))
-        self.pool = {t: [Example(p, a) for p, a in rows] for t, rows in state.get("pool", {}).items()}

@@ -23,7 +23,6 @@ from lmas.confdir import PRIMARY_NAME, config_dir
 from lmas.config import validate
 from lmas.loop import ContinualLoop
 from lmas.schema import EvalConfig, TrainConfig
-from lmas.selflearn import SelfLearningLoop
 from lmas.strategies.compose import Compose
 from lmas.tracking import report
 from lmas.tracking.trackers import Tracker
@@ -53,6 +52,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     transfer = instantiate(cfg.transfer, _convert_="all")
     allocation = instantiate(cfg.allocation, _convert_="all")
     topology = instantiate(cfg.topology, _convert_="all")
+    body = instantiate(cfg.loop, _convert_="all")  # what a round learns (conf/loop/)
     train, evaluation = TrainConfig(**cfg.train), EvalConfig(**cfg.eval)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
@@ -71,10 +71,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     tracker = instantiate(cfg.logger, _convert_="all") if not rank else Tracker()
     config = _plain(cfg)
     tracker.start(run_dir, config, name=run_dir.name)
-    loop_cls, extra = ContinualLoop, {}
-    if cfg.get("selflearn"):  # experiment=self_learning: rounds are self-learning cycles
-        loop_cls, extra = SelfLearningLoop, {"selflearn": OmegaConf.to_container(cfg.selflearn, resolve=True)}
-    loop = loop_cls(
+    loop = ContinualLoop(
         population=population,
         stream=stream,
         strategy=strategy,
@@ -89,8 +86,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         topology=topology,
         transfer=transfer,
         config=config,
+        body=body,
         progress=cfg.progress,
-        **extra,
     )
     results = loop.run(resume=resume)
     print(summary(results, run_dir))
@@ -152,6 +149,9 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     for key in ("allocation", "topology"):  # a run saved while these were options of population
         if key not in cfg and key in (cfg.get("population") or {}):
             cfg[key] = cfg.population.pop(key)
+    if "selflearn" in cfg:  # a run saved before the loop group: `selflearn:` held the self-learning options
+        old = cfg.pop("selflearn")
+        cfg.loop = {"_target_": "lmas.selflearn.SelfLearning", **old} if old else {"_target_": "lmas.loop.Continual"}
     return cfg
 
 

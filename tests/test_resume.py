@@ -176,7 +176,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(fast_overri
 
 
 def test_avalanche_strategies_with_state_refuse_to_resume():
-    from lmas.strategies.avalanche_bridge import AvalancheStrategy
+    from lmas.training.avalanche import AvalancheStrategy
 
     AvalancheStrategy("naive").load_state_dict({"method": "naive", "experiences": {"agent0": 1}})
     with pytest.raises(ValueError, match="cannot be resumed exactly"):

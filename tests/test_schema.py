@@ -64,9 +64,10 @@ def test_a_misspelt_key_in_a_config_file_fails_while_composing(compose, tmp_path
     assert "Key 'trian' not in 'RootConfig'" in msg
 
 
-def test_selflearn_and_loop_are_left_open(compose):
-    cfg = compose(["model=tiny", "+selflearn.anything=1", "loop={_target_: x.Y, cycles: 2}"])
-    assert cfg.selflearn.anything == 1 and cfg.loop.cycles == 2
+def test_the_loop_group_is_open_and_the_old_selflearn_key_is_gone(compose):
+    cfg = compose(["model=tiny", "loop=self_learning", "loop.cycles=2"])  # checked against its _target_ by validate
+    assert cfg.loop.cycles == 2 and cfg.loop._target_ == "lmas.selflearn.SelfLearning"
+    assert "Key 'selflearn' not in 'RootConfig'" in _compose_error(compose, ["model=tiny", "selflearn.cycles=2"])
 
 
 def test_keys_added_with_plus_are_named_by_the_check_with_what_is_allowed(compose):

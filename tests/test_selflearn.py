@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmas.selflearn import SelfLearnConfig, SelfLearningLoop
+from lmas.loop import ContinualLoop
+from lmas.selflearn import SelfLearning
 
-SMALL = ["experiment=self_learning", "selflearn.seed_labels=4", "selflearn.chunk=6", "selflearn.cycles=2"]
+SMALL = ["experiment=self_learning", "loop.seed_labels=4", "loop.chunk=6", "loop.cycles=2"]
 
 
 def test_cycles_label_train_consolidate_and_log(fast_overrides, tmp_path, run_lmas):
@@ -35,11 +36,11 @@ def test_a_rejected_cycle_restores_every_adapter(fast_overrides, tmp_path, run_l
 
     def falling(self):  # calls: round 0 after, then (before, after) per cycle: every cycle loses 0.5
         calls["n"] += 1
-        return {t.name: 1.0 if calls["n"] % 2 == 0 else 0.5 for t in self.stream.tasks}
+        return {t.name: 1.0 if calls["n"] % 2 == 0 else 0.5 for t in self.loop.stream.tasks}
 
-    monkeypatch.setattr(SelfLearningLoop, "_val_scores", falling)
+    monkeypatch.setattr(SelfLearning, "_val_scores", falling)
     out = tmp_path / "rej"
-    res = run_lmas(fast_overrides + SMALL + ["selflearn.tolerance=0.1"], out)
+    res = run_lmas(fast_overrides + SMALL + ["loop.tolerance=0.1"], out)
     assert [c["accepted"] for c in res["self_learning"]] == [True, False, False]
     assert any(e["event"] == "rejected" for e in res["agents"]["agent0"]["history"])
     # the final adapters are the ones of round 0 (every later cycle was rolled back)
@@ -62,8 +63,8 @@ def _loop_with_votes(run_lmas, fast_overrides, tmp_path, monkeypatch, votes, lab
         return real(self, agents, prompts, labels)
 
     monkeypatch.setattr(PopulationScorer, "label_logprobs", fake)
-    res = run_lmas(fast_overrides + SMALL + [f"selflearn.labelling={labelling}",
-                                            f"selflearn.threshold={threshold}", "selflearn.cycles=1"],
+    res = run_lmas(fast_overrides + SMALL + [f"loop.labelling={labelling}",
+                                            f"loop.threshold={threshold}", "loop.cycles=1"],
                    tmp_path / labelling)
     return res["self_learning"][1]["tasks"]["bbc"]
 
@@ -88,10 +89,10 @@ def test_agreement_and_confidence_labelling(fast_overrides, tmp_path, run_lmas, 
 
 
 def test_bad_options_are_named():
-    with pytest.raises(ValueError, match="selflearn.labelling='vote'"):
-        SelfLearnConfig(labelling="vote")
-    with pytest.raises(ValueError, match="selflearn.consolidate"):
-        SelfLearnConfig(consolidate="average")
+    with pytest.raises(ValueError, match="loop.labelling='vote'"):
+        SelfLearning(labelling="vote")
+    with pytest.raises(ValueError, match="loop.consolidate"):
+        SelfLearning(consolidate="average")
 
 
 def _constant_gate(accept: bool):
@@ -100,7 +101,7 @@ def _constant_gate(accept: bool):
 
     def scores(self):
         calls["n"] += 1
-        return {t.name: 1.0 if accept or calls["n"] % 2 == 0 else 0.5 for t in self.stream.tasks}
+        return {t.name: 1.0 if accept or calls["n"] % 2 == 0 else 0.5 for t in self.loop.stream.tasks}
 
     return scores
 
@@ -120,7 +121,7 @@ def test_strategies_see_only_the_labelled_pool_never_the_withheld_labels(fast_ov
         return real(self, agent, task, seen)
 
     monkeypatch.setattr(Joint, "train_examples", recording)
-    monkeypatch.setattr(SelfLearningLoop, "_val_scores", _constant_gate(accept))
+    monkeypatch.setattr(SelfLearning, "_val_scores", _constant_gate(accept))
     res = run_lmas(fast_overrides + SMALL + ["strategy=joint"], tmp_path / "sl")
     from lmas.data.sources import bbc_topics
 
@@ -140,7 +141,7 @@ def test_strategies_see_only_the_labelled_pool_never_the_withheld_labels(fast_ov
 def test_a_rejected_cycle_also_restores_the_strategy_state(fast_overrides, tmp_path, run_lmas, monkeypatch):
     from lmas.checkpoint import load
 
-    monkeypatch.setattr(SelfLearningLoop, "_val_scores", _constant_gate(False))
+    monkeypatch.setattr(SelfLearning, "_val_scores", _constant_gate(False))
     out = tmp_path / "replay"
     res = run_lmas(fast_overrides + SMALL + ["strategy=replay"], out)
     assert [c["accepted"] for c in res["self_learning"]] == [True, False, False]
@@ -156,7 +157,7 @@ def test_a_rejected_cycle_also_restores_the_strategy_state(fast_overrides, tmp_p
 def test_selflearn_refuses_a_second_distillation_term(compose):
     from lmas.config import validate
 
-    with pytest.raises(ValueError, match="selflearn.distill"):
+    with pytest.raises(ValueError, match="loop.distill"):
         validate(compose(["experiment=self_learning", "distill=peers"]))
 
 
@@ -170,10 +171,10 @@ def test_a_drop_equal_to_the_tolerance_passes_despite_float32_rounding(fast_over
     def scores(self):  # cycle 1 drops by exactly 2/20 on every task, cycle 2 by 3/20
         calls["n"] += 1
         after = {1: 0.8, 2: 0.8, 3: 0.7, 4: 0.8, 5: 0.65}[calls["n"]]
-        return {t.name: float(torch.tensor(after)) for t in self.stream.tasks}
+        return {t.name: float(torch.tensor(after)) for t in self.loop.stream.tasks}
 
-    monkeypatch.setattr(SelfLearningLoop, "_val_scores", scores)
-    res = run_lmas(fast_overrides + SMALL + ["selflearn.tolerance=0.1"], tmp_path / "eps")
+    monkeypatch.setattr(SelfLearning, "_val_scores", scores)
+    res = run_lmas(fast_overrides + SMALL + ["loop.tolerance=0.1"], tmp_path / "eps")
     assert [c["accepted"] for c in res["self_learning"]] == [True, True, False]
 
 
@@ -187,8 +188,8 @@ def _tiny_loop(tiny_base, tmp_path, strategy):
     rows = [Example(f"colour {i}?", labels[i % 2]) for i in range(12)]
     stream = Stream("colours", [Task("c", "classification", rows, [], rows[:4], labels)])
     pop = Population(tiny_base, ["agent0", "student"], lora={"r": 2})
-    return SelfLearningLoop(pop, stream, strategy, tmp_path, selflearn={"seed_labels": 3, "chunk": 3},
-                            progress=False, save_adapters=False)
+    return ContinualLoop(pop, stream, strategy, tmp_path, body=SelfLearning(seed_labels=3, chunk=3),
+                         progress=False, save_adapters=False)
 
 
 @pytest.mark.parametrize("name", ["inclora", "olora"])
@@ -208,7 +209,7 @@ def test_rollback_deletes_added_adapters_and_restores_weights_bit_identical(tiny
     before = {a: {ad: pop.adapter_state(a, ad) for ad in pop.agents[a].adapters} for a in pop.names}
     names_before = {a: list(pop.agents[a].adapters) for a in pop.names}
     configs_before = set(model.peft_config)
-    snap = loop.snapshot()
+    snap = loop.body.snapshot()
     # the cycle: a new task adapter per agent (IncLoRA's before_task), trained; events; strategy counts
     for agent in pop.names:
         pop.add_task_adapter(agent)
@@ -218,7 +219,7 @@ def test_rollback_deletes_added_adapters_and_restores_weights_bit_identical(tiny
             if "lora_" in n:
                 p.add_(0.5)
     loop.strategy.trained = {"agent0": 3, "student": 2}
-    loop.rollback(snap, 1)
+    loop.body.rollback(snap, 1)
     assert {a: pop.agents[a].adapters for a in pop.names} == names_before
     assert set(model.peft_config) == configs_before  # the added adapters are gone from the model
     for agent in pop.names:
@@ -239,18 +240,18 @@ def test_the_fallback_val_split_is_seed_labelled(tiny_base, tmp_path):
 
     loop = _tiny_loop(tiny_base, tmp_path, Strategy())
     task = loop.stream.tasks[0]
-    assert loop.eval_cfg.val_fallback > loop.sl.seed_labels  # the base loop would cut 12 training rows
-    assert loop._eval_view(task, "val").val == task.train[:3]
-    assert loop._task(task, task.train[5:8]).val == task.train[:3]  # what fits and Distill's val_acc see
+    assert loop.eval_cfg.val_fallback > loop.body.seed_labels  # the base loop would cut 12 training rows
+    assert loop.evaluator.val_view(task).val == task.train[:3]
+    assert loop.body._task(task, task.train[5:8]).val == task.train[:3]  # what fits and Distill's val_acc see
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["inclora", "olora"])
 def test_a_rejected_inclora_cycle_ends_with_the_pre_cycle_adapters(fast_overrides, tmp_path, run_lmas, monkeypatch,
                                                                     strategy):
-    monkeypatch.setattr(SelfLearningLoop, "_val_scores", _constant_gate(False))
+    monkeypatch.setattr(SelfLearning, "_val_scores", _constant_gate(False))
     out = tmp_path / strategy
-    res = run_lmas(fast_overrides + SMALL + [f"strategy={strategy}", "selflearn.cycles=1"], out)
+    res = run_lmas(fast_overrides + SMALL + [f"strategy={strategy}", "loop.cycles=1"], out)
     assert [c["accepted"] for c in res["self_learning"]] == [True, False]
     for agent in ("agent0", "agent1", "student"):
         first = sorted((out / "adapters" / agent).glob("round000-*.safetensors"))[0]
@@ -290,7 +291,7 @@ def test_no_withheld_label_enters_the_gate_or_the_teacher_weights(fast_overrides
 
     monkeypatch.setattr(PopulationScorer, "score", score)
     monkeypatch.setattr(distill_strategy, "evaluate", evaluate)
-    no_val = ["stream.tasks.0.n_val=0", "stream.tasks.1.n_val=0", "selflearn.distill.aggregation=val_acc"]
+    no_val = ["stream.tasks.0.n_val=0", "stream.tasks.1.n_val=0", "loop.distill.aggregation=val_acc"]
     res = run_lmas(fast_overrides + SMALL + no_val, tmp_path / "noval")
     assert len(res["self_learning"]) == 3 and scored
     stream = instantiate(compose(fast_overrides + SMALL + no_val).stream, _convert_="all")  # the run's tasks

@@ -90,6 +90,11 @@ class Task:
                         self.labels,
                     )
 
+    def describe(self) -> dict:
+        """Name, kind, metric, source and split sizes (results.json's ``tasks`` entry)."""
+        return {"name": self.name, "kind": self.kind, "metric": self.metric, "source": self.source,
+                "n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test)}
+
     @property
     def metric(self) -> str:
         return METRIC_OF_KIND[self.kind]

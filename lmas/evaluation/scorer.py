@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lmas.data.task import Task
-from lmas.evaluation.scoring import evaluate
+from lmas.evaluation.scoring import Scored, evaluate_scored
 from lmas.lm.device import autocast, autocast_dtype, model_device
 from lmas.lm.encoding import PromptEncoder
 from lmas.lm.likelihood import label_logprobs
@@ -86,10 +86,14 @@ class PopulationScorer:
 
     def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
         """The task's metric for one agent (its adapters activated)."""
+        return self.scored(agent, task, split, labels).value
+
+    def scored(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
+        """:meth:`score` with the per-example outcomes."""
         self.population.activate(agent)
         with self.autocast():
-            return evaluate(self.population.model, self.encoder, task, split, labels=labels,
-                            batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+            return evaluate_scored(self.population.model, self.encoder, task, split, labels=labels,
+                                   batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
 
     def classify(self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
                  ) -> tuple[dict[str, float], Tensor, Tensor]:

@@ -42,6 +42,15 @@ class Agent:
     def trainable(self) -> str:
         return self.adapters[-1]
 
+    def trained_tasks(self, tasks: list[str]) -> list[int]:
+        """Indices into ``tasks`` of the tasks this agent has trained, in first-trained order (a strategy's
+        ``seen``: what replay, joint or LwF protect is the agent's own past)."""
+        out: list[int] = []
+        for e in self.history:
+            if e.get("event") == "trained" and e.get("task") in tasks and tasks.index(e["task"]) not in out:
+                out.append(tasks.index(e["task"]))
+        return out
+
 
 def lora_config(
     r: int = 8,

@@ -20,9 +20,6 @@ from torch import Tensor
 from lmas.data.task import Example, Task
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lmas.lm.encoding import PromptEncoder
-    from lmas.population.population import Population
-    from lmas.schema import TrainConfig
     from lmas.training.experience import IncrementalLM
 
 
@@ -30,27 +27,11 @@ class Strategy:
     """Naive sequential fine-tuning of the agent's adapter (no protection against forgetting)."""
 
     name = "naive"
+    fit_backend = "lightning"  # how an experience is trained: lmas.training.fit.LightningFit (or "avalanche")
 
     def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
         """(example, task kind) pairs to train on in this experience; ``seen`` excludes ``task``."""
         return [(ex, task.kind) for ex in task.train]
-
-    def external_fit(
-        self,
-        population: Population,
-        agent: str,
-        task: Task,
-        examples: list[tuple[Example, str]],
-        encoder: PromptEncoder,
-        train: TrainConfig,
-        seed: int,
-    ) -> list[float] | None:
-        """Train outside lmas' Lightning path (e.g. with Avalanche's own strategy).
-
-        Return the per-step losses, or ``None`` (the default) to let lmas train with Lightning.
-        ``train`` is the loop's :class:`lmas.schema.TrainConfig`.
-        """
-        return None
 
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         """Called before ``Trainer.fit`` of an experience."""

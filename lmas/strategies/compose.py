@@ -11,9 +11,6 @@ from lmas.data.task import Example, Task
 from lmas.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from lmas.lm.encoding import PromptEncoder
-    from lmas.population.population import Population
-    from lmas.schema import TrainConfig
     from lmas.training.experience import IncrementalLM
 
 
@@ -27,7 +24,7 @@ class Compose(Strategy):
 
     Hooks are called on every part in order; the loss terms are the union of the parts' terms (a
     name given by two parts is an error); the training data comes from the one part that changes
-    it (two such parts are an error, and so are two parts that train outside Lightning); the
+    it (two such parts are an error; a part with its own fit backend, e.g. Avalanche, must be alone); the
     state is one entry per part.
 
     Args:
@@ -41,10 +38,14 @@ class Compose(Strategy):
         parts = list(parts)
         if not parts:
             raise ValueError("Compose needs at least one strategy in `parts`")
-        for method in ("train_examples", "external_fit"):
-            changing = [p.name for p in parts if overrides(p, method)]
-            if len(changing) > 1:
-                raise ValueError(f"Compose: {changing} all override {method}; at most one part may")
+        changing = [p.name for p in parts if overrides(p, "train_examples")]
+        if len(changing) > 1:
+            raise ValueError(f"Compose: {changing} all override train_examples; at most one part may")
+        other = [p.name for p in parts if p.fit_backend != Strategy.fit_backend]
+        if other and len(parts) > 1:
+            raise ValueError(f"Compose: {other[0]} trains with its own fit backend, which cannot add the terms of "
+                             f"{[p.name for p in parts if p.name != other[0]]}; use it alone")
+        self.fit_backend = parts[0].fit_backend if len(parts) == 1 else Strategy.fit_backend
         self.parts = parts
         self.name = name or "+".join(p.name for p in parts)
 
@@ -54,19 +55,6 @@ class Compose(Strategy):
     def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
         part = self._one("train_examples")
         return (part or Strategy()).train_examples(agent, task, seen)
-
-    def external_fit(
-        self,
-        population: Population,
-        agent: str,
-        task: Task,
-        examples: list[tuple[Example, str]],
-        encoder: PromptEncoder,
-        train: TrainConfig,
-        seed: int,
-    ) -> list[float] | None:
-        part = self._one("external_fit")
-        return None if part is None else part.external_fit(population, agent, task, examples, encoder, train, seed)
 
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         for p in self.parts:

@@ -62,7 +62,7 @@ def test_distillation_minilm_and_self_learning(run_lmas, fast_overrides, tmp_pat
     (fit,) = [e for e in res["agents"]["minilm"]["history"] if e.get("task") == "bbc" and e["event"] == "trained"]
     assert teacher and teacher[0][3] == f"{fit['external_teacher_accuracy']['minilm_l6']['test']:.3f}"
 
-    small = ["selflearn.seed_labels=4", "selflearn.chunk=6", "selflearn.cycles=2"]
+    small = ["loop.seed_labels=4", "loop.chunk=6", "loop.cycles=2"]
     res = run_lmas(fast_overrides + ["experiment=self_learning", *small], tmp_path / "sl")
     rows = _rows(tables.self_learning(tables.load_runs([str(tmp_path / "sl")])))
     assert [r[0] for r in rows] == ["0", "1", "2"]

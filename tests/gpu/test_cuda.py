@@ -99,7 +99,7 @@ def test_learning_curves_on_cuda(run_lmas, tmp_path):
 
 
 def test_self_learning_on_cuda(run_lmas, tmp_path):
-    small = ["experiment=self_learning", "selflearn.seed_labels=4", "selflearn.chunk=6", "selflearn.cycles=2"]
+    small = ["experiment=self_learning", "loop.seed_labels=4", "loop.chunk=6", "loop.cycles=2"]
     res = run_lmas(GPU + small + [f"paths.output_dir={tmp_path}"], tmp_path / "run")
     assert [c["cycle"] for c in res["self_learning"]] == [0, 1, 2]
 

@@ -15,7 +15,7 @@ from lmas.loop import ContinualLoop, EvalConfig, TrainConfig
 from lmas.training.experience import ExperienceData
 from lmas.lm.encoding import PromptEncoder, collate
 from lmas.population.population import Population
-from lmas.strategies.avalanche_bridge import AdapterLM, AvalancheStrategy, answer_loss, encode_experience
+from lmas.training.avalanche import AdapterLM, AvalancheStrategy, answer_loss, encode_experience
 from lmas.strategies.base import Strategy
 
 MAX_LEN = 48

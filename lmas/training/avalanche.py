@@ -1,7 +1,7 @@
 """Run Avalanche's own strategies (Naive, EWC, LwF, Replay, A-GEM) on an lmas stream.
 
-``strategy=avalanche/<method>`` trains each experience with ``avalanche.training.<Method>.train``
-through :meth:`Strategy.external_fit`; lmas still evaluates with its own scorers and writes the
+``strategy=avalanche/<method>`` (:class:`AvalancheStrategy`) names this module's fit backend
+(:class:`AvalancheFit`): each experience is trained with ``avalanche.training.<Method>.train``; lmas still evaluates with its own scorers and writes the
 same results.json, so one sweep compares the two frameworks.
 
 How lmas data is shown to Avalanche (one Avalanche experience per lmas experience):
@@ -43,15 +43,21 @@ from __future__ import annotations
 import math
 import random
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmas.data.task import Example, Task
+from lmas.data.task import Example
 from lmas.lm.encoding import IGNORE, collate
 from lmas.lm.likelihood import answer_logits
+from lmas.lm.encoding import PromptEncoder
+from lmas.population.population import Population
+from lmas.schema import TrainConfig
 from lmas.strategies.base import Strategy
+from lmas.strategies.compose import Compose
+from lmas.training.fit import Experience, FitResult, StepHook
 
 METHODS = ("naive", "ewc", "lwf", "replay", "agem")
 PAD, PROMPT, ANSWER = 0, 1, 2  # position codes of x[:, 1]
@@ -178,7 +184,7 @@ def _control_plugin(train, clip: float | None):
 
 
 class AvalancheStrategy(Strategy):
-    """An lmas strategy whose training is one of Avalanche's strategies.
+    """An lmas strategy whose training is one of Avalanche's strategies (its backend: :class:`AvalancheFit`).
 
     Args:
         method: ``naive`` | ``ewc`` | ``lwf`` | ``replay`` | ``agem``.
@@ -189,6 +195,8 @@ class AvalancheStrategy(Strategy):
         gradient_clip_val: gradient-norm clip (the config passes ``trainer.gradient_clip_val``).
         shuffle: shuffle each experience's batches (Avalanche's own sampler).
     """
+
+    fit_backend = "avalanche"
 
     def __init__(self, method: str = "naive", ewc_lambda: float = 1.0, mode: str = "separate",
                  decay_factor: float | None = None, alpha: float = 1.0, temperature: float = 2.0,
@@ -206,54 +214,7 @@ class AvalancheStrategy(Strategy):
                         "naive": {}}[method]
         self.gradient_clip_val = gradient_clip_val
         self.shuffle = shuffle
-        self.agents: dict[str, tuple] = {}  # agent -> (avalanche strategy, wrapper, experiences so far)
-
-    def _make(self, population, agent: str, train):
-        import avalanche.training as avl
-        from avalanche.training.plugins import EvaluationPlugin
-
-        model = AdapterLM(population.model)
-        if not len(model.adapter):
-            raise RuntimeError(f"agent {agent!r} has no trainable parameters")
-        opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No loggers specified")
-            evaluator = EvaluationPlugin(loggers=[])  # no metrics, no printing: lmas evaluates
-        cls = {"naive": avl.Naive, "ewc": avl.EWC, "lwf": avl.LwF, "replay": avl.Replay, "agem": avl.AGEM}
-        device = next(population.model.parameters()).device
-        strategy = cls[self.method](model=model, optimizer=opt, criterion=answer_loss,
-                                    train_mb_size=train.batch_size, train_epochs=train.epochs,
-                                    eval_mb_size=train.batch_size, device=device,
-                                    evaluator=evaluator, eval_every=-1, **self.options)
-        return [strategy, model, 0]
-
-    def external_fit(self, population, agent: str, task: Task, examples: list[tuple[Example, str]],
-                     encoder, train, seed: int) -> list[float]:
-        if not examples:
-            raise ValueError("an experience needs at least one training example")
-        state = self.agents.get(agent)
-        if state is None or state[1].runner.lm is not population.model:
-            state = self.agents[agent] = self._make(population, agent, train)
-        strategy, model, index = state
-        expected = {n for n, p in population.model.named_parameters() if p.requires_grad}
-        if set(model.names.values()) != expected:
-            raise RuntimeError(f"agent {agent!r}: trainable parameters changed since its Avalanche strategy was built")
-        exp = _experience(*encode_experience(examples, encoder), index)
-        torch.manual_seed(seed)  # the loop seeded these with `seed` already; direct calls get the same
-        random.seed(seed)  # A-GEM's memory sampling
-        control = _control_plugin(train, self.gradient_clip_val)
-        strategy.plugins.append(control)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                strategy.train(exp, eval_streams=[], shuffle=self.shuffle, reset_optimizer_state=True)
-            for w in caught:  # Avalanche's replay buffer calls its own deprecated API: drop only that
-                if not str(w.message).startswith("Call to deprecated"):
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        finally:
-            strategy.plugins.remove(control)
-        state[2] = index + 1
-        return control.losses
+        self.agents: dict[str, list] = {}  # agent -> [avalanche strategy, wrapper, experiences so far]
 
     def state_dict(self) -> dict:
         """Avalanche keeps its plugins' state (Fisher, buffers, previous model) in objects lmas
@@ -268,3 +229,72 @@ class AvalancheStrategy(Strategy):
                 "previous model) is not checkpointed, so this run cannot be resumed exactly; start it again, "
                 "or use lmas's own strategy=" + self.method
             )
+
+
+class AvalancheFit:
+    """The fit backend of :class:`AvalancheStrategy`: one ``avalanche.training.<Method>.train`` per experience.
+
+    Each agent keeps its Avalanche strategy object (with its plugins' state) in the lmas strategy's
+    ``agents`` across experiences; a fresh optimizer state per experience, as lmas's own path.
+    """
+
+    def __init__(self, population: Population, encoder: PromptEncoder, train: TrainConfig) -> None:
+        self.population, self.encoder, self.train = population, encoder, train
+
+    def _make(self, strategy: AvalancheStrategy, agent: str) -> list:
+        import avalanche.training as avl
+        from avalanche.training.plugins import EvaluationPlugin
+
+        population, train = self.population, self.train
+        model = AdapterLM(population.model)
+        if not len(model.adapter):
+            raise RuntimeError(f"agent {agent!r} has no trainable parameters")
+        opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="No loggers specified")
+            evaluator = EvaluationPlugin(loggers=[])  # no metrics, no printing: lmas evaluates
+        cls = {"naive": avl.Naive, "ewc": avl.EWC, "lwf": avl.LwF, "replay": avl.Replay, "agem": avl.AGEM}
+        device = next(population.model.parameters()).device
+        avl_strategy = cls[strategy.method](model=model, optimizer=opt, criterion=answer_loss,
+                                            train_mb_size=train.batch_size, train_epochs=train.epochs,
+                                            eval_mb_size=train.batch_size, device=device,
+                                            evaluator=evaluator, eval_every=-1, **strategy.options)
+        return [avl_strategy, model, 0]
+
+    def fit(self, exp: Experience, on_loss: StepHook, curve: Callable[[], float] | None = None) -> FitResult:
+        """Train ``exp`` with Avalanche (learning curves are not drawn on this backend)."""
+        strategy, agent, population = exp.strategy, exp.agent, self.population
+        if isinstance(strategy, Compose):  # a composition of one part (Compose refuses more with this backend)
+            strategy = strategy.parts[0]
+        if not isinstance(strategy, AvalancheStrategy):
+            raise TypeError(f"the avalanche fit backend trains AvalancheStrategy only, not {type(strategy).__name__}")
+        if not exp.examples:
+            raise ValueError("an experience needs at least one training example")
+        population.activate(agent)
+        state = strategy.agents.get(agent)
+        if state is None or state[1].runner.lm is not population.model:
+            state = strategy.agents[agent] = self._make(strategy, agent)
+        avl_strategy, model, index = state
+        expected = {n for n, p in population.model.named_parameters() if p.requires_grad}
+        if set(model.names.values()) != expected:
+            raise RuntimeError(f"agent {agent!r}: trainable parameters changed since its Avalanche strategy was built")
+        exp_data = _experience(*encode_experience(exp.examples, self.encoder), index)
+        torch.manual_seed(exp.seed)  # the loop seeded these with the fit's seed already; direct calls get the same
+        random.seed(exp.seed)  # A-GEM's memory sampling
+        control = _control_plugin(self.train, strategy.gradient_clip_val)
+        avl_strategy.plugins.append(control)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                avl_strategy.train(exp_data, eval_streams=[], shuffle=strategy.shuffle, reset_optimizer_state=True)
+            for w in caught:  # Avalanche's replay buffer calls its own deprecated API: drop only that
+                if not str(w.message).startswith("Call to deprecated"):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        finally:
+            avl_strategy.plugins.remove(control)
+        state[2] = index + 1
+        population.model.eval()
+        for i, loss in enumerate(control.losses, 1):  # the same step axis as the Lightning path
+            if i % self.train.log_every == 0:
+                on_loss(i, loss)
+        return FitResult(control.losses, len(control.losses))

@@ -1,0 +1,155 @@
+"""The evaluation schedule: what is scored when, into the knowledge matrix.
+
+* before any training (``eval.initial``): the untrained model on every task (a fresh LoRA adapter is an
+  exact no-op, so one evaluation serves every agent), for forward transfer;
+* after each round: every agent that has learnt something, on every task met so far and (``eval.next_task``)
+  on the next round's tasks before they are trained; a topology that answers jointly adds the
+  ``population`` row;
+* per-example records: every score of the matrix (agents' rows; the initial model) keeps its per-example
+  outcomes (:class:`~lmas.evaluation.scoring.Scored`), written per round as ``<records_dir>/initial.npz`` and
+  ``<records_dir>/round<r>.npz`` (numpy, one array per ``<row>/<task>``; test items in split order), so any
+  metric can be recomputed and resampled later (:mod:`lmas.metrics`);
+* a coordinator's competence measurement (answer log-likelihood on a few val examples) for the allocation;
+* validation views: a task without a val split is scored on a slice of its training data where a validation
+  score is needed (learning curves, a topology's weights); a round body may supply its own view
+  (self-learning cuts it from the seed-labelled examples only).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lmas.data.stream import Stream
+from lmas.data.task import Task
+from lmas.evaluation.scorer import PopulationScorer
+from lmas.evaluation.scoring import rank_scored
+from lmas.metrics import similarity
+from lmas.metrics.knowledge import KnowledgeMatrix
+from lmas.population.messages import COORDINATOR, Message, MessageLog
+from lmas.population.topology import TaskView, Topology
+from lmas.schema import EvalConfig
+from lmas.transfer.lorahub import answer_nll, few_shot_batches
+
+log = logging.getLogger(__name__)
+POPULATION = "population"  # the knowledge-matrix row of the topology's joint answer
+
+
+class Evaluator:
+    """Scores agents on the stream's tasks by the schedule above.
+
+    Args:
+        scorer: the population's scorer (metrics and label log-likelihoods).
+        stream: the tasks; their label spaces follow the stream's scenario.
+        plan: task indices per round (who meets what when).
+        cfg: ``eval.*``.
+        topology: gives the ``population`` row when it answers jointly.
+    """
+
+    def __init__(self, scorer: PopulationScorer, stream: Stream, plan: list[list[int]], cfg: EvalConfig,
+                 topology: Topology, records_dir: Path | None = None) -> None:
+        self.scorer, self.stream, self.plan, self.cfg, self.topology = scorer, stream, plan, cfg, topology
+        self.val_view: Callable[[Task], Task] = self.fallback_val_view
+        self.records_dir = records_dir
+
+    def write_records(self, name: str, records: dict[str, np.ndarray]) -> None:
+        """One evaluation's per-example outcomes, ``<records_dir>/<name>.npz`` (atomically replaced)."""
+        if self.records_dir is None or not records:
+            return
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.records_dir / f".{name}.tmp.npz"
+        np.savez_compressed(tmp, **records)
+        tmp.replace(self.records_dir / f"{name}.npz")
+
+    def fallback_val_view(self, task: Task) -> Task:
+        """``task``, or (no val split) a copy whose val is its first ``eval.val_fallback`` training examples."""
+        if task.val:
+            return task
+        return Task(task.name, task.kind, task.train, task.train[: self.cfg.val_fallback], task.test,
+                    task.labels, task.source, task.meta)
+
+    def met_before(self, r: int) -> list[int]:
+        """Task indices trained in rounds 0..r, in first-met order."""
+        met: list[int] = []
+        for round_tasks in self.plan[: r + 1]:
+            met += [j for j in round_tasks if j not in met]
+        return met
+
+    def seen_index(self, r: int) -> int:
+        """The highest task index met by round ``r`` (the class-incremental label space's extent)."""
+        return max(self.met_before(r), default=0)
+
+    def val_score(self, agent: str, task: Task, labels: list[str] | None = None) -> float:
+        """``agent``'s metric on ``task``'s validation view."""
+        return self.scorer.score(agent, self.val_view(task), "val", labels)
+
+    def competence(self, agent: str, j: int, shots: int, r: int, messages: MessageLog) -> float:
+        """Mean answer log-likelihood per token of ``agent`` on ``shots`` val examples of task ``j`` (a
+        coordinator's measurement: the examples go to the agent, the value comes back)."""
+        task = self.stream[j]
+        rows = self.val_view(task).val[:shots]
+        messages.send(Message("task", COORDINATOR, agent, r, rows))
+        self.scorer.population.activate(agent)
+        value = -answer_nll(self.scorer.population.model, few_shot_batches(self.scorer.encoder, rows, task.kind))
+        messages.send(Message("report", agent, COORDINATOR, r, value))
+        return value
+
+    def similarity(self, agents: list[str]) -> dict | None:
+        """Inter-agent similarity of ``agents`` (adapter updates; predictions on the probe set); None below two."""
+        if len(agents) < 2:
+            return None
+        probe = similarity.probe_set(self.stream, split=self.cfg.split)
+        return similarity.measure(self.scorer.population, self.scorer, agents, probe)
+
+    def initial(self, matrix: KnowledgeMatrix, agent: str) -> None:
+        """The untrained model (``agent``'s fresh adapter) on every task, for every row of the matrix."""
+        records = {}
+        for j, task in enumerate(self.stream.tasks):
+            scored = self.scorer.scored(agent, task, self.cfg.split, self.stream.label_space(j, 0))
+            records[task.name] = scored.per_example
+            for row in matrix.agents:
+                matrix.record_initial(row, task.name, scored.value)
+            log.info("initial %s on %s: %.4f", task.metric, task.name, scored.value)
+        self.write_records("initial", records)
+
+    def evaluate_round(self, r: int, matrix: KnowledgeMatrix, agents: list[str], messages: MessageLog
+                       ) -> dict[str, dict]:
+        """Round ``r``'s row of the matrix for ``agents``; returns the topology's answers per task."""
+        met = self.met_before(r)
+        upcoming = [j for j in self.plan[r + 1] if j not in met] if self.cfg.next_task and r + 1 < len(self.plan) else []
+        seen, split, answers, records = self.seen_index(r), self.cfg.split, {}, {}
+        if not agents:
+            return answers
+        for j in sorted(set(met) | set(upcoming)):
+            task, labels = self.stream[j], self.stream.label_space(j, seen)
+            lp = gold = None
+            if task.kind == "classification":
+                values, lp, gold = self.scorer.classify(agents, task, split, labels)
+                scored = {a: rank_scored(lp[i], gold) for i, a in enumerate(agents)}
+            else:
+                scored = {a: self.scorer.scored(a, task, split, labels) for a in agents}
+                values = {a: s.value for a, s in scored.items()}
+            records.update({f"{a}/{task.name}": s.per_example for a, s in scored.items()})
+            for agent, value in values.items():
+                matrix.record(r, agent, task.name, value)
+                log.info("round %d: %s on %s: %s=%.4f", r, agent, task.name, task.metric, value)
+            if self.topology.answers:
+                cache: dict[str, float] = {}
+
+                def val_score(a: str, task: Task = task, labels: list[str] = labels,
+                              cache: dict[str, float] = cache) -> float:
+                    if a not in cache:
+                        cache[a] = self.val_score(a, task, labels)
+                    return cache[a]
+
+                view = TaskView(task, agents, values, lp, gold, val_score, split,
+                                higher_is_better=task.metric != "perplexity")
+                value, info = self.topology.answer(view, r, messages)
+                matrix.record(r, POPULATION, task.name, value)
+                answers[task.name] = {"value": value, **info}
+                log.info("round %d: %s on %s: %s=%.4f %s", r, POPULATION, task.name, task.metric, value, info)
+        self.write_records(f"round{r:03d}", records)
+        return answers
