@@ -1,11 +1,16 @@
 """``lmas-compare DIR...``: aggregate the results.json of runs into one comparison table.
 
-Runs are grouped by the Hydra overrides they differ in (the ``seed`` is what repeats inside a
-group); each group reports mean ± std over its runs of the continual-learning metrics (read from each
-results.json's ``metrics``, computed once by ``KnowledgeMatrix.summary``; never recomputed here)
-and the training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
+Runs are grouped by the Hydra overrides they differ in (the ``seed`` and the task order ``stream.order`` are what
+repeats inside a group); each group reports mean ± std over its runs of the continual-learning metrics (read from
+each results.json's ``metrics``, computed once by ``KnowledgeMatrix.summary``; never recomputed here) and the
+training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
+
+With ``--baseline GROUP`` it also writes the statistics (:mod:`lmas.metrics.stats`, docs/statistics.md): each
+metric with its 95% CI, each group's paired difference from the baseline with its CI, p-value and Holm-corrected
+p-value, and (with ``--upper GROUP``, the multitask run) the gap-closure ratio — ``comparison_stats.md``/``.csv``.
 
     lmas-compare outputs/multiruns/2026-11-29_10-00-00
+    lmas-compare DIR --baseline strategy=naive --upper strategy=joint
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import yaml
 
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
-IGNORED_OVERRIDES = ("seed", "paths.", "logger", "hydra.", "progress", "debug")
+IGNORED_OVERRIDES = ("seed", "stream.order", "paths.", "logger", "hydra.", "progress", "debug")
 
 
 @dataclass
@@ -152,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", help="run or multirun directories")
     parser.add_argument("--out", help="where to write comparison.* (default: the first dir)")
     parser.add_argument("--agent", help="agent whose metrics are compared (default: each run's first)")
+    parser.add_argument("--baseline", help="group every other is compared with, e.g. strategy=naive (statistics)")
+    parser.add_argument("--upper", help="the multitask group, for the gap-closure ratio (with --baseline)")
     args = parser.parse_args(argv)
     try:
         runs = find_runs(args.dirs)
@@ -163,6 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} runs, stream {runs[0].results['stream']}\n")
     print(to_markdown(rows))
     print(f"\nwritten: {paths['csv']}  {paths['md']}  {paths['png']}")
+    if args.baseline:
+        from lmas.metrics import stats
+
+        groups: dict[str, list[Path]] = {}
+        for r in runs:
+            groups.setdefault(r.group, []).append(r.path)
+        try:
+            srows = stats.comparison_table(groups, args.baseline, args.upper, args.agent)
+        except ValueError as err:
+            print(f"lmas-compare: {err}", file=sys.stderr)
+            return 2
+        out = Path(args.out or args.dirs[0])
+        table = stats.to_markdown(srows, args.baseline)
+        (out / "comparison_stats.md").write_text(table + "\n")
+        stats.to_csv(srows, out / "comparison_stats.csv")
+        print(f"\n{table}\n\nwritten: {out / 'comparison_stats.md'}  {out / 'comparison_stats.csv'}")
     return 0
 
 

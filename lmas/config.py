@@ -189,7 +189,7 @@ def _adapter_transfer(r: Reader) -> None:
     fixed = [
         getattr(cls, "name", cls.__name__)
         for _, cls in strategies
-        if issubclass(cls, (EWC, L2, LwF)) or cls.__module__ == "lmas.strategies.avalanche_bridge"
+        if issubclass(cls, (EWC, L2, LwF)) or cls.__module__ == "lmas.training.avalanche"
     ]
     if fixed and r.get("topology.max_rank") is not None:
         why = f"grows an agent's adapter during the run, but strategy {fixed[0]} {FIXED}; use topology.max_rank=null"

@@ -179,7 +179,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
-    stream: StreamConfig = field(default_factory=StreamConfig)
+    stream: Any = None  # StreamConfig, checked by problems(); another factory (cl_stream) takes its own keys
     model: Any = None
     allocation: Any = None
     topology: Any = None
@@ -304,6 +304,8 @@ def problems(reader: Reader) -> None:
     """Record in ``reader.errors`` what the types let through: each section's keys and field checks, the
     stream's tasks, the trainer's options, every ``_target_`` and its keys, and the files options name."""
     for path, (cls, what) in SECTIONS.items():
+        if path == "stream" and not _plain_stream(reader):
+            continue  # a stream factory's node: its keys are checked against its signature by _targets
         reader.keys(path, [f.name for f in fields(cls)], what)
         for f in fields(cls):
             option = f"{path}.{f.name}" if path else f.name
@@ -311,9 +313,15 @@ def problems(reader: Reader) -> None:
             wrong = f.metadata["check"](value) if value is not _ABSENT else None
             if wrong:
                 reader.fail(option, value, wrong)
-    _tasks(reader)
+    if _plain_stream(reader):
+        _tasks(reader)
     _trainer(reader)
     _targets(reader)
+
+
+def _plain_stream(reader: Reader) -> bool:
+    """Whether ``stream`` builds a :class:`lmas.data.stream.Stream` from its ``tasks`` (not another factory)."""
+    return reader.get("stream._target_", StreamConfig._target_) == StreamConfig._target_
 
 
 def _tasks(reader: Reader) -> None:
@@ -390,7 +398,8 @@ def _targets(reader: Reader) -> None:
             params = inspect.signature(obj).parameters
         except (TypeError, ValueError):
             continue
-        if path not in SECTIONS and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        typed = path in SECTIONS and (path != "stream" or _plain_stream(reader))
+        if not typed and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             allowed = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_POSITIONAL]
             reader.keys(path, allowed, target, kind="an argument")
     for key in ("paths.output_dir", "paths.cache_dir"):

@@ -32,6 +32,7 @@ def smollm2_folder():
 
 def compose(overrides: list[str], run_dir: Path | None = None):
     """Compose conf/train.yaml with overrides, as `lmas-train` would (Hydra config included)."""
+    import lmas  # noqa: F401 - registers the typed config sections (lmas.schema) with Hydra's ConfigStore
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -70,3 +71,28 @@ def test_a_real_two_job_sweep_feeds_lmas_compare(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "2 runs, stream default" in out.stdout
     assert "| strategy=x" not in out.stdout and "| 2 |" in out.stdout  # one group, both seeds
+
+
+def test_baseline_adds_paired_statistics_over_real_runs(tmp_path, run_lmas, fast_overrides, capsys):
+    """Two strategies × two seeds on the tiny model: each group's CI, the paired difference from the baseline (a
+    paired t over seeds: its estimate is the mean of the per-seed differences), Holm, and a verdict."""
+    accs: dict[tuple[str, int], float] = {}
+    for strategy in ("naive", "replay"):
+        for seed in (0, 1):
+            out = tmp_path / "runs" / f"{strategy}{seed}"
+            overrides = [f"strategy={strategy}", f"seed={seed}"]
+            res = run_lmas(fast_overrides + overrides, out)
+            (out / ".hydra").mkdir(parents=True, exist_ok=True)
+            (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+            accs[strategy, seed] = res["metrics"]["agent0"]["avg_acc"]
+            assert sorted(p.name for p in (out / "per_example").iterdir())[0] == "initial.npz"
+    cmp = tmp_path / "cmp"
+    assert main([str(tmp_path / "runs"), "--out", str(cmp), "--baseline", "strategy=naive"]) == 0
+    rows = list(csv.DictReader((cmp / "comparison_stats.csv").open()))
+    replay = next(r for r in rows if r["group"] == "strategy=replay" and r["metric"] == "avg_acc")
+    diff = sum(accs["replay", s] - accs["naive", s] for s in (0, 1)) / 2
+    assert float(replay["diff"]) == pytest.approx(diff, abs=1e-9)
+    assert float(replay["diff_low"]) <= float(replay["diff"]) <= float(replay["diff_high"])
+    assert replay["n"] == "2" and replay["verdict"]
+    assert "strategy=replay" in (cmp / "comparison_stats.md").read_text()
+    assert "comparison_stats.md" in capsys.readouterr().out

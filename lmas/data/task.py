@@ -91,9 +91,19 @@ class Task:
                     )
 
     def describe(self) -> dict:
-        """Name, kind, metric, source and split sizes (results.json's ``tasks`` entry)."""
-        return {"name": self.name, "kind": self.kind, "metric": self.metric, "source": self.source,
-                "n_train": len(self.train), "n_val": len(self.val), "n_test": len(self.test)}
+        """Name, kind, metric, source, split sizes and the loader's notes (``meta`` keys ending in ``_note``, e.g.
+        how a missing split was cut): results.json's ``tasks`` entry."""
+        notes = {k: v for k, v in self.meta.items() if k.endswith("_note")}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "metric": self.metric,
+            "source": self.source,
+            "n_train": len(self.train),
+            "n_val": len(self.val),
+            "n_test": len(self.test),
+            **notes,
+        }
 
     @property
     def metric(self) -> str:

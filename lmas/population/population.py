@@ -143,7 +143,7 @@ class Population:
 
         Same targets and ``α/r`` (so the same scaling ``s``); the new weights are a fresh LoRA
         (B = 0) for the caller to write. Grows a receiver so a merge stays exact
-        (``population.topology.max_rank``) and restores such an adapter from a file.
+        (``topology.max_rank``) and restores such an adapter from a file.
         """
         self._check(name)
         adapter = adapter or self.agents[name].trainable

@@ -29,6 +29,9 @@ class SeqFT(Strategy):
 
     name = "seqft"
 
+    def __init__(self) -> None:
+        self.tasks = 0  # experiences trained: from the first on, the base differs from the model's files
+
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         agents = list(module.population.agents)
         if len(agents) > 1:
@@ -42,3 +45,15 @@ class SeqFT(Strategy):
     def after_task(self, module: IncrementalLM, task: Task) -> None:
         for p in base_parameters(module.net).values():
             p.requires_grad_(False)
+        self.tasks += 1
+
+    def state_dict(self) -> dict:
+        return {"tasks": self.tasks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint holds the adapters, not the fine-tuned base: a run that has trained cannot resume."""
+        if state.get("tasks"):
+            raise ValueError(
+                "strategy=seqft: the fine-tuned base weights are not checkpointed (only the adapters are), so this "
+                "run cannot be resumed exactly; start it again"
+            )

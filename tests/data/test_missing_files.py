@@ -40,7 +40,7 @@ def _jsonl(path: Path, n: int = 20) -> Path:
 
 
 def _user_conf(tmp_path: Path, first: str, second: str) -> Path:
-    """conf/stream/my_stream.yaml as the README's "A task from your own data" has a new user write it."""
+    """conf/stream/my_stream.yaml as docs/data.md ("A task from your own data") has a new user write it."""
     conf = tmp_path / "myconf"
     (conf / "stream").mkdir(parents=True)
     (conf / "stream" / "my_stream.yaml").write_text(USER_STREAM.format(first=first, second=second))

@@ -175,3 +175,11 @@ def test_stream_validation_and_caps():
         Stream("s", [_gen("g")], scenario="online")
     capped = Stream("s", [_cls("t1", ["a", "b"], n=10)], max_train=4, max_eval=1)
     assert len(capped[0].train) == 4 and len(capped[0].test) == 1
+
+
+def test_describe_carries_the_loaders_notes_into_results():
+    rows = [Example("q", "a")]
+    task = Task("t", "generation", rows, [], rows, meta={"split_note": "test cut from train", "answers": [["a"]]})
+    d = task.describe()
+    assert d["split_note"] == "test cut from train" and "answers" not in d
+    assert (d["n_train"], d["n_val"], d["n_test"], d["metric"]) == (1, 0, 1, "exact_match")

@@ -1,0 +1,139 @@
+"""Run a study in parts: a grid of lmas-train jobs whose finished runs are kept in the repository.
+
+    python experiments/study.py experiments/reproduction/study.yaml            # run what is not finished
+    python experiments/study.py experiments/reproduction/study.yaml --list     # the jobs and their state
+    python experiments/study.py experiments/reproduction/study.yaml --only strategy=olora
+
+A study file (YAML) names the fixed overrides and the axes of its grid::
+
+    name: reproduction
+    runs: runs                      # where finished runs are kept, relative to the study file
+    overrides: [experiment=reproduction/fast, stream.order=4]
+    grid:                           # every combination is one job
+      strategy: [naive, olora]
+      seed: [0, 1, 2]
+    extra:                          # more jobs: each entry is a grid of its own (e.g. one order, fewer seeds)
+      - {strategy: [seqft], seed: [0, 1]}
+
+A job runs in a scratch directory (``--scratch``, default ``outputs/studies/<name>/<job>``) and, once complete,
+its ``results.json``, ``config.yaml`` and ``per_example/`` (small) are copied to ``<runs>/<job>/``. A job whose
+``<runs>/<job>/results.json`` is complete is skipped, so a study continues on another machine from what the
+repository holds; an interrupted job resumes from its scratch checkpoint when the scratch dir is still there.
+Tables regenerate from ``<runs>`` alone (``lmas-compare``, ``experiments/tables.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KEPT = ("results.json", "config.yaml", "per_example")  # what a finished run keeps in the repository
+
+
+def load_study(path: str | Path) -> dict[str, Any]:
+    """The study file, checked: ``name``, ``runs``, ``overrides`` (list), ``grid`` and ``extra`` (axes -> values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such study file")
+    study = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(study) - {"name", "runs", "overrides", "grid", "extra"})
+    if unknown or not isinstance(study.get("name"), str):
+        raise SystemExit(f"{path}: expected keys name, runs, overrides, grid, extra (got unknown {unknown} or no name)")
+    for key, grid in [("grid", study.get("grid") or {})] + [(f"extra[{i}]", g) for i, g in
+                                                            enumerate(study.get("extra") or [])]:
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise SystemExit(f"{path}: {key} must map each override key to a non-empty list of values")
+    study["dir"] = path.parent
+    return study
+
+
+def jobs(study: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every job of the grid and the extras, in order, each ``{"name", "overrides"}`` (duplicates once)."""
+    out, seen = [], set()
+    for grid in [study.get("grid") or {}] + list(study.get("extra") or []):
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            axes = [f"{k}={v}" for k, v in zip(keys, values, strict=True)]
+            name = ",".join(a.replace("/", "_") for a in axes) or "default"
+            if name not in seen:
+                seen.add(name)
+                out.append({"name": name, "overrides": list(study.get("overrides") or []) + axes})
+    return out
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a complete run's results.json."""
+    f = run_dir / "results.json"
+    try:
+        return f.is_file() and bool(json.loads(f.read_text()).get("complete"))
+    except json.JSONDecodeError:
+        return False
+
+
+def keep(scratch: Path, dest: Path) -> None:
+    """Copy a finished run's kept files (:data:`KEPT`) from ``scratch`` to ``dest`` (results.json last)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in KEPT[1:]:
+        src = scratch / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+    shutil.copy2(scratch / "results.json", dest / "results.json")  # last: its presence marks the job done
+
+
+def run_job(job: dict[str, Any], scratch: Path, dest: Path, train: list[str]) -> int:
+    """Run (or resume) one job with lmas-train in ``scratch``; keep its files in ``dest`` once complete."""
+    if finished(scratch):
+        keep(scratch, dest)
+        return 0
+    if (scratch / "checkpoint").is_dir() or (scratch / "checkpoint.new").is_dir():
+        cmd = [*train, f"resume='{scratch}'"]  # quoted: job names hold '=' and ','
+    else:
+        cmd = [*train, *job["overrides"], f"hydra.run.dir='{scratch}'"]
+    print("study:", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc == 0 and finished(scratch):
+        keep(scratch, dest)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", help="the study file (YAML)")
+    parser.add_argument("--list", action="store_true", help="list the jobs and whether they are finished")
+    parser.add_argument("--only", action="append", default=[], help="run only jobs with this override (repeatable)")
+    parser.add_argument("--scratch", help="where jobs run (default: outputs/studies/<name>)")
+    parser.add_argument("--train", default=f"{sys.executable} -m lmas.train", help="the lmas-train command")
+    args = parser.parse_args(argv)
+    study = load_study(args.study)
+    runs = study["dir"] / study.get("runs", "runs")
+    scratch = Path(args.scratch or Path("outputs") / "studies" / study["name"])
+    selected = [j for j in jobs(study) if all(o in j["overrides"] for o in args.only)]
+    failed = []
+    for job in selected:
+        done = finished(runs / job["name"])
+        if args.list:
+            print(f"{'done' if done else 'todo'}  {job['name']}")
+            continue
+        if done:
+            print(f"study: {job['name']} finished (kept in {runs / job['name']}); skipped", flush=True)
+            continue
+        if run_job(job, scratch / job["name"], runs / job["name"], args.train.split()) != 0:
+            failed.append(job["name"])
+    if failed:
+        print(f"study: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""experiments/study.py: a study runs in parts; finished jobs are kept and skipped."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[2]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("study", ROOT / "experiments" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_jobs_are_the_grid_and_the_extras_once(tmp_path):
+    study = _study_module()
+    path = tmp_path / "s.yaml"
+    extra = [{"strategy": ["naive"], "seed": [0]}, {"strategy": ["joint"], "seed": [3]}]
+    spec = {"name": "s", "overrides": ["model=tiny"], "grid": {"strategy": ["naive", "avalanche/ewc"], "seed": [0, 1]},
+            "extra": extra}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    names = [j["name"] for j in study.jobs(study.load_study(path))]
+    assert names == ["strategy=naive,seed=0", "strategy=naive,seed=1", "strategy=avalanche_ewc,seed=0",
+                     "strategy=avalanche_ewc,seed=1", "strategy=joint,seed=3"]
+    assert study.jobs(study.load_study(path))[2]["overrides"] == ["model=tiny", "strategy=avalanche/ewc", "seed=0"]
+    path.write_text(yaml.safe_dump({"name": "s", "grid": {"seed": []}}))
+    with pytest.raises(SystemExit, match="non-empty list"):
+        study.load_study(path)
+
+
+def test_a_study_keeps_finished_runs_and_skips_them(tmp_path, capsys):
+    study = _study_module()
+    spec = {"name": "t", "runs": "runs", "grid": {"seed": [0, 1]},
+            "overrides": ["model=tiny", "debug=fast", "logger=csv", "stream.max_train=8", "train.max_steps=1"]}
+    path = tmp_path / "study" / "study.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(spec))
+    scratch = tmp_path / "scratch"
+    argv = [str(path), "--scratch", str(scratch), "--train", f"{sys.executable} -m lmas.train"]
+    assert study.main(argv) == 0
+    for seed in (0, 1):
+        kept = path.parent / "runs" / f"seed={seed}"
+        assert json.loads((kept / "results.json").read_text())["seed"] == seed
+        assert (kept / "config.yaml").is_file() and (kept / "per_example" / "initial.npz").is_file()
+        assert not (kept / "checkpoint").exists()  # only the small files are kept
+    capsys.readouterr()
+    # a later session without the scratch dir: nothing runs again (a command that fails would fail the study)
+    assert study.main([str(path), "--scratch", str(tmp_path / "gone"), "--train", "false"]) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+    assert study.main([str(path), "--list"]) == 0
+    assert capsys.readouterr().out.split() == ["done", "seed=0", "done", "seed=1"]
