@@ -35,13 +35,20 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from lmas.population.events import History
+
+if TYPE_CHECKING:
+    from lmas.population.allocation import Allocation
+    from lmas.population.population import Population
+    from lmas.strategies.base import Strategy
 
 log = logging.getLogger(__name__)
 DIR = "checkpoint"
@@ -87,7 +94,8 @@ def join_tensors(obj: Any, tensors: dict[str, Tensor]) -> Any:
 def rng_state() -> dict:
     """Python, NumPy and torch (CPU) generator states, JSON-safe."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the MT19937 state (the legacy form is a tuple for it)
     return {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -104,7 +112,7 @@ def set_rng_state(state: dict) -> None:
 
 
 # --- adapters -----------------------------------------------------------------------------
-def adapter_specs(population) -> dict[str, list[dict]]:
+def adapter_specs(population: Population) -> dict[str, list[dict]]:
     """Per agent, the LoRA settings of each of its adapters (to rebuild agents made by merges)."""
     out = {}
     for name, agent in population.agents.items():
@@ -119,23 +127,29 @@ def adapter_specs(population) -> dict[str, list[dict]]:
     return out
 
 
-def restore_population(population, specs: dict[str, list[dict]], folder: Path, histories: dict[str, list]) -> None:
+def restore_population(
+    population: Population, specs: dict[str, list[dict]], folder: Path, histories: dict[str, list]
+) -> None:
     """Recreate missing agents with their saved LoRA settings and load every adapter."""
     for name, adapters in specs.items():
         if name not in population.agents:
-            population.add_agent(name, dataclasses.replace(population.lora, rank_pattern={}, alpha_pattern={},
-                                                           **adapters[0]))
+            population.add_agent(
+                name, dataclasses.replace(population.lora, rank_pattern={}, alpha_pattern={}, **adapters[0])
+            )
         path = folder / f"{name}.safetensors"
         try:
             population.load_adapter(name, path)
         except SafetensorError as err:
-            raise CheckpointError(f"{path.resolve()}: not a readable safetensors file ({err}); the checkpoint "
-                                  "is damaged") from None
-        population.agents[name].history = list(histories.get(name, []))
+            raise CheckpointError(
+                f"{path.resolve()}: not a readable safetensors file ({err}); the checkpoint is damaged"
+            ) from None
+        population.agents[name].history = History(histories.get(name, []))
     extra = [n for n in population.names if n not in specs]
     if extra:
-        raise ValueError(f"checkpoint in {folder.parent}: the population has agents {extra} the checkpoint lacks; "
-                         "resume with the run's own config")
+        raise ValueError(
+            f"checkpoint in {folder.parent}: the population has agents {extra} the checkpoint lacks; "
+            "resume with the run's own config"
+        )
 
 
 # --- durability ---------------------------------------------------------------------------
@@ -190,11 +204,14 @@ def verify(folder: Path) -> None:
     for rel, expected in sums.items():
         path = folder / rel
         if not path.is_file():
-            raise CheckpointError(f"{path.resolve()}: missing (listed in {manifest_path.name}); the checkpoint "
-                                  "is damaged")
+            raise CheckpointError(
+                f"{path.resolve()}: missing (listed in {manifest_path.name}); the checkpoint is damaged"
+            )
         if sha256(path) != expected:
-            raise CheckpointError(f"{path.resolve()}: truncated or corrupted (its SHA-256 differs from "
-                                  f"{manifest_path.name}); the checkpoint is damaged")
+            raise CheckpointError(
+                f"{path.resolve()}: truncated or corrupted (its SHA-256 differs from "
+                f"{manifest_path.name}); the checkpoint is damaged"
+            )
 
 
 def read_json(path: Path) -> Any:
@@ -210,8 +227,9 @@ def read_tensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{path.resolve()}: not a readable safetensors file ({err}); the checkpoint "
-                              "is damaged") from None
+        raise CheckpointError(
+            f"{path.resolve()}: not a readable safetensors file ({err}); the checkpoint is damaged"
+        ) from None
 
 
 # --- the folder -----------------------------------------------------------------------------
@@ -230,7 +248,7 @@ def finish_swap(run_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save(run_dir: Path, state: dict, population) -> Path:
+def save(run_dir: Path, state: dict, population: Population) -> Path:
     """Write ``state`` (tensors allowed anywhere) and every agent's adapters; fsync; atomic swap."""
     run_dir = Path(run_dir)
     new, final, old = run_dir / f"{DIR}.new", run_dir / DIR, run_dir / f"{DIR}.old"
@@ -239,8 +257,9 @@ def save(run_dir: Path, state: dict, population) -> Path:
     (new / "adapters").mkdir(parents=True)
     for name in population.names:
         population.save_adapter(name, new / "adapters" / f"{name}.safetensors")
-    plain, tensors = split_tensors({**state, "rng": rng_state(), "adapters": adapter_specs(population),
-                                    "version": FORMAT_VERSION})
+    plain, tensors = split_tensors(
+        {**state, "rng": rng_state(), "adapters": adapter_specs(population), "version": FORMAT_VERSION}
+    )
     save_file(tensors, str(new / "tensors.safetensors"))
     (new / "state.json").write_text(json.dumps(plain))
     seal(new)  # manifest last, every byte on disk before the swap
@@ -271,26 +290,30 @@ def load(run_dir: Path) -> tuple[dict, Path]:
     """The saved state (tensors restored) and the folder it came from; every file checked first."""
     folder = find(run_dir)
     if folder is None:
-        raise FileNotFoundError(f"{Path(run_dir).resolve()}: no checkpoint/state.json; nothing to resume "
-                                "(was a round completed?)")
+        raise FileNotFoundError(
+            f"{Path(run_dir).resolve()}: no checkpoint/state.json; nothing to resume (was a round completed?)"
+        )
     verify(folder)
     plain = read_json(folder / "state.json")
     if not isinstance(plain, dict) or plain.get("version") != FORMAT_VERSION:
         version = plain.get("version") if isinstance(plain, dict) else None
-        raise CheckpointError(f"{(folder / 'state.json').resolve()}: checkpoint format {version} is not "
-                              f"{FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{(folder / 'state.json').resolve()}: checkpoint format {version} is not {FORMAT_VERSION}"
+        )
     return join_tensors(plain, read_tensors(folder / "tensors.safetensors")), folder
 
 
-def save_round(run_dir: Path, r: int, run: dict, population, allocation, strategy) -> Path:
+def save_round(
+    run_dir: Path, r: int, run: dict, population: Population, allocation: Allocation, strategy: Strategy
+) -> Path:
     """The checkpoint after round ``r``: the run's state (``RunState.to_dict``), the allocation's and the
     strategy's state, every agent's history and adapters, the random-number generators."""
-    histories = {n: a.history for n, a in population.agents.items()}
-    return save(run_dir, {"round": r, "run": run, "allocation": allocation.state_dict(),
-                          "strategy": strategy.state_dict(), "histories": histories}, population)
+    histories = {n: a.history.to_list() for n, a in population.agents.items()}
+    parts = {"allocation": allocation.state_dict(), "strategy": strategy.state_dict()}
+    return save(run_dir, {"round": r, "run": run, **parts, "histories": histories}, population)
 
 
-def load_round(run_dir: Path, population, allocation, strategy) -> tuple[int, dict]:
+def load_round(run_dir: Path, population: Population, allocation: Allocation, strategy: Strategy) -> tuple[int, dict]:
     """Restore :func:`save_round` into ``population``, ``allocation``, ``strategy`` and the RNGs; returns the
     last complete round and the run's state dict (for ``RunState.from_dict``)."""
     state, folder = load(run_dir)

@@ -67,8 +67,8 @@ class Continual(RoundBody):
         loop.transfer_before(r, assignments)
         for agent, j in assignments:
             task = loop.stream[j]
-            seen = [loop.stream[i] for i in loop.population.agents[agent].trained_tasks(loop.stream.task_names)
-                    if i != j]
+            trained = loop.population.agents[agent].trained_tasks(loop.stream.task_names)
+            seen = [loop.stream[i] for i in trained if i != j]
             loop.state.loss_curves[f"{agent}/{task.name}"] = loop.fit(agent, task, seen, r)
             loop.mark_trained(r, agent, task.name)
         loop.exchange(r)
@@ -87,12 +87,26 @@ class ContinualLoop:
         config: the resolved run config (results.json). save_adapters: save each adapter version.
     """
 
-    def __init__(self, population: Population, stream: Stream, strategy: Strategy, run_dir: str | Path,
-                 seed: int = 0, train: TrainConfig | None = None, eval: EvalConfig | None = None,
-                 trainer: dict[str, Any] | None = None, max_length: int = 128, tracker: Tracker | None = None,
-                 allocation: Allocation | None = None, topology: Topology | None = None,
-                 transfer: Transfer | None = None, body: RoundBody | None = None, config: dict | None = None,
-                 progress: bool = True, save_adapters: bool = True) -> None:
+    def __init__(
+        self,
+        population: Population,
+        stream: Stream,
+        strategy: Strategy,
+        run_dir: str | Path,
+        seed: int = 0,
+        train: TrainConfig | None = None,
+        eval: EvalConfig | None = None,
+        trainer: dict[str, Any] | None = None,
+        max_length: int = 128,
+        tracker: Tracker | None = None,
+        allocation: Allocation | None = None,
+        topology: Topology | None = None,
+        transfer: Transfer | None = None,
+        body: RoundBody | None = None,
+        config: dict | None = None,
+        progress: bool = True,
+        save_adapters: bool = True,
+    ) -> None:
         self.population, self.stream, self.strategy, self.run_dir = population, stream, strategy, Path(run_dir)
         self.seed, self.config, self.save_adapters = seed, config or {}, save_adapters
         self.train_cfg, self.eval_cfg, trainer = train or TrainConfig(), eval or EvalConfig(), dict(trainer or {})
@@ -104,11 +118,10 @@ class ContinualLoop:
         self.transfer, self.body = transfer or Transfer(), body or Continual()
         cfg_t, cfg_e = self.train_cfg, self.eval_cfg
         self.trunk = SharedTrunk(population.model) if cfg_t.trunk_cache or cfg_e.shared_trunk else None
-        self.scorer = PopulationScorer(population, self.encoder, cfg_e.batch_size, cfg_e.max_new_tokens,
-                                       cfg_e.mixed_adapters, self.trunk if cfg_e.shared_trunk else None,
-                                       trainer.get("precision"))
-        self.backends = fit_backends(population, self.encoder, cfg_t, trainer, self.trunk if cfg_t.trunk_cache
-                                     else None, cfg_e.curve_every, progress)
+        eval_trunk, fit_trunk = (self.trunk if on else None for on in (cfg_e.shared_trunk, cfg_t.trunk_cache))
+        scoring = cfg_e.batch_size, cfg_e.max_new_tokens, cfg_e.mixed_adapters, eval_trunk, trainer.get("precision")
+        self.scorer = PopulationScorer(population, self.encoder, *scoring)
+        self.backends = fit_backends(population, self.encoder, cfg_t, trainer, fit_trunk, cfg_e.curve_every, progress)
         self.topology.check(population.names)
         self.evaluator = Evaluator(self.scorer, stream, [], cfg_e, self.topology, self.run_dir / "per_example")
         self.plan = self.evaluator.plan = self.body.bind(self)  # task indices per round
@@ -134,8 +147,8 @@ class ContinualLoop:
             with self.state.timed("train_s"):
                 self.body.learn(self, r)
             with self.state.timed("eval_s"):
-                self.state.answers.append(self.evaluator.evaluate_round(r, self.state.matrix, self.knowing(),
-                                                                        self.state.messages))
+                answers = self.evaluator.evaluate_round(r, self.state.matrix, self.knowing(), self.state.messages)
+                self.state.answers.append(answers)
             self.record(r)
         self.state.timings["wall_s"] = self.state.wall_s()
         results = self.results()
@@ -166,11 +179,13 @@ class ContinualLoop:
         for rec in records:
             for src in rec.get("sources", []):
                 if src != rec["agent"] and src in self.population.agents:
-                    self.state.messages.send(Message("adapter", src, rec["agent"], r, self.population.adapter_state(src)))
+                    adapter = self.population.adapter_state(src)
+                    self.state.messages.send(Message("adapter", src, rec["agent"], r, adapter))
         self.add_events([{**rec, "event": rec.get("transfer", "transfer")} for rec in records])
 
-    def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int, strategy: Strategy | None = None
-            ) -> list[float]:
+    def fit(
+        self, agent: str, task: Task, seen: list[Task], round_idx: int, strategy: Strategy | None = None
+    ) -> list[float]:
         """Train ``agent`` on ``task`` with its strategy's fit backend; returns the per-step losses.
 
         ``strategy`` overrides the loop's strategy for this experience (e.g. a distillation step).
@@ -185,12 +200,13 @@ class ContinualLoop:
         result = self.backends[strategy.fit_backend].fit(
             Experience(agent, task, examples, strategy, seed),
             lambda step, loss: self.log.train_loss(agent, offset + step, loss),
-            lambda: self.evaluator.val_score(agent, task, labels))
+            lambda: self.evaluator.val_score(agent, task, labels),
+        )
         if result.curve is not None:
             self.state.curves[f"{agent}/{task.name}"] = result.curve
         self.state.step += result.steps
-        self.population.agents[agent].history.append({"round": round_idx, "event": "trained", "task": task.name,
-                                                      "steps": result.steps, "examples": len(examples), **result.info})
+        trained = {"round": round_idx, "event": "trained", "task": task.name, "steps": result.steps}
+        self.population.agents[agent].history.append({**trained, "examples": len(examples), **result.info})
         return result.losses
 
     def mark_trained(self, r: int, agent: str, task: str) -> None:
@@ -230,14 +246,12 @@ class ContinualLoop:
         """The JSON-safe results of the run so far."""
         self.state.truncated = self.encoder.truncated
         run = self.state.results(self.stream.task_names)
-        return {
-            "complete": not partial, "stream": self.stream.name, "scenario": self.stream.scenario,
-            "tasks": [t.describe() for t in self.stream.tasks],
-            "agents": {n: {"history": a.history} for n, a in self.population.agents.items()},
-            "population": {"allocation": self.allocation.name, "topology": self.topology.describe(),
-                           "transfer": self.transfer.name, "assignments": run.pop("assignments"),
-                           "answers": run.pop("answers"), "communication": run.pop("communication")},
-            "strategy": self.strategy.name, "seed": self.seed, **run, **self.body.results(self),
-            "versions": report.versions(), "config": self.config,
-        }
-
+        head = {"complete": not partial, "stream": self.stream.name, "scenario": self.stream.scenario}
+        tasks = [t.describe() for t in self.stream.tasks]
+        agents = {n: {"history": a.history.to_list()} for n, a in self.population.agents.items()}
+        parts = {"allocation": self.allocation.name, "topology": self.topology.describe()}
+        moved = {k: run.pop(k) for k in ("assignments", "answers", "communication")}
+        population = {**parts, "transfer": self.transfer.name, **moved}
+        rest = {"strategy": self.strategy.name, "seed": self.seed, **run, **self.body.results(self)}
+        tail = {"versions": report.versions(), "config": self.config}
+        return {**head, "tasks": tasks, "agents": agents, "population": population, **rest, **tail}

@@ -61,6 +61,7 @@ import torch
 from lmas.data.task import Example, Task
 from lmas.distill.strategy import Distill
 from lmas.loop import ContinualLoop, RoundBody
+from lmas.population.events import Event
 from lmas.population.fusion import FUSIONS, fuse
 from lmas.population.messages import COORDINATOR, Message
 from lmas.strategies.compose import Compose
@@ -88,9 +89,19 @@ class SelfLearning(RoundBody):
 
     name = "self_learning"
 
-    def __init__(self, cycles: int = 3, seed_labels: int = 16, chunk: int = 48, labelling: str = "agreement",
-                 threshold: float = 0.8, fusion: str = "uniform", consolidate: str = "distill",
-                 tolerance: float = 0.05, student: str = "student", distill: dict | None = None) -> None:
+    def __init__(
+        self,
+        cycles: int = 3,
+        seed_labels: int = 16,
+        chunk: int = 48,
+        labelling: str = "agreement",
+        threshold: float = 0.8,
+        fusion: str = "uniform",
+        consolidate: str = "distill",
+        tolerance: float = 0.05,
+        student: str = "student",
+        distill: dict | None = None,
+    ) -> None:
         if labelling not in LABELLING:
             raise ValueError(f"loop.labelling={labelling!r}: expected one of {LABELLING}")
         if consolidate not in CONSOLIDATION:
@@ -111,7 +122,9 @@ class SelfLearning(RoundBody):
             raise ValueError("loop=self_learning: the population needs at least one worker besides the student")
         bad = [t.name for t in loop.stream if t.kind != "classification"]
         if bad:
-            raise ValueError(f"loop=self_learning: tasks {bad} are not classification tasks (pseudo-labels need label sets)")
+            raise ValueError(
+                f"loop=self_learning: tasks {bad} are not classification tasks (pseudo-labels need label sets)"
+            )
         self.loop = loop
         loop.evaluator.val_view = self._eval_view
         return [list(range(len(loop.stream)))] * (self.cycles + 1)
@@ -150,8 +163,11 @@ class SelfLearning(RoundBody):
             pseudo_tasks.append(ptask)
             if r == 0:  # the seed's true labels are held from the start
                 self.add_to_pool(task.name, ptask.train)
-            seen = [self._task(t, self.pool(t.name)) for t in self.loop.stream.tasks
-                    if t.name != task.name and self.pool(t.name)]
+            seen = [
+                self._task(t, self.pool(t.name))
+                for t in self.loop.stream.tasks
+                if t.name != task.name and self.pool(t.name)
+            ]
             for w in self.workers:
                 self.loop.state.loss_curves[f"{w}/{task.name}/{r}"] = self.loop.fit(w, ptask, seen, r)
                 trained.append((w, task.name))
@@ -159,14 +175,21 @@ class SelfLearning(RoundBody):
             if self.consolidate == "distill":
                 teacher = Distill(teachers=self.workers, **self.distill)
                 self.loop.state.loss_curves[f"{self.student}/{task.name}/{r}"] = self.loop.fit(
-                    self.student, ptask, seen, r, strategy=Compose([self.loop.strategy, teacher]))
+                    self.student, ptask, seen, r, strategy=Compose([self.loop.strategy, teacher])
+                )
             trained.append((self.student, task.name))
         if self.consolidate == "merge" and pseudo_tasks:
-            residual = merge_adapters(self.loop.population, self.workers, [1.0 / len(self.workers)] * len(self.workers),
-                                      self.student, "exact", seed=self.loop.seed)
+            residual = merge_adapters(
+                self.loop.population,
+                self.workers,
+                [1.0 / len(self.workers)] * len(self.workers),
+                self.student,
+                "exact",
+                seed=self.loop.seed,
+            )
             self.loop.population.agents[self.student].history.append(  # residual: cut to the student's rank
-                {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact",
-                 "residual": residual})
+                {"round": r, "event": "merged", "sources": list(self.workers), "method": "exact", "residual": residual}
+            )
         record.update(self.gate(r, gate_before, before))
         if record["accepted"]:
             for agent, task_name in trained:
@@ -190,7 +213,7 @@ class SelfLearning(RoundBody):
         if not rows:
             log.warning("selflearn: task %s has no unlabelled examples left for cycle %d", task.name, r)
             return {"arrived": 0, "kept": 0, "coverage": None, "precision": None}, None
-        labels = list(task.labels)
+        labels = list(task.class_labels)
         lp = self.loop.scorer.label_logprobs(self.workers, [ex.prompt for ex in rows], labels)  # (A, N, L)
         for i, w in enumerate(self.workers):
             self.loop.state.messages.send(Message("label_distribution", w, COORDINATOR, r, lp[i].float()))
@@ -202,21 +225,32 @@ class SelfLearning(RoundBody):
         else:
             keep = fused.max(-1).values >= self.threshold
         gold = torch.tensor([labels.index(ex.answer) for ex in rows])  # withheld: only for the logs
-        pseudo = [Example(ex.prompt, labels[int(p)]) for ex, p, k in zip(rows, pred, keep) if k]
+        pseudo = [Example(ex.prompt, labels[int(p)]) for ex, p, k in zip(rows, pred, keep, strict=True) if k]
         for agent in self.loop.population.names:
             self.loop.state.messages.send(Message("pseudo_labels", COORDINATOR, agent, r, pseudo))
         kept = int(keep.sum())
-        stats = {"arrived": len(rows), "kept": kept, "coverage": kept / len(rows),
-                 "precision": float((pred[keep] == gold[keep]).float().mean()) if kept else None,
-                 "precision_all": float((pred == gold).float().mean())}
-        log.info("selflearn cycle %d, %s: %d/%d pseudo-labelled, precision %s", r, task.name, kept, len(rows),
-                 stats["precision"])
+        stats = {
+            "arrived": len(rows),
+            "kept": kept,
+            "coverage": kept / len(rows),
+            "precision": float((pred[keep] == gold[keep]).float().mean()) if kept else None,
+            "precision_all": float((pred == gold).float().mean()),
+        }
+        log.info(
+            "selflearn cycle %d, %s: %d/%d pseudo-labelled, precision %s",
+            r,
+            task.name,
+            kept,
+            len(rows),
+            stats["precision"],
+        )
         return stats, (self._task(task, pseudo) if pseudo else None)
 
     def _task(self, task: Task, rows: list[Example]) -> Task:
         """``task`` training on ``rows``, with a validation split of labelled examples only."""
-        return Task(task.name, task.kind, rows, self._labelled_val(task), task.test, task.labels, task.source,
-                    task.meta)
+        return Task(
+            task.name, task.kind, rows, self._labelled_val(task), task.test, task.labels, task.source, task.meta
+        )
 
     def _labelled_val(self, task: Task) -> list[Example]:
         """The task's val split, or (none) its first ``min(eval.val_fallback, seed_labels)`` seed-labelled
@@ -229,8 +263,10 @@ class SelfLearning(RoundBody):
 
     def _val_scores(self) -> dict[str, float]:
         """The student's validation accuracy on every task."""
-        return {t.name: self.loop.scorer.score(self.student, self._eval_view(t), "val", t.labels)
-                for t in self.loop.stream.tasks}
+        return {
+            t.name: self.loop.scorer.score(self.student, self._eval_view(t), "val", t.labels)
+            for t in self.loop.stream.tasks
+        }
 
     def gate(self, r: int, before: dict[str, float], snapshot: dict) -> dict:
         """Accept the cycle unless the student's validation accuracy on a task fell by > tolerance."""
@@ -242,8 +278,7 @@ class SelfLearning(RoundBody):
         accepted = all(d <= self.tolerance + GATE_EPS for d in drops.values())
         if not accepted:
             self.rollback(snapshot, r)
-            log.info("selflearn cycle %d rejected (val drops %s > %.3f): population restored", r, drops,
-                     self.tolerance)
+            log.info("selflearn cycle %d rejected (val drops %s > %.3f): population restored", r, drops, self.tolerance)
         return {"accepted": accepted, "val_before": before, "val_after": after, "drops": drops}
 
     # --- the whole population's state, for the rollback of a rejected cycle ---------------------
@@ -260,8 +295,11 @@ class SelfLearning(RoundBody):
                 "weights": {a: self.loop.population.adapter_state(name, a) for a in agent.adapters},
                 "history": len(agent.history),
             }
-        return {"agents": agents, "strategy": copy.deepcopy(self.loop.strategy.state_dict()),
-                "allocation": copy.deepcopy(self.loop.allocation.state_dict())}
+        return {
+            "agents": agents,
+            "strategy": copy.deepcopy(self.loop.strategy.state_dict()),
+            "allocation": copy.deepcopy(self.loop.allocation.state_dict()),
+        }
 
     def rollback(self, snap: dict, r: int) -> None:
         """Restore :meth:`snapshot` after the rejected cycle ``r``."""
@@ -282,9 +320,11 @@ class SelfLearning(RoundBody):
                         model.add_adapter(adapter, copy.deepcopy(state["configs"][adapter]))
                 pop.load_adapter_state(name, state["weights"][adapter], adapter)
             agent.adapters = list(state["adapters"])
-            undone = agent.history[state["history"]:]
-            del agent.history[state["history"]:]
-            agent.history.append({"round": r, "event": "rejected", "restored_to_round": r - 1, "undone": undone})
+            undone = agent.history[state["history"] :]
+            del agent.history[state["history"] :]
+            agent.history.append(
+                Event(r, "rejected", details={"restored_to_round": r - 1, "undone": [e.to_dict() for e in undone]})
+            )
         self.loop.strategy.load_state_dict(snap["strategy"])
         self.loop.allocation.load_state_dict(snap["allocation"])
         pop.activate(pop.names[0])

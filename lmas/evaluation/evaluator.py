@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +50,15 @@ class Evaluator:
         topology: gives the ``population`` row when it answers jointly.
     """
 
-    def __init__(self, scorer: PopulationScorer, stream: Stream, plan: list[list[int]], cfg: EvalConfig,
-                 topology: Topology, records_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        scorer: PopulationScorer,
+        stream: Stream,
+        plan: list[list[int]],
+        cfg: EvalConfig,
+        topology: Topology,
+        records_dir: Path | None = None,
+    ) -> None:
         self.scorer, self.stream, self.plan, self.cfg, self.topology = scorer, stream, plan, cfg, topology
         self.val_view: Callable[[Task], Task] = self.fallback_val_view
         self.records_dir = records_dir
@@ -61,15 +69,14 @@ class Evaluator:
             return
         self.records_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.records_dir / f".{name}.tmp.npz"
-        np.savez_compressed(tmp, **records)
+        np.savez_compressed(tmp, **records)  # type: ignore[arg-type]  # numpy's stub checks **kwds against allow_pickle
         tmp.replace(self.records_dir / f"{name}.npz")
 
     def fallback_val_view(self, task: Task) -> Task:
         """``task``, or (no val split) a copy whose val is its first ``eval.val_fallback`` training examples."""
         if task.val:
             return task
-        return Task(task.name, task.kind, task.train, task.train[: self.cfg.val_fallback], task.test,
-                    task.labels, task.source, task.meta)
+        return dataclasses.replace(task, val=task.train[: self.cfg.val_fallback])
 
     def met_before(self, r: int) -> list[int]:
         """Task indices trained in rounds 0..r, in first-met order."""
@@ -115,18 +122,23 @@ class Evaluator:
             log.info("initial %s on %s: %.4f", task.metric, task.name, scored.value)
         self.write_records("initial", records)
 
-    def evaluate_round(self, r: int, matrix: KnowledgeMatrix, agents: list[str], messages: MessageLog
-                       ) -> dict[str, dict]:
+    def evaluate_round(
+        self, r: int, matrix: KnowledgeMatrix, agents: list[str], messages: MessageLog
+    ) -> dict[str, dict]:
         """Round ``r``'s row of the matrix for ``agents``; returns the topology's answers per task."""
         met = self.met_before(r)
-        upcoming = [j for j in self.plan[r + 1] if j not in met] if self.cfg.next_task and r + 1 < len(self.plan) else []
-        seen, split, answers, records = self.seen_index(r), self.cfg.split, {}, {}
+        upcoming = (
+            [j for j in self.plan[r + 1] if j not in met] if self.cfg.next_task and r + 1 < len(self.plan) else []
+        )
+        seen, split, records = self.seen_index(r), self.cfg.split, {}
+        answers: dict[str, dict] = {}
         if not agents:
             return answers
         for j in sorted(set(met) | set(upcoming)):
             task, labels = self.stream[j], self.stream.label_space(j, seen)
             lp = gold = None
             if task.kind == "classification":
+                assert labels is not None  # label_space gives every classification task its labels
                 values, lp, gold = self.scorer.classify(agents, task, split, labels)
                 scored = {a: rank_scored(lp[i], gold) for i, a in enumerate(agents)}
             else:
@@ -139,15 +151,19 @@ class Evaluator:
             if self.topology.answers:
                 cache: dict[str, float] = {}
 
-                def val_score(a: str, task: Task = task, labels: list[str] = labels,
-                              cache: dict[str, float] = cache) -> float:
+                def val_score(
+                    a: str, task: Task = task, labels: list[str] | None = labels, cache: dict[str, float] = cache
+                ) -> float:
                     if a not in cache:
                         cache[a] = self.val_score(a, task, labels)
                     return cache[a]
 
-                view = TaskView(task, agents, values, lp, gold, val_score, split,
-                                higher_is_better=task.metric != "perplexity")
-                value, info = self.topology.answer(view, r, messages)
+                view = TaskView(
+                    task, agents, values, lp, gold, val_score, split, higher_is_better=task.metric != "perplexity"
+                )
+                answer = self.topology.answer(view, r, messages)
+                assert answer is not None, f"topology {self.topology.name!r} has answers=True but gave no answer"
+                value, info = answer
                 matrix.record(r, POPULATION, task.name, value)
                 answers[task.name] = {"value": value, **info}
                 log.info("round %d: %s on %s: %s=%.4f %s", r, POPULATION, task.name, task.metric, value, info)

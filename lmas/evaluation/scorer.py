@@ -14,7 +14,8 @@ messages are bookkeeping on ``(A, N, L)`` tensors, not model work.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -24,7 +25,8 @@ from lmas.evaluation.scoring import Scored, evaluate_scored
 from lmas.lm.device import autocast, autocast_dtype, model_device
 from lmas.lm.encoding import PromptEncoder
 from lmas.lm.likelihood import label_logprobs
-from lmas.lm.trunk import shared_label_logprobs
+from lmas.lm.trunk import SharedTrunk, shared_label_logprobs
+from lmas.population.population import Population
 
 
 class PopulationScorer:
@@ -42,15 +44,23 @@ class PopulationScorer:
         precision: ``trainer.precision``; mixed precisions score under the same autocast as training.
     """
 
-    def __init__(self, population, encoder: PromptEncoder, batch_size: int = 32, max_new_tokens: int = 12,
-                 mixed: bool = True, trunk=None, precision: str | int | None = None) -> None:
+    def __init__(
+        self,
+        population: Population,
+        encoder: PromptEncoder,
+        batch_size: int = 32,
+        max_new_tokens: int = 12,
+        mixed: bool = True,
+        trunk: SharedTrunk | None = None,
+        precision: str | int | None = None,
+    ) -> None:
         self.population, self.encoder = population, encoder
         self.batch_size, self.max_new_tokens, self.mixed = batch_size, max_new_tokens, mixed
         self.trunk = trunk
         autocast_dtype(precision)  # refuses an unsupported trainer.precision here
         self.precision = precision
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         """The trainer's autocast on the model's device (a no-op at 32-true)."""
         return autocast(self.precision, model_device(self.population.model))
 
@@ -69,12 +79,14 @@ class PopulationScorer:
         model.eval()
         try:
             if self.trunk is not None and len(agents) > 1:
-                return shared_label_logprobs(self.trunk, self.encoder, prompts, labels, agents,
-                                             self.population.activate, self.batch_size)
+                return shared_label_logprobs(
+                    self.trunk, self.encoder, prompts, labels, agents, self.population.activate, self.batch_size
+                )
             if self.can_mix(agents):
                 names = [self.population.agents[a].trainable for a in agents for _ in prompts]
-                out = label_logprobs(model, self.encoder, list(prompts) * len(agents), labels, self.batch_size,
-                                     adapter_names=names)
+                out = label_logprobs(
+                    model, self.encoder, list(prompts) * len(agents), labels, self.batch_size, adapter_names=names
+                )
                 return out.view(len(agents), len(prompts), len(labels))
             rows = []
             for a in agents:
@@ -92,11 +104,19 @@ class PopulationScorer:
         """:meth:`score` with the per-example outcomes."""
         self.population.activate(agent)
         with self.autocast():
-            return evaluate_scored(self.population.model, self.encoder, task, split, labels=labels,
-                                   batch_size=self.batch_size, max_new_tokens=self.max_new_tokens)
+            return evaluate_scored(
+                self.population.model,
+                self.encoder,
+                task,
+                split,
+                labels=labels,
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,
+            )
 
-    def classify(self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
-                 ) -> tuple[dict[str, float], Tensor, Tensor]:
+    def classify(
+        self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
+    ) -> tuple[dict[str, float], Tensor, Tensor]:
         """Accuracy of each agent, the label log-likelihoods ``(A, N, L)`` and gold indices ``(N,)`` (CPU)."""
         examples = getattr(task, split)
         if not examples:

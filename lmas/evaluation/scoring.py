@@ -9,8 +9,8 @@ for perplexity (perplexity is token-weighted: ``exp(sum NLL / sum tokens)``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def greedy_answers(
         for row, e in enumerate(enc):  # left padding, so every prompt ends at the same column
             ids[row, width - len(e) :] = torch.tensor(e)
             mask[row, width - len(e) :] = 1
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]  # nn.Module types attributes as Tensor | Module
             input_ids=ids.to(model_device(model)),
             attention_mask=mask.to(model_device(model)),
             max_new_tokens=max_new_tokens,
@@ -78,6 +78,7 @@ def greedy_answers(
         )
         for row in out[:, width:]:
             text = encoder.tokenizer.decode(row.tolist(), skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence decodes to one string
             answers.append(text.split("\n")[0].strip())
     return answers
 
@@ -90,24 +91,33 @@ def normalise_answer(text: str) -> str:
 
 @torch.no_grad()
 def exact_match_scored(
-    model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], max_new_tokens: int = 16, batch_size: int = 32
+    model: nn.Module,
+    encoder: PromptEncoder,
+    examples: Sequence[Example],
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
 ) -> Scored:
     """Share of examples whose greedy answer equals the reference after normalisation."""
     preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
-    hits = [normalise_answer(p) == normalise_answer(ex.answer) for p, ex in zip(preds, examples)]
+    hits = [normalise_answer(p) == normalise_answer(ex.answer) for p, ex in zip(preds, examples, strict=True)]
     return Scored(sum(hits) / len(hits), np.array(hits, dtype=np.uint8))
 
 
 def exact_match(
-    model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], max_new_tokens: int = 16, batch_size: int = 32
+    model: nn.Module,
+    encoder: PromptEncoder,
+    examples: Sequence[Example],
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
 ) -> float:
     """Share of examples whose greedy answer equals the reference after normalisation."""
     return exact_match_scored(model, encoder, examples, max_new_tokens, batch_size).value
 
 
 @torch.no_grad()
-def perplexity_scored(model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], batch_size: int = 16
-                      ) -> Scored:
+def perplexity_scored(
+    model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], batch_size: int = 16
+) -> Scored:
     """exp(mean token NLL) over all target tokens of the examples (token-weighted)."""
     items = [encoder.encode(ex.prompt, ex.answer, eos=False) for ex in examples]
     nll, count, rows = 0.0, 0.0, []
@@ -158,7 +168,7 @@ def evaluate_scored(
     model.eval()
     try:
         if task.kind == "classification":
-            return rank_accuracy_scored(model, encoder, examples, labels or task.labels, batch_size)
+            return rank_accuracy_scored(model, encoder, examples, labels or task.class_labels, batch_size)
         if task.kind == "generation":
             return exact_match_scored(model, encoder, examples, max_new_tokens, batch_size)
         return perplexity_scored(model, encoder, examples, batch_size)

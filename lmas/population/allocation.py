@@ -16,7 +16,7 @@ agents when the round starts (a coordinator may measure the agents first).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 Assignment = list[tuple[str, int]]  # (agent, task index) pairs of one round
 Competence_fn = Callable[[str, int], float]
@@ -38,8 +38,9 @@ class Allocation:
         """Task indices of every round."""
         return [[j] for j in range(len(tasks))]
 
-    def assign(self, round_idx: int, tasks: Sequence[int], agents: Sequence[str],
-               competence: Competence_fn | None = None) -> Assignment:
+    def assign(
+        self, round_idx: int, tasks: Sequence[int], agents: Sequence[str], competence: Competence_fn | None = None
+    ) -> Assignment:
         """The ``(agent, task index)`` pairs that train in round ``round_idx``, in training order."""
         return [(a, j) for j in tasks for a in agents]
 
@@ -63,7 +64,9 @@ class RoundRobin(Allocation):
     def __init__(self, offset: int = 0) -> None:
         self.offset = offset
 
-    def assign(self, round_idx, tasks, agents, competence=None) -> Assignment:
+    def assign(
+        self, round_idx: int, tasks: Sequence[int], agents: Sequence[str], competence: Competence_fn | None = None
+    ) -> Assignment:
         return [(agents[(round_idx + self.offset + i) % len(agents)], j) for i, j in enumerate(tasks)]
 
 
@@ -81,7 +84,7 @@ class OwnStream(Allocation):
         self.streams = streams
         self._rounds: list[Assignment] = []
 
-    def plan(self, tasks, agents) -> list[list[int]]:
+    def plan(self, tasks: Sequence[str], agents: Sequence[str]) -> list[list[int]]:
         if self.streams is None:
             own = {a: [tasks[j] for j in range(i, len(tasks), len(agents))] for i, a in enumerate(agents)}
         else:
@@ -92,7 +95,9 @@ class OwnStream(Allocation):
         self._rounds = [[(a, tasks.index(ts[r])) for a, ts in own.items() if r < len(ts)] for r in range(n_rounds)]
         return [sorted({j for _, j in pairs}) for pairs in self._rounds]
 
-    def assign(self, round_idx, tasks, agents, competence=None) -> Assignment:
+    def assign(
+        self, round_idx: int, tasks: Sequence[int], agents: Sequence[str], competence: Competence_fn | None = None
+    ) -> Assignment:
         return list(self._rounds[round_idx])
 
 
@@ -110,14 +115,16 @@ class Explicit(Allocation):
         self.rounds = [{a: [t] if isinstance(t, str) else list(t) for a, t in (r or {}).items()} for r in rounds]
         self._rounds: list[Assignment] = []
 
-    def plan(self, tasks, agents) -> list[list[int]]:
+    def plan(self, tasks: Sequence[str], agents: Sequence[str]) -> list[list[int]]:
         for r, rnd in enumerate(self.rounds):
             _check_names(f"agents in round {r}", list(rnd), agents)
             _check_names(f"tasks in round {r}", [t for ts in rnd.values() for t in ts], tasks)
         self._rounds = [[(a, tasks.index(t)) for a, ts in rnd.items() for t in ts] for rnd in self.rounds]
         return [sorted({j for _, j in pairs}) for pairs in self._rounds]
 
-    def assign(self, round_idx, tasks, agents, competence=None) -> Assignment:
+    def assign(
+        self, round_idx: int, tasks: Sequence[int], agents: Sequence[str], competence: Competence_fn | None = None
+    ) -> Assignment:
         return list(self._rounds[round_idx])
 
 
@@ -143,18 +150,22 @@ class Competence(Allocation):
         self.load: dict[str, int] = {}
         self.scores: list[dict[str, dict[int, float]]] = []  # per round: agent -> task -> competence
 
-    def plan(self, tasks, agents) -> list[list[int]]:
+    def plan(self, tasks: Sequence[str], agents: Sequence[str]) -> list[list[int]]:
         k = self.tasks_per_round
         return [list(range(i, min(i + k, len(tasks)))) for i in range(0, len(tasks), k)]
 
-    def assign(self, round_idx, tasks, agents, competence=None) -> Assignment:
+    def assign(
+        self, round_idx: int, tasks: Sequence[int], agents: Sequence[str], competence: Competence_fn | None = None
+    ) -> Assignment:
         if competence is None:
             raise ValueError("Competence allocation needs a competence function from the loop")
         scores = {a: {j: competence(a, j) for j in tasks} for a in agents}
         self.scores.append(scores)
         cap = self.capacity or math.ceil(len(tasks) / len(agents))
-        order = sorted(((scores[a][j], a, j) for a in agents for j in tasks),
-                       key=lambda s: (-s[0], self.load.get(s[1], 0), agents.index(s[1])))
+        order = sorted(
+            ((scores[a][j], a, j) for a in agents for j in tasks),
+            key=lambda s: (-s[0], self.load.get(s[1], 0), agents.index(s[1])),
+        )
         taken: dict[int, str] = {}
         used: dict[str, int] = {}
         for _, a, j in order:
@@ -163,8 +174,10 @@ class Competence(Allocation):
             taken[j] = a
             used[a] = used.get(a, 0) + 1
         if len(taken) < len(tasks):
-            raise ValueError(f"allocation.capacity={cap}: {len(agents)} agents cannot take the "
-                             f"{len(tasks)} tasks of round {round_idx}")
+            raise ValueError(
+                f"allocation.capacity={cap}: {len(agents)} agents cannot take the "
+                f"{len(tasks)} tasks of round {round_idx}"
+            )
         for a, n in used.items():
             self.load[a] = self.load.get(a, 0) + n
         return [(taken[j], j) for j in tasks]
@@ -174,5 +187,6 @@ class Competence(Allocation):
 
     def load_state_dict(self, state: dict) -> None:
         self.load = {a: int(n) for a, n in state["load"].items()}
-        self.scores = [{a: {int(j): float(v) for j, v in per.items()} for a, per in rnd.items()}
-                       for rnd in state["scores"]]
+        self.scores = [
+            {a: {int(j): float(v) for j, v in per.items()} for a, per in rnd.items()} for rnd in state["scores"]
+        ]

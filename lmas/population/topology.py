@@ -28,8 +28,9 @@ score (what a coordinator or a cascade can do without one).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -38,6 +39,9 @@ from lmas.data.task import Task
 from lmas.population.fusion import FUSIONS, cascade, fuse
 from lmas.population.messages import COORDINATOR, Message, MessageLog
 from lmas.transfer.merge import agent_factors, stack_sets, write_knowledge
+
+if TYPE_CHECKING:
+    from lmas.population.population import Population
 
 GRAPHS = ("ring", "all_to_all", "gossip")
 
@@ -73,7 +77,7 @@ class Topology:
     name = "none"
     answers = False  # whether :meth:`answer` gives a ``population`` row
 
-    def exchange(self, population, round_idx: int, senders: list[str], log: MessageLog) -> list[dict]:
+    def exchange(self, population: Population, round_idx: int, senders: list[str], log: MessageLog) -> list[dict]:
         """Move knowledge between agents after round ``round_idx``; one record per agent written."""
         return []
 
@@ -118,15 +122,15 @@ class MasterWorker(Topology):
     def describe(self) -> dict:
         return {"name": self.name, "fusion": self.fusion}
 
-    def answer(self, view, round_idx, log):
-        if view.logprobs is None:
+    def answer(self, view: TaskView, round_idx: int, log: MessageLog) -> tuple[float, dict]:
+        if view.logprobs is None or view.gold is None:  # no label distribution (not a classification task)
             return self.route(view, round_idx, log)
         for i, a in enumerate(view.agents):
             log.send(Message("label_distribution", a, COORDINATOR, round_idx, view.logprobs[i].float()))
         val = None
         if self.fusion == "val_acc":
             val = [view.val_score(a) for a in view.agents]
-            for a, v in zip(view.agents, val):
+            for a, v in zip(view.agents, val, strict=True):
                 log.send(Message("report", a, COORDINATOR, round_idx, v))
         probs = fuse(view.logprobs, self.fusion, val)
         return self.accuracy(probs, view.gold), {"fusion": self.fusion, "val_acc": val}
@@ -164,8 +168,16 @@ class PeerToPeer(Topology):
     name = "peer_to_peer"
     answers = True
 
-    def __init__(self, graph: str = "ring", self_weight: float = 0.5, fanout: int = 1, every: int = 1,
-                 fusion: str = "uniform", seed: int = 0, max_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        graph: str = "ring",
+        self_weight: float = 0.5,
+        fanout: int = 1,
+        every: int = 1,
+        fusion: str = "uniform",
+        seed: int = 0,
+        max_rank: int | None = None,
+    ) -> None:
         if graph not in GRAPHS:
             raise ValueError(f"topology.graph={graph!r}: expected one of {GRAPHS}")
         if not 0.0 <= self_weight <= 1.0:
@@ -173,16 +185,24 @@ class PeerToPeer(Topology):
         if fanout < 1 or every < 1:
             raise ValueError("topology: fanout and every must be >= 1")
         if fusion not in FUSIONS or fusion == "val_acc":
-            raise ValueError(f"topology.fusion={fusion!r}: peers vote with one of "
-                             f"{[f for f in FUSIONS if f != 'val_acc']}")
+            raise ValueError(
+                f"topology.fusion={fusion!r}: peers vote with one of {[f for f in FUSIONS if f != 'val_acc']}"
+            )
         if max_rank is not None and max_rank < 1:
             raise ValueError(f"topology.max_rank={max_rank}: must be >= 1 (null keeps the LoRA rank)")
         self.graph, self.self_weight, self.fanout, self.every = graph, self_weight, fanout, every
         self.fusion, self.seed, self.max_rank = fusion, seed, max_rank
 
     def describe(self) -> dict:
-        return {"name": self.name, "graph": self.graph, "self_weight": self.self_weight, "fanout": self.fanout,
-                "every": self.every, "fusion": self.fusion, "max_rank": self.max_rank}
+        return {
+            "name": self.name,
+            "graph": self.graph,
+            "self_weight": self.self_weight,
+            "fanout": self.fanout,
+            "every": self.every,
+            "fusion": self.fusion,
+            "max_rank": self.max_rank,
+        }
 
     def neighbours(self, agents: list[str], round_idx: int) -> dict[str, list[str]]:
         """``receiver -> senders`` of one exchange."""
@@ -203,7 +223,7 @@ class PeerToPeer(Topology):
                 incoming[b].append(a)
         return {b: sorted(s, key=agents.index) for b, s in incoming.items() if s}
 
-    def exchange(self, population, round_idx, senders, log):
+    def exchange(self, population: Population, round_idx: int, senders: list[str], log: MessageLog) -> list[dict]:
         if (round_idx + 1) % self.every:
             return []
         agents = population.names
@@ -221,16 +241,26 @@ class PeerToPeer(Topology):
             plans.append((receiver, peers, w_own, ([w_own] if own else []) + w_peer, incoming))
         records = []
         for receiver, peers, w_own, weights, incoming in plans:  # write after every merge is computed
-            residual = write_knowledge(population, receiver, incoming, keep=w_own, seed=self.seed,
-                                       max_rank=self.max_rank)
-            records.append({"round": round_idx, "event": "merged", "agent": receiver, "method": "exact",
-                            "sources": ([receiver] if receiver in snapshot else []) + peers, "weights": weights,
-                            "via": f"{self.name}/{self.graph}", "residual": residual,
-                            "rank": population.model.peft_config[population.agents[receiver].trainable].r})
+            residual = write_knowledge(
+                population, receiver, incoming, keep=w_own, seed=self.seed, max_rank=self.max_rank
+            )
+            records.append(
+                {
+                    "round": round_idx,
+                    "event": "merged",
+                    "agent": receiver,
+                    "method": "exact",
+                    "sources": ([receiver] if receiver in snapshot else []) + peers,
+                    "weights": weights,
+                    "via": f"{self.name}/{self.graph}",
+                    "residual": residual,
+                    "rank": population.lora_of(population.agents[receiver].trainable).r,
+                }
+            )
         return records
 
-    def answer(self, view, round_idx, log):
-        if view.logprobs is None:
+    def answer(self, view: TaskView, round_idx: int, log: MessageLog) -> tuple[float, dict]:
+        if view.logprobs is None or view.gold is None:  # no label distribution (not a classification task)
             return self.route(view, round_idx, log, receiver="peers")
         for i, a in enumerate(view.agents):
             for b in view.agents:
@@ -264,10 +294,10 @@ class Hierarchical(Topology):
         if unknown:
             raise ValueError(f"topology.order: unknown agents {unknown}; the population has {agents}")
 
-    def answer(self, view, round_idx, log):
+    def answer(self, view: TaskView, round_idx: int, log: MessageLog) -> tuple[float, dict]:
         listed = [a for a in (self.order or []) if a in view.agents]
         order = listed + [a for a in view.agents if a not in listed]  # agents not listed come last
-        if view.logprobs is None:
+        if view.logprobs is None or view.gold is None:  # no label distribution (not a classification task)
             return self.route(view, round_idx, log)
         idx = torch.tensor([view.agents.index(a) for a in order])
         pred, level = cascade(view.logprobs[idx], self.threshold)
@@ -278,5 +308,9 @@ class Hierarchical(Topology):
                 log.send(Message("examples", order[k - 1], order[k], round_idx, up))
         counts = {a: int((level == k).sum()) for k, a in enumerate(order)}
         rate = float((level > 0).float().mean()) if len(order) > 1 else 0.0
-        return float((pred == view.gold).float().mean()), {"order": order, "answered_by": counts,
-                                                           "escalation_rate": rate, "threshold": self.threshold}
+        return float((pred == view.gold).float().mean()), {
+            "order": order,
+            "answered_by": counts,
+            "escalation_rate": rate,
+            "threshold": self.threshold,
+        }

@@ -105,7 +105,7 @@ class AGEM(Strategy):
         if not sample:
             self._ref.pop(agent, None)
             return
-        params = [p for p in module.net.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in module.net.parameters() if p.requires_grad]
         with torch.enable_grad():
             logits, targets, _ = answer_logits(module.net, module.batch_of(sample))
             loss = F.cross_entropy(logits, targets)

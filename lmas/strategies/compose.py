@@ -43,8 +43,10 @@ class Compose(Strategy):
             raise ValueError(f"Compose: {changing} all override train_examples; at most one part may")
         other = [p.name for p in parts if p.fit_backend != Strategy.fit_backend]
         if other and len(parts) > 1:
-            raise ValueError(f"Compose: {other[0]} trains with its own fit backend, which cannot add the terms of "
-                             f"{[p.name for p in parts if p.name != other[0]]}; use it alone")
+            raise ValueError(
+                f"Compose: {other[0]} trains with its own fit backend, which cannot add the terms of "
+                f"{[p.name for p in parts if p.name != other[0]]}; use it alone"
+            )
         self.fit_backend = parts[0].fit_backend if len(parts) == 1 else Strategy.fit_backend
         self.parts = parts
         self.name = name or "+".join(p.name for p in parts)

@@ -9,10 +9,11 @@ restricts the units to the classes seen before; an LM head has no such partition
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
+from peft import LoraModel
 from torch import Tensor
 
 from lmas.data.task import Task
@@ -98,7 +99,8 @@ class LwF(Strategy):
         teacher = self.teachers[agent]
         was_training = module.net.training
         try:
-            population.model.base_model.set_adapter(teacher if len(teacher) > 1 else teacher[0], inference_mode=True)
+            base = cast(LoraModel, population.model.base_model)
+            base.set_adapter(teacher if len(teacher) > 1 else teacher[0], inference_mode=True)
             module.net.eval()
             logits, _, _ = answer_logits(module.net, batch)
         finally:

@@ -42,9 +42,17 @@ class RoundLog:
         """One training-loss point at global ``step``."""
         self.tracker.log({f"train/{agent}/loss": loss}, "step", step)
 
-    def round(self, r: int, matrix: KnowledgeMatrix, messages: MessageLog, events: list[dict],
-              answers: dict[str, dict], similarity: dict[str, Any] | None) -> dict[str, float]:
-        """Round ``r``'s metrics (matrix, CL metrics, communication, merges, cascade, similarity); logged and returned."""
+    def round(
+        self,
+        r: int,
+        matrix: KnowledgeMatrix,
+        messages: MessageLog,
+        events: list[dict],
+        answers: dict[str, dict],
+        similarity: dict[str, Any] | None,
+    ) -> dict[str, float]:
+        """Round ``r``'s metrics (matrix, CL metrics, communication, merges, cascade, similarity): logged and
+        returned."""
         values = matrix.values()[r]  # (rows, tasks)
         metrics: dict[str, float] = {}
         for a, agent in enumerate(matrix.agents):
@@ -82,10 +90,17 @@ class RoundLog:
     def matrix(self, r: int, matrix: KnowledgeMatrix, heatmap: Path) -> None:
         """The round's knowledge table and the matrix's heatmap (written to ``heatmap``)."""
         values, trained = matrix.values()[r], set(matrix.trained())
-        self.tracker.log_table("knowledge_table", ["round", "agent", "task", "metric", "value", "trained"],
-                               [[r, agent, task, matrix.metrics[task], float(values[a, j]), (r, agent, task) in trained]
-                                for a, agent in enumerate(matrix.agents)
-                                for j, task in enumerate(matrix.tasks) if not math.isnan(values[a, j])], r)
+        self.tracker.log_table(
+            "knowledge_table",
+            ["round", "agent", "task", "metric", "value", "trained"],
+            [
+                [r, agent, task, matrix.metrics[task], float(values[a, j]), (r, agent, task) in trained]
+                for a, agent in enumerate(matrix.agents)
+                for j, task in enumerate(matrix.tasks)
+                if not math.isnan(values[a, j])
+            ],
+            r,
+        )
         matrix.heatmap(heatmap)
         self.tracker.log_image("knowledge_matrix", heatmap, r)
 
@@ -96,8 +111,15 @@ class RoundLog:
             agent, label = version.agent, version.label
             parents = [lineage.ref(a, pr) for a, pr, _ in version.parents]
             path = folder / agent / f"round{r:03d}-{label}.safetensors"
-            meta = {"agent": agent, "round": str(r), "base": population.base.name, "task": label,
-                    "events": ",".join(e["event"] for e in version.events), "parents": ",".join(parents)}
+            meta = {
+                "agent": agent,
+                "round": str(r),
+                "base": population.base.name,
+                "task": label,
+                "events": ",".join(e["event"] for e in version.events),
+                "parents": ",".join(parents),
+            }
             population.save_adapter(agent, path, metadata=meta)
-            self.tracker.log_artifact(path, lineage.artifact_name(agent), "adapter", meta,
-                                      aliases=[lineage.alias(r)], parents=parents)
+            self.tracker.log_artifact(
+                path, lineage.artifact_name(agent), "adapter", meta, aliases=[lineage.alias(r)], parents=parents
+            )

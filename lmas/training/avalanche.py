@@ -1,8 +1,8 @@
 """Run Avalanche's own strategies (Naive, EWC, LwF, Replay, A-GEM) on an lmas stream.
 
 ``strategy=avalanche/<method>`` (:class:`AvalancheStrategy`) names this module's fit backend
-(:class:`AvalancheFit`): each experience is trained with ``avalanche.training.<Method>.train``; lmas still evaluates with its own scorers and writes the
-same results.json, so one sweep compares the two frameworks.
+(:class:`AvalancheFit`): each experience is trained with ``avalanche.training.<Method>.train``; lmas still
+evaluates with its own scorers and writes the same results.json, so one sweep compares the two frameworks.
 
 How lmas data is shown to Avalanche (one Avalanche experience per lmas experience):
 
@@ -44,20 +44,23 @@ import math
 import random
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmas.data.task import Example
-from lmas.lm.encoding import IGNORE, collate
+from lmas.lm.encoding import IGNORE, PromptEncoder, collate
 from lmas.lm.likelihood import answer_logits
-from lmas.lm.encoding import PromptEncoder
 from lmas.population.population import Population
 from lmas.schema import TrainConfig
 from lmas.strategies.base import Strategy
 from lmas.strategies.compose import Compose
 from lmas.training.fit import Experience, FitResult, StepHook
+
+if TYPE_CHECKING:
+    from avalanche.training.templates import SupervisedTemplate
 
 METHODS = ("naive", "ewc", "lwf", "replay", "agem")
 PAD, PROMPT, ANSWER = 0, 1, 2  # position codes of x[:, 1]
@@ -74,8 +77,11 @@ class _Runner(nn.Module):
         ids, code = x[:, 0], x[:, 1]  # (B, L), (B, L)
         width = int((code > PAD).sum(1).max())
         ids, code = ids[:, :width], code[:, :width]
-        batch = {"input_ids": ids, "attention_mask": (code > PAD).long(),
-                 "targets": torch.where(code == ANSWER, ids, torch.full_like(ids, IGNORE))}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": (code > PAD).long(),
+            "targets": torch.where(code == ANSWER, ids, torch.full_like(ids, IGNORE)),
+        }
         return answer_logits(self.lm, batch)[0]
 
 
@@ -85,6 +91,8 @@ class AdapterLM(nn.Module):
     With ``snapshot`` (a teacher made by ``deepcopy``) it has no parameters and runs the shared
     model with the snapshot's adapter tensors in place of the live ones.
     """
+
+    runner: _Runner  # set with object.__setattr__: not a submodule
 
     def __init__(self, lm: nn.Module, snapshot: dict[str, Tensor] | None = None) -> None:
         super().__init__()
@@ -105,13 +113,13 @@ class AdapterLM(nn.Module):
         finally:
             lm.train(was_training)
 
-    def train(self, mode: bool = True) -> "AdapterLM":
+    def train(self, mode: bool = True) -> AdapterLM:
         super().train(mode)
         if self.snapshot is None:  # Avalanche switches modes on this module; follow on the LM
             self.runner.lm.train(mode)
         return self
 
-    def __deepcopy__(self, memo) -> "AdapterLM":
+    def __deepcopy__(self, memo: dict[int, Any]) -> AdapterLM:
         """A frozen teacher sharing the base model: only the adapter tensors are copied."""
         if self.snapshot is not None:
             return self
@@ -125,7 +133,7 @@ def answer_loss(out: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out, tgt[tgt != IGNORE])
 
 
-def encode_experience(examples: list[tuple[Example, str]], encoder) -> tuple[Tensor, Tensor, list[int]]:
+def encode_experience(examples: list[tuple[Example, str]], encoder: PromptEncoder) -> tuple[Tensor, Tensor, list[int]]:
     """x (n, 2, L), y (n, L) and each example's first answer token (its Avalanche class)."""
     items = [encoder.encode_example(ex, kind) for ex, kind in examples]
     b = collate(items, encoder.pad_id)
@@ -148,14 +156,17 @@ def _experience(x: Tensor, y: Tensor, classes: list[int], index: int):
 
     data = TaskAwareSupervisedClassificationDataset(
         [torch.utils.data.TensorDataset(x, y)],
-        data_attributes=[DataAttribute(classes, "targets"),
-                         DataAttribute([0] * len(classes), "targets_task_labels", use_in_getitem=True)])
+        data_attributes=[
+            DataAttribute(classes, "targets"),
+            DataAttribute([0] * len(classes), "targets_task_labels", use_in_getitem=True),
+        ],
+    )
     exp = DatasetExperience(dataset=data, current_experience=index)
     exp.task_label, exp.task_labels = 0, [0]
     return exp
 
 
-def _control_plugin(train, clip: float | None):
+def _control_plugin(train: TrainConfig, clip: float | None):
     """Avalanche plugin: lmas' max_steps, warm-up and clipping; records the per-step loss."""
     from avalanche.core import SupervisedPlugin
 
@@ -164,7 +175,7 @@ def _control_plugin(train, clip: float | None):
             super().__init__()
             self.losses: list[float] = []
 
-        def before_update(self, strategy, **kwargs) -> None:
+        def before_update(self, strategy: SupervisedTemplate, **kwargs: Any) -> None:
             if train.warmup_steps > 0:
                 factor = min(1.0, (len(self.losses) + 1) / train.warmup_steps)
                 for group in strategy.optimizer.param_groups:
@@ -172,7 +183,7 @@ def _control_plugin(train, clip: float | None):
             if clip:
                 torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), clip)
 
-        def after_training_iteration(self, strategy, **kwargs) -> None:
+        def after_training_iteration(self, strategy: SupervisedTemplate, **kwargs: Any) -> None:
             loss = strategy.loss.item()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss} at step {len(self.losses)} (avalanche)")
@@ -198,20 +209,33 @@ class AvalancheStrategy(Strategy):
 
     fit_backend = "avalanche"
 
-    def __init__(self, method: str = "naive", ewc_lambda: float = 1.0, mode: str = "separate",
-                 decay_factor: float | None = None, alpha: float = 1.0, temperature: float = 2.0,
-                 mem_size: int = 200, patterns_per_exp: int = 64, sample_size: int = 8,
-                 gradient_clip_val: float | None = None, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        method: str = "naive",
+        ewc_lambda: float = 1.0,
+        mode: str = "separate",
+        decay_factor: float | None = None,
+        alpha: float = 1.0,
+        temperature: float = 2.0,
+        mem_size: int = 200,
+        patterns_per_exp: int = 64,
+        sample_size: int = 8,
+        gradient_clip_val: float | None = None,
+        shuffle: bool = True,
+    ) -> None:
         if method not in METHODS:
             raise ValueError(f"strategy.method={method!r}: expected one of {METHODS}")
         self.method = method
         self.name = f"avalanche/{method}"
         decay_factor = decay_factor if mode == "online" else None  # Avalanche refuses it otherwise
-        self.options = {"ewc": {"ewc_lambda": ewc_lambda, "mode": mode, "decay_factor": decay_factor},
-                        "lwf": {"alpha": alpha, "temperature": temperature},
-                        "replay": {"mem_size": mem_size},
-                        "agem": {"patterns_per_exp": patterns_per_exp, "sample_size": sample_size},
-                        "naive": {}}[method]
+        options: dict[str, dict[str, Any]] = {
+            "ewc": {"ewc_lambda": ewc_lambda, "mode": mode, "decay_factor": decay_factor},
+            "lwf": {"alpha": alpha, "temperature": temperature},
+            "replay": {"mem_size": mem_size},
+            "agem": {"patterns_per_exp": patterns_per_exp, "sample_size": sample_size},
+            "naive": {},
+        }
+        self.options = options[method]  # the Avalanche strategy's own keyword arguments
         self.gradient_clip_val = gradient_clip_val
         self.shuffle = shuffle
         self.agents: dict[str, list] = {}  # agent -> [avalanche strategy, wrapper, experiences so far]
@@ -255,10 +279,18 @@ class AvalancheFit:
             evaluator = EvaluationPlugin(loggers=[])  # no metrics, no printing: lmas evaluates
         cls = {"naive": avl.Naive, "ewc": avl.EWC, "lwf": avl.LwF, "replay": avl.Replay, "agem": avl.AGEM}
         device = next(population.model.parameters()).device
-        avl_strategy = cls[strategy.method](model=model, optimizer=opt, criterion=answer_loss,
-                                            train_mb_size=train.batch_size, train_epochs=train.epochs,
-                                            eval_mb_size=train.batch_size, device=device,
-                                            evaluator=evaluator, eval_every=-1, **strategy.options)
+        avl_strategy = cls[strategy.method](
+            model=model,
+            optimizer=opt,
+            criterion=answer_loss,
+            train_mb_size=train.batch_size,
+            train_epochs=train.epochs,
+            eval_mb_size=train.batch_size,
+            device=device,
+            evaluator=evaluator,
+            eval_every=-1,
+            **strategy.options,
+        )
         return [avl_strategy, model, 0]
 
     def fit(self, exp: Experience, on_loss: StepHook, curve: Callable[[], float] | None = None) -> FitResult:

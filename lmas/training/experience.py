@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
 from torch import Tensor
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lmas.data.task import Example
 from lmas.lm.device import model_device, to_device
 from lmas.lm.encoding import Encoded, PromptEncoder, collate
 from lmas.lm.likelihood import answer_logits
+
+if TYPE_CHECKING:
+    from lmas.lm.trunk import SharedTrunk
+    from lmas.population.population import Population
+    from lmas.strategies.base import Strategy
 
 
 class ExperienceData(L.LightningDataModule):
@@ -45,7 +53,7 @@ class ExperienceData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            range(len(self.items)),
+            range(len(self.items)),  # type: ignore[arg-type]  # a range is a map-style dataset (len, getitem)
             batch_size=self.batch_size,
             shuffle=True,
             generator=gen,
@@ -73,14 +81,14 @@ class IncrementalLM(L.LightningModule):
 
     def __init__(
         self,
-        population,
+        population: Population,
         agent: str,
-        strategy,
+        strategy: Strategy,
         encoder: PromptEncoder,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
-        trunk=None,
+        trunk: SharedTrunk | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -109,7 +117,7 @@ class IncrementalLM(L.LightningModule):
         items = [self.encoder.encode_example(ex, kind) for ex, kind in examples]
         return to_device(collate(items, self.encoder.pad_id), model_device(self.net))
 
-    def cpu(self) -> "IncrementalLM":
+    def cpu(self) -> IncrementalLM:
         """Keep the shared base where the loop put it: a no-op.
 
         Lightning's ``Strategy.teardown`` (2.6, ``lightning/pytorch/strategies/strategy.py``) calls
@@ -152,10 +160,10 @@ class IncrementalLM(L.LightningModule):
         trainer = self._trainer
         return trainer is not None and (bool(trainer.loggers) or trainer.progress_bar_callback is not None)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         self.strategy.on_before_optimizer_step(self)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> OptimizerLRScheduler:
         params = [p for p in self.net.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(f"agent {self.agent!r} has no trainable parameters")

@@ -78,8 +78,9 @@ class _StepLogger(L.Callback):
     def __init__(self, every: int, on_loss: StepHook) -> None:
         self.every, self.on_loss = every, on_loss
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step % self.every == 0:
             self.on_loss(step, outputs["loss"].item() if isinstance(outputs, dict) else float(outputs))
@@ -89,13 +90,15 @@ class _CurveLogger(L.Callback):
     """Scores the training task every ``every`` steps (and before the first): a learning curve."""
 
     def __init__(self, every: int, score: Callable[[], float]) -> None:
-        self.every, self.score, self.points = every, score, []
+        self.every, self.score = every, score
+        self.points: list[list[float]] = []  # [[step, score], ...]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.points.append([0, self.score()])
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step % self.every == 0:
             self.points.append([trainer.global_step, self.score()])
 
@@ -112,9 +115,16 @@ class LightningFit:
         progress: show Lightning's progress bar.
     """
 
-    def __init__(self, population: Population, encoder: PromptEncoder, train: TrainConfig,
-                 trainer: dict[str, Any], trunk: SharedTrunk | None = None, curve_every: int = 0,
-                 progress: bool = True) -> None:
+    def __init__(
+        self,
+        population: Population,
+        encoder: PromptEncoder,
+        train: TrainConfig,
+        trainer: dict[str, Any],
+        trunk: SharedTrunk | None = None,
+        curve_every: int = 0,
+        progress: bool = True,
+    ) -> None:
         self.population, self.encoder, self.train = population, encoder, train
         self.trainer_kwargs, self.trunk = trainer, trunk
         self.curve_every, self.progress = curve_every, progress
@@ -122,8 +132,16 @@ class LightningFit:
     def fit(self, exp: Experience, on_loss: StepHook, curve: Callable[[], float] | None = None) -> FitResult:
         cfg, strategy = self.train, exp.strategy
         data = ExperienceData(self.encoder, exp.examples, cfg.batch_size, seed=exp.seed)
-        module = IncrementalLM(self.population, exp.agent, strategy, self.encoder, lr=cfg.lr,
-                               weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, trunk=self.trunk)
+        module = IncrementalLM(
+            self.population,
+            exp.agent,
+            strategy,
+            self.encoder,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            warmup_steps=cfg.warmup_steps,
+            trunk=self.trunk,
+        )
         module.examples = exp.examples
         self.population.activate(exp.agent)
         strategy.before_task(module, exp.task)
@@ -147,5 +165,6 @@ class LightningFit:
             trainer.fit(module, datamodule=data)
         self.population.model.eval()
         strategy.after_task(module, exp.task)
-        return FitResult(module.losses, trainer.global_step, strategy.fit_info(),
-                         curve_cb.points if curve_cb is not None else None)
+        return FitResult(
+            module.losses, trainer.global_step, strategy.fit_info(), curve_cb.points if curve_cb is not None else None
+        )

@@ -29,7 +29,8 @@ largest over modules), logged as ``transfer/<agent>/<transfer>_residual``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypedDict
 
 from lmas.data.task import Task
 from lmas.lm.encoding import PromptEncoder
@@ -42,8 +43,30 @@ from lmas.transfer.merge import (
     write_knowledge,
 )
 
+if TYPE_CHECKING:
+    from lmas.population.population import Population
 
-def knowing_peers(population, agent: str | None = None) -> list[str]:
+
+class MergeOptions(TypedDict, total=False):
+    """The :func:`~lmas.transfer.merge.merge_adapters` options of a merge transfer."""
+
+    density: float | None
+    majority_sign_method: str
+    rank: int | None
+    seed: int
+
+
+class SearchOptions(TypedDict):
+    """The :func:`~lmas.transfer.lorahub.lorahub_weights` options of the LoraHub search."""
+
+    budget: int
+    seed: int
+    bounds: tuple[float, float]
+    l1: float
+    sigma0: float
+
+
+def knowing_peers(population: Population, agent: str | None = None) -> list[str]:
     """Agents other than ``agent`` that have trained or received something."""
     return [n for n, a in population.agents.items() if n != agent and a.history]
 
@@ -58,7 +81,7 @@ class Transfer:
 
     def apply(
         self,
-        population,
+        population: Population,
         round_idx: int,
         assignments: Sequence[tuple[str, Task]] = (),
         encoder: PromptEncoder | None = None,
@@ -76,19 +99,40 @@ class Merge(Transfer):
 
     name = "merge"
 
-    def __init__(self, method: str = "exact", sources: list[str] | None = None, weights: list[float] | None = None,
-                 targets: list[str] | None = None, start: int = 1, every: int = 1, density: float | None = None,
-                 majority_sign_method: str = "total", rank: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        method: str = "exact",
+        sources: list[str] | None = None,
+        weights: list[float] | None = None,
+        targets: list[str] | None = None,
+        start: int = 1,
+        every: int = 1,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        rank: int | None = None,
+        seed: int = 0,
+    ) -> None:
         if every < 1 or start < 0:
             raise ValueError(f"transfer: need every >= 1 and start >= 0, got every={every}, start={start}")
         self.method, self.sources, self.weights, self.targets = method, sources, weights, targets
         self.start, self.every = start, every
-        self.options = {"density": density, "majority_sign_method": majority_sign_method, "rank": rank, "seed": seed}
+        self.options: MergeOptions = {
+            "density": density,
+            "majority_sign_method": majority_sign_method,
+            "rank": rank,
+            "seed": seed,
+        }
 
     def due(self, round_idx: int) -> bool:
         return round_idx >= self.start and (round_idx - self.start) % self.every == 0
 
-    def apply(self, population, round_idx, assignments=(), encoder=None) -> list[dict]:
+    def apply(
+        self,
+        population: Population,
+        round_idx: int,
+        assignments: Sequence[tuple[str, Task]] = (),
+        encoder: PromptEncoder | None = None,
+    ) -> list[dict]:
         if not self.due(round_idx):
             return []
         sources = list(self.sources or population.names)
@@ -97,10 +141,21 @@ class Merge(Transfer):
         first = merge_adapters(population, sources, weights, targets[0], self.method, **self.options)
         residual = {targets[0]: first}
         for t in targets[1:]:  # copy the one merge (exact when the ranks agree)
-            residual[t] = max(first, merge_adapters(population, [targets[0]], [1.0], t, "exact",
-                                                    seed=self.options["seed"]))
-        return [{"round": round_idx, "transfer": self.name, "method": self.method, "agent": t,
-                 "sources": sources, "weights": weights, "residual": residual[t]} for t in targets]
+            residual[t] = max(
+                first, merge_adapters(population, [targets[0]], [1.0], t, "exact", seed=self.options["seed"])
+            )
+        return [
+            {
+                "round": round_idx,
+                "transfer": self.name,
+                "method": self.method,
+                "agent": t,
+                "sources": sources,
+                "weights": weights,
+                "residual": residual[t],
+            }
+            for t in targets
+        ]
 
 
 class LoraHub(Transfer):
@@ -115,18 +170,33 @@ class LoraHub(Transfer):
 
     name = "lorahub"
 
-    def __init__(self, sources: list[str] | None = None, shots: int = 5, budget: int = 40, seed: int = 0,
-                 bounds: tuple[float, float] = (-1.5, 1.5), l1: float = 0.05, sigma0: float = 0.5,
-                 start: int = 1) -> None:
+    def __init__(
+        self,
+        sources: list[str] | None = None,
+        shots: int = 5,
+        budget: int = 40,
+        seed: int = 0,
+        bounds: tuple[float, float] = (-1.5, 1.5),
+        l1: float = 0.05,
+        sigma0: float = 0.5,
+        start: int = 1,
+    ) -> None:
         if shots < 1:
             raise ValueError(f"transfer.shots={shots}: need at least one example")
         self.sources, self.shots, self.start = sources, shots, start
-        self.search = {"budget": budget, "seed": seed, "bounds": tuple(bounds), "l1": l1, "sigma0": sigma0}
+        lo, hi = bounds  # a list from a config
+        self.search: SearchOptions = {"budget": budget, "seed": seed, "bounds": (lo, hi), "l1": l1, "sigma0": sigma0}
 
     def due(self, round_idx: int) -> bool:
         return round_idx >= self.start
 
-    def apply(self, population, round_idx, assignments=(), encoder=None) -> list[dict]:
+    def apply(
+        self,
+        population: Population,
+        round_idx: int,
+        assignments: Sequence[tuple[str, Task]] = (),
+        encoder: PromptEncoder | None = None,
+    ) -> list[dict]:
         if not self.due(round_idx) or not assignments:
             return []
         if encoder is None:
@@ -144,8 +214,17 @@ class LoraHub(Transfer):
         for agent, task, sources, w in plans:
             factors, _ = exact_merge([snapshot[s] for s in sources], w)
             residual = write_knowledge(population, agent, factors, keep=0.0, frozen=1.0, seed=self.search["seed"])
-            records.append({"round": round_idx, "transfer": self.name, "agent": agent, "task": task.name,
-                            "sources": sources, "weights": w, "residual": residual})
+            records.append(
+                {
+                    "round": round_idx,
+                    "transfer": self.name,
+                    "agent": agent,
+                    "task": task.name,
+                    "sources": sources,
+                    "weights": w,
+                    "residual": residual,
+                }
+            )
         return records
 
 
@@ -159,16 +238,29 @@ class MergeInit(Transfer):
 
     name = "merge_init"
 
-    def __init__(self, method: str = "exact", sources: list[str] | None = None, weights: list[float] | None = None,
-                 start: int = 1, density: float | None = None, majority_sign_method: str = "total",
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        method: str = "exact",
+        sources: list[str] | None = None,
+        weights: list[float] | None = None,
+        start: int = 1,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
         self.method, self.sources, self.weights, self.start = method, sources, weights, start
-        self.options = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
+        self.options: MergeOptions = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
 
     def due(self, round_idx: int) -> bool:
         return round_idx >= self.start
 
-    def apply(self, population, round_idx, assignments=(), encoder=None) -> list[dict]:
+    def apply(
+        self,
+        population: Population,
+        round_idx: int,
+        assignments: Sequence[tuple[str, Task]] = (),
+        encoder: PromptEncoder | None = None,
+    ) -> list[dict]:
         if not self.due(round_idx):
             return []
         plans = []
@@ -179,17 +271,29 @@ class MergeInit(Transfer):
                 plans.append((agent, task, sources, weights))
         # compute every merge before writing any (an agent may be another's source)
         merged = {}
-        for agent, task, sources, weights in plans:
+        for agent, _, sources, weights in plans:
             tmp = f"mergeinit_{agent}"
             merged[agent] = (tmp, merge_adapters(population, sources, weights, tmp, self.method, **self.options))
         records = []
         for agent, task, sources, weights in plans:
             tmp, first = merged[agent]
-            residual = max(first, merge_adapters(population, [tmp], [1.0], agent, "exact", seed=self.options["seed"],
-                                                 keep_frozen=True))
+            residual = max(
+                first,
+                merge_adapters(population, [tmp], [1.0], agent, "exact", seed=self.options["seed"], keep_frozen=True),
+            )
             population.delete_agent(tmp)
-            records.append({"round": round_idx, "transfer": self.name, "method": self.method, "agent": agent,
-                            "task": task.name, "sources": sources, "weights": weights, "residual": residual})
+            records.append(
+                {
+                    "round": round_idx,
+                    "transfer": self.name,
+                    "method": self.method,
+                    "agent": agent,
+                    "task": task.name,
+                    "sources": sources,
+                    "weights": weights,
+                    "residual": residual,
+                }
+            )
         return records
 
 
@@ -202,8 +306,16 @@ class MergeMethods(Transfer):
 
     name = "merge_methods"
 
-    def __init__(self, methods: list[str], sources: list[str] | None = None, weights: list[float] | None = None,
-                 start: int = 1, density: float = 0.5, majority_sign_method: str = "total", seed: int = 0) -> None:
+    def __init__(
+        self,
+        methods: list[str],
+        sources: list[str] | None = None,
+        weights: list[float] | None = None,
+        start: int = 1,
+        density: float = 0.5,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
         if not methods:
             raise ValueError("transfer.methods: give at least one merge method")
         self.methods, self.sources, self.weights, self.start = list(methods), sources, weights, start
@@ -212,7 +324,13 @@ class MergeMethods(Transfer):
     def due(self, round_idx: int) -> bool:
         return round_idx == self.start
 
-    def apply(self, population, round_idx, assignments=(), encoder=None) -> list[dict]:
+    def apply(
+        self,
+        population: Population,
+        round_idx: int,
+        assignments: Sequence[tuple[str, Task]] = (),
+        encoder: PromptEncoder | None = None,
+    ) -> list[dict]:
         if not self.due(round_idx):
             return []
         sources = list(self.sources) if self.sources else knowing_peers(population)
@@ -221,8 +339,25 @@ class MergeMethods(Transfer):
         for method in self.methods:
             target = f"merged_{method}"
             density = self.density if method in NEEDS_DENSITY else None
-            residual = merge_adapters(population, sources, weights, target, method, density=density,
-                                      majority_sign_method=self.majority_sign_method, seed=self.seed)
-            records.append({"round": round_idx, "transfer": self.name, "method": method, "agent": target,
-                            "sources": sources, "weights": weights, "residual": residual})
+            residual = merge_adapters(
+                population,
+                sources,
+                weights,
+                target,
+                method,
+                density=density,
+                majority_sign_method=self.majority_sign_method,
+                seed=self.seed,
+            )
+            records.append(
+                {
+                    "round": round_idx,
+                    "transfer": self.name,
+                    "method": method,
+                    "agent": target,
+                    "sources": sources,
+                    "weights": weights,
+                    "residual": residual,
+                }
+            )
         return records
