@@ -143,7 +143,7 @@ class Distill(Strategy):
             return [
                 n
                 for n, a in population.agents.items()
-                if n != agent and any(e.get("event") == "trained" and e.get("task") == task.name for e in a.history)
+                if n != agent and any(e.event == "trained" and e.task == task.name for e in a.history)
             ]
         unknown = [t for t in self.teachers if t not in population.agents]
         if unknown:

@@ -21,22 +21,27 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lmas.models.providers import BaseModel
+from lmas.population.events import History
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 @dataclass
 class Agent:
-    """An agent: a name, the adapters it owns, and what happened to it (its history).
+    """An agent: a name, the adapters it owns, and what happened to it (its history of typed events).
 
     ``adapters`` are peft adapter names, oldest first. All of them are active together (their
     LoRA updates add up); only the last one is trainable. Most strategies keep one adapter;
-    IncLoRA and O-LoRA add one per task.
+    IncLoRA and O-LoRA add one per task. ``history`` is a :class:`~lmas.population.events.History`: assigning a
+    list of events or of their JSON mappings keeps it one.
     """
 
     name: str
     adapters: list[str] = field(default_factory=list)
-    history: list[dict] = field(default_factory=list)
+    history: History = field(default_factory=History)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, History(value) if name == "history" else value)
 
     @property
     def trainable(self) -> str:
@@ -47,8 +52,8 @@ class Agent:
         ``seen``: what replay, joint or LwF protect is the agent's own past)."""
         out: list[int] = []
         for e in self.history:
-            if e.get("event") == "trained" and e.get("task") in tasks and tasks.index(e["task"]) not in out:
-                out.append(tasks.index(e["task"]))
+            if e.event == "trained" and e.task in tasks and tasks.index(e.task) not in out:
+                out.append(tasks.index(e.task))
         return out
 
 

@@ -23,9 +23,14 @@ order with every parent logged before its child (what W&B's lineage graph needs)
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from lmas.population.events import Event
+
+EventLike = Event | Mapping[str, Any]  # an agent's history event, or its JSON form (results.json)
 
 SOURCE_KEYS = ("sources", "teachers", "teacher", "source")
 
@@ -34,7 +39,7 @@ SOURCE_KEYS = ("sources", "teachers", "teacher", "source")
 class Version:
     agent: str
     round: int
-    events: list[dict] = field(default_factory=list)
+    events: list[EventLike] = field(default_factory=list)
     parents: list[tuple[str, int, str]] = field(default_factory=list)  # (agent, round, edge kind)
 
     @property
@@ -65,7 +70,7 @@ def ref(agent: str, round_idx: int) -> str:
     return f"{artifact_name(agent)}:{alias(round_idx)}"
 
 
-def _sources(event: dict) -> list[str]:
+def _sources(event: EventLike) -> list[str]:
     out: list[str] = []
     for key in SOURCE_KEYS:
         value = event.get(key)
@@ -77,7 +82,7 @@ def _sources(event: dict) -> list[str]:
     return out
 
 
-def versions(histories: dict[str, list[dict]]) -> list[Version]:
+def versions(histories: Mapping[str, Sequence[EventLike]]) -> list[Version]:
     """Every version with its parents, ordered by round; within a round, versions without an
     exchange come first (so parents always precede children)."""
     by_key: dict[tuple[str, int], Version] = {}
@@ -116,7 +121,7 @@ def versions(histories: dict[str, list[dict]]) -> list[Version]:
     return sorted(by_key.values(), key=lambda v: (v.round, v.exchanged, order.index(v.agent)))
 
 
-def parents_of(histories: dict[str, list[dict]], agent: str, round_idx: int) -> list[tuple[str, int, str]]:
+def parents_of(histories: Mapping[str, Sequence[EventLike]], agent: str, round_idx: int) -> list[tuple[str, int, str]]:
     """The parents ``(agent, round, kind)`` of one version (``[]`` if it does not exist)."""
     for v in versions(histories):
         if v.key == (agent, round_idx):
@@ -124,7 +129,7 @@ def parents_of(histories: dict[str, list[dict]], agent: str, round_idx: int) -> 
     return []
 
 
-def draw(histories: dict[str, list[dict]], path_or_file: str | Path | BinaryIO, dpi: int = 100) -> bool:
+def draw(histories: Mapping[str, Sequence[EventLike]], path_or_file: str | Path | BinaryIO, dpi: int = 100) -> bool:
     """Draw the lineage graph as a PNG: one row per agent, one column per round, a node per
     version (labelled with what happened), grey arrows from the agent's previous version,
     coloured arrows from the versions merged/distilled into it. Returns False (and draws
