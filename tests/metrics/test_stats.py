@@ -1,0 +1,326 @@
+"""lmas.metrics.stats: CIs over test items and over runs, paired tests, Holm, gap closure, the table.
+
+Runs are built by hand in tmp_path: per-item outcomes written as per_example/*.npz, the matrix
+values computed from them, results.json ``metrics`` from KnowledgeMatrix.summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from lmas.metrics import KnowledgeMatrix, stats
+from lmas.metrics.records import Slot
+from lmas.metrics.stats import Interval, holm, item_intervals, load_run, paired_difference, run_interval
+
+AGENT = "agent0"
+
+
+def _value(outcomes: np.ndarray) -> float:
+    """A task's metric from its per-item outcomes: mean (1/0) or exp(sum NLL / sum tokens)."""
+    a = np.asarray(outcomes, dtype=float)
+    return float(np.exp(a[:, 0].sum() / a[:, 1].sum())) if a.ndim == 2 else float(a.mean())
+
+
+def write_run(
+    path: Path,
+    metrics: dict[str, str],
+    initial: dict[str, np.ndarray],
+    rounds: list[dict[str, np.ndarray]],
+    plan: list[list[str]],
+    seed: int = 0,
+    stream: str = "s",
+) -> Path:
+    """A finished run: results.json (matrix + metrics) and per_example/*.npz, one task set per round."""
+    tasks = list(metrics)
+    km = KnowledgeMatrix([AGENT], tasks, metrics)
+    for t, arr in initial.items():
+        km.record_initial(AGENT, t, _value(arr))
+    for r, (outs, trained) in enumerate(zip(rounds, plan, strict=True)):
+        km.start_round()
+        for t, arr in outs.items():
+            km.record(r, AGENT, t, _value(arr))
+        for t in trained:
+            km.mark_trained(r, AGENT, t)
+    path.mkdir(parents=True)
+    (path / "per_example").mkdir()
+    np.savez(path / "per_example" / "initial.npz", **initial)
+    for r, outs in enumerate(rounds):
+        np.savez(path / "per_example" / f"round{r:03d}.npz", **{f"{AGENT}/{t}": a for t, a in outs.items()})
+    results = {"complete": True, "stream": stream, "seed": seed, "matrix": km.to_dict(), "metrics": km.summaries()}
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def sequence_run(path: Path, seed: int = 0, n: int = 200, skill: float = 0.0, stream: str = "s") -> Path:
+    """Three tasks trained in rounds 0..2 (a, b accuracy; c perplexity) with forgetting and transfer.
+
+    Items are drawn with ``seed``; ``skill`` raises every trained accuracy (a better strategy).
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.random((3, 2, n))  # round, accuracy task, item: one uniform per outcome
+    ppl = np.stack([rng.uniform(1.0, 3.0, n), rng.integers(2, 6, n).astype(float)], axis=1)
+
+    def acc(p: float, r: int, j: int) -> np.ndarray:
+        return (u[r, j] < min(1.0, p + skill)).astype(np.uint8)
+
+    base = (rng.random((2, n)) < 0.3).astype(np.uint8)
+    rounds = [
+        {"a": acc(0.8, 0, 0), "b": acc(0.4, 0, 1), "c": ppl * [1.2, 1.0]},
+        {"a": acc(0.6, 1, 0), "b": acc(0.9, 1, 1), "c": ppl * [1.1, 1.0]},
+        {"a": acc(0.5, 2, 0), "b": acc(0.7, 2, 1), "c": ppl * [0.8, 1.0]},
+    ]
+    metrics = {"a": "accuracy", "b": "exact_match", "c": "perplexity"}
+    return write_run(
+        path,
+        metrics,
+        {"a": base[0], "b": base[1], "c": ppl * [1.3, 1.0]},
+        rounds,
+        [["a"], ["b"], ["c"]],
+        seed=seed,
+        stream=stream,
+    )
+
+
+def single_task_run(path: Path, correct: np.ndarray, seed: int = 0) -> Path:
+    """One accuracy task trained in round 0: avg_acc is the share of correct items."""
+    return write_run(path, {"a": "accuracy"}, {"a": np.zeros_like(correct)}, [{"a": correct}], [["a"]], seed=seed)
+
+
+# ---------------------------------------------------------------------------- records
+def test_metrics_recomputed_from_records_equal_results_json(tmp_path):
+    run = load_run(sequence_run(tmp_path / "r"))
+    want = run.results["metrics"][AGENT]
+    assert set(want) >= {"avg_acc", "forgetting", "bwt", "fwt", "plasticity", "avg_ppl", "ppl_forgetting"}
+    slot = Slot(run)
+    got = slot.summaries({t: np.ones((1, n)) for t, n in slot.sizes.items()}, list(want))[0]
+    assert got == pytest.approx([want[k] for k in want], abs=1e-12)
+    ivs = item_intervals(run, n_resamples=199)
+    assert {k: iv.estimate for k, iv in ivs.items()} == pytest.approx(want, abs=1e-12)
+    assert all(iv.low <= iv.estimate <= iv.high for iv in ivs.values())
+    assert ivs["avg_acc"].low < ivs["avg_acc"].high and ivs["ppl_forgetting"].high == 0.0  # c is trained last
+
+
+def test_item_weights_rebuild_a_resampled_matrix(tmp_path):
+    # weights 2, 0, 1, ... on items = the metric on the resample that drew item 0 twice and item 1 never
+    run = load_run(sequence_run(tmp_path / "r", n=5))
+    slot = Slot(run)
+    w = {t: np.array([[2.0, 0.0, 1.0, 1.0, 1.0]]) for t in slot.sizes}
+    vals = slot.entries(w)[0]  # (1 + rounds, tasks)
+    x = slot.x["a"][:, 3, 0]  # task a after round 2
+    assert vals[3, 0] == pytest.approx((2 * x[0] + x[2] + x[3] + x[4]) / 5)
+    nll, tok = slot.x["c"][:, 0, 0], slot.x["c"][:, 0, 1]  # task c, initial
+    assert vals[0, 2] == pytest.approx(math.exp((2 * nll[0] + nll[2:].sum()) / (2 * tok[0] + tok[2:].sum())))
+
+
+def test_missing_or_foreign_records_are_errors_naming_the_file(tmp_path):
+    path = sequence_run(tmp_path / "r")
+    (path / "per_example" / "round001.npz").unlink()
+    with pytest.raises(ValueError, match=r"round001\.npz: no array 'agent0/a'"):
+        item_intervals(path)
+    other = sequence_run(tmp_path / "other", seed=5)
+    for f in (other / "per_example").iterdir():
+        f.replace(path / "per_example" / f.name)
+    with pytest.raises(ValueError, match="do not belong to this run"):
+        item_intervals(path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "results.json").write_text((path / "results.json").read_text())
+    with pytest.raises(ValueError, match="no per_example/ records"):
+        item_intervals(bare)
+    with pytest.raises(ValueError, match="no results.json"):
+        load_run(tmp_path / "nothing")
+
+
+def test_a_perplexity_array_of_the_wrong_shape_is_an_error(tmp_path):
+    path = sequence_run(tmp_path / "r")
+    f = path / "per_example" / "round000.npz"
+    arrays = dict(np.load(f))
+    arrays["agent0/c"] = arrays["agent0/c"][:, 0]
+    np.savez(f, **arrays)
+    with pytest.raises(ValueError, match=r"round000\.npz\['agent0/c'\]: a perplexity task needs \(N, 2\)"):
+        item_intervals(path)
+
+
+# ---------------------------------------------------------------------------- intervals
+def test_constant_values_give_a_zero_width_interval(tmp_path):
+    iv = run_interval([0.5, 0.5, 0.5, 0.5])
+    assert (iv.estimate, iv.low, iv.high, iv.n) == (0.5, 0.5, 0.5, 4)
+    one = run_interval([0.7])
+    assert one.estimate == 0.7 and math.isnan(one.low) and math.isnan(one.high)
+    ivs = item_intervals(single_task_run(tmp_path / "r", np.ones(50, dtype=np.uint8)), n_resamples=199)
+    assert (ivs["avg_acc"].low, ivs["avg_acc"].high) == (1.0, 1.0)
+    assert (ivs["forgetting"].low, ivs["forgetting"].high) == (0.0, 0.0)
+
+
+def test_t_interval_by_hand():
+    iv = run_interval([0.1, 0.2, 0.3])
+    half = scipy.stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # sd of (0.1, 0.2, 0.3) is 0.1
+    assert (iv.estimate, iv.low, iv.high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert half == pytest.approx(0.2484, abs=1e-4)
+    assert iv.p == pytest.approx(2 * scipy.stats.t.sf(0.2 / (0.1 / math.sqrt(3)), 2))
+    boot = run_interval([0.1, 0.2, 0.3, 0.4, 0.5], method="bootstrap", n_resamples=999)
+    assert 0.1 <= boot.low < 0.3 < boot.high <= 0.5
+    with pytest.raises(ValueError, match="method must be"):
+        run_interval([0.1], method="z")
+
+
+def test_binomial_bootstrap_interval_is_close_to_wilson(tmp_path):
+    n, k = 2000, 1400
+    correct = np.zeros(n, dtype=np.uint8)
+    correct[np.random.default_rng(0).permutation(n)[:k]] = 1
+    iv = item_intervals(single_task_run(tmp_path / "r", correct), keys=["avg_acc"], n_resamples=2999)["avg_acc"]
+    wilson = scipy.stats.binomtest(k, n).proportion_ci(0.95, method="wilson")
+    assert iv.estimate == pytest.approx(0.7)
+    assert iv.low == pytest.approx(wilson.low, abs=0.004)
+    assert iv.high == pytest.approx(wilson.high, abs=0.004)
+    assert iv.n == n
+
+
+def test_item_intervals_are_deterministic_with_a_seed(tmp_path):
+    path = sequence_run(tmp_path / "r")
+    a = item_intervals(path, n_resamples=199, seed=3)
+    b = item_intervals(path, n_resamples=199, seed=3)
+    c = item_intervals(path, n_resamples=199, seed=4)
+    assert a == b
+    assert a["avg_acc"].low != c["avg_acc"].low
+
+
+def test_holm_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03, max(0.06, 1*0.04)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    adj = holm([math.nan, 0.02, 0.04, 0.9])  # NaN is not in the family: m = 3
+    assert math.isnan(adj[0]) and adj[1:] == pytest.approx([0.06, 0.08, 0.9])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------- comparisons
+def test_paired_difference_has_the_known_sign(tmp_path):
+    better = [load_run(sequence_run(tmp_path / f"good{s}", seed=s, skill=0.15)) for s in range(3)]
+    worse = [load_run(sequence_run(tmp_path / f"base{s}", seed=s)) for s in range(3)]
+    runs = paired_difference(better, worse, keys=["avg_acc", "plasticity", "avg_ppl"])
+    items = paired_difference(better[:1], worse[:1], keys=["avg_acc", "plasticity"], n_resamples=999)
+    for d in (runs, items):
+        assert d["avg_acc"].estimate > 0 and d["avg_acc"].low > 0 and d["avg_acc"].resolved
+        assert d["plasticity"].low > 0 and d["avg_acc"].p < 0.01
+    assert runs["avg_acc"].method == "paired t, 3 run pairs"
+    assert items["avg_acc"].method.startswith("paired item bootstrap, 1 run pair")
+    diffs = [x.metric("avg_acc") - y.metric("avg_acc") for x, y in zip(better, worse, strict=True)]
+    assert runs["avg_acc"].estimate == pytest.approx(np.mean(diffs))
+    assert runs["avg_acc"].p == pytest.approx(
+        scipy.stats.ttest_rel([r.metric("avg_acc") for r in better], [r.metric("avg_acc") for r in worse]).pvalue
+    )
+    assert runs["avg_ppl"].estimate == pytest.approx(0.0, abs=1e-12)  # the perplexity task is the same
+    assert not runs["avg_ppl"].resolved
+    same = paired_difference(worse[:1], worse[:1], keys=["avg_acc"], n_resamples=199)["avg_acc"]
+    assert (same.estimate, same.low, same.high, same.p) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_unpaired_runs_are_an_error(tmp_path):
+    a = [load_run(sequence_run(tmp_path / "a0", seed=0)), load_run(sequence_run(tmp_path / "a1", seed=1))]
+    b = [load_run(sequence_run(tmp_path / "b0", seed=0))]
+    with pytest.raises(ValueError, match=r"without a partner.*a1"):
+        paired_difference(a, b)
+    other = [load_run(single_task_run(tmp_path / "c0", np.ones(7, dtype=np.uint8)))]
+    with pytest.raises(ValueError, match="not paired item by item"):
+        paired_difference(a[:1], other, level="items")
+
+
+def test_gap_closure_by_hand(tmp_path):
+    # one task of 100 items: baseline 40 correct, multitask 80, method 60 -> (0.6 - 0.4) / (0.8 - 0.4) = 0.5
+    def run(name: str, k: int, seed: int) -> stats.RunRecords:
+        correct = (np.arange(100) < k).astype(np.uint8)
+        return load_run(single_task_run(tmp_path / f"{name}{k}_{seed}", correct, seed=seed))
+
+    m, s, u = [run("one_m", 60, 0)], [run("one_s", 40, 0)], [run("one_u", 80, 0)]
+    gc = stats.gap_closure(m, s, u, n_resamples=999)
+    assert gc.estimate == pytest.approx(0.5)
+    assert gc.low < 0.5 < gc.high and gc.method.startswith("paired item bootstrap")
+    triples = [[run(x, k + d, seed) for seed, d in enumerate((0, 2, -2))] for x, k in (("m", 60), ("s", 40), ("u", 80))]
+    gr = stats.gap_closure(*triples, n_resamples=999)
+    assert gr.estimate == pytest.approx((0.6 - 0.4) / (0.8 - 0.4))  # ratio of the means over seeds
+    assert gr.n == 3 and gr.method == "paired bootstrap over 3 run triples"
+    assert gr.low <= 0.5 <= gr.high
+
+
+def test_comparison_table_marks_verdicts_and_outputs(tmp_path):
+    groups = {
+        "naive": [sequence_run(tmp_path / f"naive{s}", seed=s) for s in range(3)],
+        "replay": [sequence_run(tmp_path / f"replay{s}", seed=s, skill=0.15) for s in range(3)],
+        "joint": [sequence_run(tmp_path / f"joint{s}", seed=s, skill=0.3) for s in range(3)],
+    }
+    # the same runs copied: the difference is exactly 0 in every metric
+    twin = []
+    for s, p in enumerate(groups["naive"]):
+        q = tmp_path / f"twin{s}"
+        q.mkdir()
+        for f in ("results.json", "per_example/initial.npz", *(f"per_example/round{r:03d}.npz" for r in range(3))):
+            (q / f).parent.mkdir(exist_ok=True)
+            (q / f).write_bytes((p / f).read_bytes())
+        twin.append(q)
+    groups["twin"] = twin
+    rows = stats.comparison_table(groups, baseline="naive", upper="joint", n_resamples=499)
+    at = {(r["group"], r["metric"]): r for r in rows}
+    assert at["naive", "avg_acc"]["paper"] == "AP" and at["naive", "forgetting"]["paper"] == "F.Ra"
+    assert "diff" not in at["naive", "avg_acc"]
+    assert at["naive", "avg_acc"]["ci"] == "t, 3 runs"
+    good = at["replay", "avg_acc"]
+    assert good["diff"] > 0 and good["verdict"] == "better" and good["mark"] in ("*", "**", "***")
+    assert good["p_holm"] >= good["p"]
+    assert at["twin", "avg_acc"]["verdict"] == stats.NOT_RESOLVED and at["twin", "avg_acc"]["mark"] == ""
+    assert at["replay", "bwt"]["p_holm"] == at["replay", "forgetting"]["p_holm"]
+    tested = [r for r in rows if "p" in r and r["metric"] != "bwt" and not math.isnan(r["p"])]
+    assert max(r["p_holm"] for r in tested) <= 1.0
+    assert ("replay", "gap_closure") in at and ("naive", "gap_closure") not in at
+    assert 0.0 < at["replay", "gap_closure"]["mean"] < 1.0
+    md = stats.to_markdown(rows, "naive")
+    assert "| group | avg_acc (AP) | forgetting (F.Ra) | bwt (BWT) | fwt (FWT) | plasticity | gap_closure |" in md
+    assert "Difference to naive" in md and "n.r." in md
+    out = stats.to_csv(rows, tmp_path / "stats.csv")
+    back = list(csv.DictReader(out.open()))
+    assert len(back) == len(rows) and back[0]["group"] == "naive" and set(back[0]) == set(stats.CSV_FIELDS)
+    with pytest.raises(ValueError, match="no group 'seqlora'"):
+        stats.comparison_table(groups, baseline="seqlora")
+
+
+def test_interval_resolved_only_when_zero_is_outside():
+    assert Interval(0.1, 0.05, 0.2, 3, "t").resolved
+    assert not Interval(0.1, -0.05, 0.2, 3, "t").resolved
+    assert not Interval(0.1, math.nan, math.nan, 1, "one run").resolved
+
+
+def test_runs_without_records_get_run_level_statistics(tmp_path):
+    groups = {}
+    for g, skill in (("naive", 0.0), ("replay", 0.15)):
+        groups[g] = []
+        for seed in range(2):
+            path = sequence_run(tmp_path / f"{g}{seed}", seed=seed, skill=skill)
+            for f in (path / "per_example").iterdir():
+                f.unlink()
+            (path / "per_example").rmdir()
+            groups[g].append(path)
+    rows = stats.comparison_table(groups, baseline="naive", keys=["avg_acc"])
+    (base, other) = rows
+    assert base["ci"] == "t, 2 runs" and other["test"] == "paired t, 2 run pairs"
+    one = stats.comparison_table({g: rs[:1] for g, rs in groups.items()}, baseline="naive", keys=["avg_acc"])
+    assert one[1]["ci"] == "one run: no interval" and one[1]["verdict"] == stats.NOT_RESOLVED
+
+
+def test_plot_intervals_draws_one_bar_per_metric_and_agent():
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    ivs = {
+        "agent0": {"avg_acc": Interval(0.6, 0.5, 0.7, 9, "x"), "fwt": Interval(0.1, -0.1, 0.3, 9, "x")},
+        "agent1": {"avg_acc": Interval(0.4, 0.3, 0.5, 9, "x")},
+    }
+    assert stats.plot_intervals(ax, ivs)
+    assert [len(c.lines[0].get_xdata()) for c in ax.containers] == [2, 1]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["avg_acc (AP)", "fwt (FWT)"]
+    assert not stats.plot_intervals(Figure().add_subplot(), {"agent0": {}})
