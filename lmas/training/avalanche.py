@@ -239,6 +239,7 @@ class AvalancheStrategy(Strategy):
         self.gradient_clip_val = gradient_clip_val
         self.shuffle = shuffle
         self.agents: dict[str, list] = {}  # agent -> [avalanche strategy, wrapper, experiences so far]
+        self.resumed: dict[str, int] = {}  # agent -> experiences before a resume (load_state_dict)
 
     def state_dict(self) -> dict:
         """Avalanche keeps its plugins' state (Fisher, buffers, previous model) in objects lmas
@@ -253,6 +254,7 @@ class AvalancheStrategy(Strategy):
                 "previous model) is not checkpointed, so this run cannot be resumed exactly; start it again, "
                 "or use lmas's own strategy=" + self.method
             )
+        self.resumed = {a: int(n) for a, n in state.get("experiences", {}).items()}
 
 
 class AvalancheFit:
@@ -291,7 +293,7 @@ class AvalancheFit:
             eval_every=-1,
             **strategy.options,
         )
-        return [avl_strategy, model, 0]
+        return [avl_strategy, model, strategy.resumed.pop(agent, 0)]
 
     def fit(self, exp: Experience, on_loss: StepHook, curve: Callable[[], float] | None = None) -> FitResult:
         """Train ``exp`` with Avalanche (learning curves are not drawn on this backend)."""
