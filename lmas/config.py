@@ -85,16 +85,17 @@ def _seqft_and_trunk(r: Reader) -> None:
     """SeqFT fine-tunes the shared base: one agent, no cached trunk; a shared trunk needs LoRA on the top layers."""
     from lmas.strategies.seqft import SeqFT
 
-    n, seqft = len(_agent_names(r)), any(issubclass(cls, SeqFT) for _, cls in _strategies(r))
+    names = [cls.name for _, cls in _strategies(r) if issubclass(cls, SeqFT)]  # seqft, osf: they train the base
+    n, seqft = len(_agent_names(r)), bool(names)
     if n > 1 and seqft:
-        why = "strategy=seqft fine-tunes the shared base model, so it needs a single agent (population.agents=1)"
+        why = f"strategy={names[0]} fine-tunes the shared base model, so it needs a single agent (population.agents=1)"
         r.fail("population.agents", r.get("population.agents"), why)
     for key in ("train.trunk_cache", "eval.shared_trunk"):
         if r.get(key) is True and r.get("population.lora.layers_to_transform") is None:
             why = "the shared trunk computes the layers below every LoRA layer once; set population.lora."
             r.fail(key, True, why + "layers_to_transform to the top layers (e.g. [26,27,28,29] of SmolLM2's 30)")
         elif r.get(key) is True and key == "train.trunk_cache" and seqft:
-            r.fail(key, True, "strategy=seqft trains the base model, so its layers cannot be cached")
+            r.fail(key, True, f"strategy={names[0]} trains the base model, so its layers cannot be cached")
 
 
 def _names(r: Reader) -> None:
