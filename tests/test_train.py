@@ -55,9 +55,25 @@ def test_same_seed_same_metrics_other_seed_other_training(fast_overrides, tmp_pa
     assert a["loss_curves"] != c["loss_curves"]
 
 
+def _tiny_cl_benchmark(root: Path) -> Path:
+    """Two long-sequence tasks in SAPT's layout (a preset over the benchmark skips the absent ones)."""
+    for name, labels in (("yelp", ["1", "5"]), ("amazon", ["negative", "positive"])):
+        folder = root / "Long_Sequence" / name
+        folder.mkdir(parents=True)
+        (folder / "labels.json").write_text(json.dumps(labels))
+        for split, n in (("train", 70), ("test", 12)):
+            rows = [{"input": f"{name} {split} text {i}", "output": labels[i % 2]} for i in range(n)]
+            (folder / f"{split}.json").write_text(json.dumps({"Definition": ["Classify."], "Instances": rows}))
+    return root
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_runs_fast(preset, fast_overrides, tmp_path, run_lmas):
-    results = run_lmas(fast_overrides + [f"experiment={preset}"], tmp_path / preset)
+    extra = []
+    if preset.startswith("reproduction/"):  # the benchmark's data, and LoRA on the tiny model's top layer
+        extra = [f"stream.data_dir={_tiny_cl_benchmark(tmp_path / 'CL_Benchmark')}",
+                 "population.lora.layers_to_transform=[1]"]
+    results = run_lmas(fast_overrides + [f"experiment={preset}", *extra], tmp_path / preset)
     assert results["complete"]
     assert len(results["tasks"]) >= 2
     assert any(results["metrics"].values())  # some agent trained and has CL metrics
