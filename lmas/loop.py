@@ -1,9 +1,8 @@
 """The continual loop: rounds of allocate → transfer → fit each assignment → exchange → evaluate → record.
 
-The loop owns ordering and seeding; the rest belongs to the units it calls: the strategy and its fit backend
-(:mod:`lmas.training`), allocation/transfer/topology (the population), the Evaluator (what is scored when),
-RoundLog (every metric name), RunState (checkpoint, resume, results.json). What a round *learns* is its body
-(``conf/loop/``): :class:`Continual`, or self-learning cycles (:class:`lmas.selflearn.SelfLearning`).
+The loop owns ordering and seeding; the units it calls own the rest: the strategy and its fit backend, allocation,
+transfer and topology, the Evaluator, RoundLog (metric names), RunState (checkpoint, resume, results.json). What a
+round learns is its body (``conf/loop/``): :class:`Continual`, or :class:`lmas.selflearn.SelfLearning`.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from lmas.lm.encoding import PromptEncoder
 from lmas.lm.trunk import SharedTrunk
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.population.allocation import Allocation
+from lmas.population.events import Event
 from lmas.population.messages import COORDINATOR, Message
 from lmas.population.population import Population
 from lmas.population.topology import Topology
@@ -59,54 +59,39 @@ class RoundBody:
 
 
 class Continual(RoundBody):
-    """A round of the continual stream: the allocation's assignments, each trained after the transfer, then
-    the topology's exchange."""
+    """A round of the stream: the allocation's assignments, the transfer, each assignment trained, the exchange."""
 
     def learn(self, loop: ContinualLoop, r: int) -> None:
-        assignments = loop.assign(r)
-        loop.transfer_before(r, assignments)
+        assignments, state, pop = loop.assign(r), loop.state, loop.population
+        pairs = [(a, loop.stream[j]) for a, j in assignments]
+        loop.add_events(loop.transfer.run(pop, r, pairs, loop.encoder, state.messages))  # may create agents
+        for agent in [a for a in pop.names if a not in state.matrix.agents]:
+            state.matrix.add_agent(agent)
         for agent, j in assignments:
-            task = loop.stream[j]
-            trained = loop.population.agents[agent].trained_tasks(loop.stream.task_names)
-            seen = [loop.stream[i] for i in trained if i != j]
-            loop.state.loss_curves[f"{agent}/{task.name}"] = loop.fit(agent, task, seen, r)
-            loop.mark_trained(r, agent, task.name)
-        loop.exchange(r)
+            task, trained = loop.stream[j], pop.agents[agent].trained_tasks(loop.stream.task_names)
+            seen = [loop.stream[i] for i in trained if i != j]  # the agent's own past tasks
+            state.loss_curves[f"{agent}/{task.name}"] = loop.fit(agent, task, seen, r)
+            for row in [agent] + ([POPULATION] if loop.topology.answers else []):  # the joint answer learnt it too
+                state.matrix.mark_trained(r, row, task.name)
+        loop.add_events(loop.topology.exchange(pop, r, loop.knowing(), state.messages))
 
 
 class ContinualLoop:
-    """Runs a stream through a population with a strategy and records the knowledge matrix.
+    """Runs a stream through a population with a strategy and records the knowledge matrix in ``run_dir``.
 
-    Args:
-        population, stream, strategy: the agents, the tasks in training order, the CL method.
-        run_dir: where results, matrices, plots, adapters and checkpoints go (:mod:`lmas.tracking.report`).
-        seed: mixed with round and agent index into each fit's seed. train, eval: ``train.*``, ``eval.*``.
-        trainer: ``lightning.Trainer`` keyword arguments. max_length: tokens per sequence (prompts are cut).
-        tracker: where metrics go. allocation, topology, transfer: the population's behaviour (defaults: every
-            agent every task, no exchange, no transfer). body: what a round learns (default :class:`Continual`).
-        config: the resolved run config (results.json). save_adapters: save each adapter version.
+    ``seed`` is mixed with round and agent index into each fit's seed; ``train``/``eval``: ``train.*``/``eval.*``;
+    ``trainer``: ``lightning.Trainer`` arguments; ``max_length``: tokens per sequence (prompts are cut); allocation,
+    topology, transfer default to every agent every task, no exchange, no transfer; ``body`` to :class:`Continual`.
     """
 
-    def __init__(
-        self,
-        population: Population,
-        stream: Stream,
-        strategy: Strategy,
-        run_dir: str | Path,
-        seed: int = 0,
-        train: TrainConfig | None = None,
-        eval: EvalConfig | None = None,
-        trainer: dict[str, Any] | None = None,
-        max_length: int = 128,
-        tracker: Tracker | None = None,
-        allocation: Allocation | None = None,
-        topology: Topology | None = None,
-        transfer: Transfer | None = None,
-        body: RoundBody | None = None,
-        config: dict | None = None,
-        progress: bool = True,
-        save_adapters: bool = True,
-    ) -> None:
+    # fmt: off
+    def __init__(self, population: Population, stream: Stream, strategy: Strategy, run_dir: str | Path,
+                 seed: int = 0, train: TrainConfig | None = None, eval: EvalConfig | None = None,
+                 trainer: dict[str, Any] | None = None, max_length: int = 128, tracker: Tracker | None = None,
+                 allocation: Allocation | None = None, topology: Topology | None = None,
+                 transfer: Transfer | None = None, body: RoundBody | None = None, config: dict | None = None,
+                 progress: bool = True, save_adapters: bool = True) -> None:
+        # fmt: on
         self.population, self.stream, self.strategy, self.run_dir = population, stream, strategy, Path(run_dir)
         self.seed, self.config, self.save_adapters = seed, config or {}, save_adapters
         self.train_cfg, self.eval_cfg, trainer = train or TrainConfig(), eval or EvalConfig(), dict(trainer or {})
@@ -130,7 +115,6 @@ class ContinualLoop:
         rows = population.names + ([POPULATION] if self.topology.answers else [])
         self.state = RunState(KnowledgeMatrix(rows, stream.task_names, {t.name: t.metric for t in stream.tasks}))
 
-    # --- the run -------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
         """Run every round (after the last complete one when ``resume``); returns the results."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,64 +144,32 @@ class ContinualLoop:
         """Ask the allocation who trains what in round ``r``; a coordinator hands out the task data."""
         round_tasks, needs, shots = self.plan[r], self.allocation.needs_competence, getattr(self.allocation, "shots", 8)
         competence = lambda a, j: self.evaluator.competence(a, j, shots, r, self.state.messages)  # noqa: E731
-        assignments = self.allocation.assign(r, round_tasks, self.population.names, competence if needs else None)
-        unknown = [(a, j) for a, j in assignments if a not in self.population.agents or j not in round_tasks]
-        if unknown:
-            raise ValueError(f"allocation: round {r} assigned {unknown}, not (agent, task of the round)")
+        assignments = self.allocation.round(r, round_tasks, self.population.names, competence if needs else None)
         for agent, j in assignments if needs else []:
             self.state.messages.send(Message("task", COORDINATOR, agent, r, self.stream[j].train))
         self.state.assignments.append(list(assignments))
         log.info("round %d: %s", r, ", ".join(f"{a} <- {self.stream[j].name}" for a, j in assignments) or "no training")
         return assignments
 
-    def transfer_before(self, r: int, assignments: Assignment) -> None:
-        """The transfer policy before round ``r``'s training; its adapter messages are counted."""
-        records = self.transfer.apply(self.population, r, [(a, self.stream[j]) for a, j in assignments], self.encoder)
-        for agent in self.population.names:
-            if agent not in self.state.matrix.agents:  # a merge created a new agent
-                self.state.matrix.add_agent(agent)
-        for rec in records:
-            for src in rec.get("sources", []):
-                if src != rec["agent"] and src in self.population.agents:
-                    adapter = self.population.adapter_state(src)
-                    self.state.messages.send(Message("adapter", src, rec["agent"], r, adapter))
-        self.add_events([{**rec, "event": rec.get("transfer", "transfer")} for rec in records])
-
-    def fit(
-        self, agent: str, task: Task, seen: list[Task], round_idx: int, strategy: Strategy | None = None
-    ) -> list[float]:
-        """Train ``agent`` on ``task`` with its strategy's fit backend; returns the per-step losses.
-
-        ``strategy`` overrides the loop's strategy for this experience (e.g. a distillation step).
-        """
+    def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int, strategy: Strategy | None = None
+            ) -> list[float]:  # fmt: skip
+        """Train ``agent`` on ``task`` with ``strategy`` (default: the run's) and its fit backend; its losses."""
         strategy = strategy or self.strategy
         seed = self.seed * 1_000_003 + round_idx * 1_009 + self.population.names.index(agent)
         L.seed_everything(seed, workers=True, verbose=False)
         examples = strategy.train_examples(agent, task, seen)
         log.info("round %d: %s trains on %s (%d examples, %s)", round_idx, agent, task.name, len(examples), task.kind)
         labels = self.stream.label_space(self.stream.index(task.name), self.evaluator.seen_index(round_idx))
-        offset = self.state.step
-        result = self.backends[strategy.fit_backend].fit(
-            Experience(agent, task, examples, strategy, seed),
-            lambda step, loss: self.log.train_loss(agent, offset + step, loss),
-            lambda: self.evaluator.val_score(agent, task, labels),
-        )
+        offset, exp = self.state.step, Experience(agent, task, examples, strategy, seed)
+        on_loss = lambda step, loss: self.log.train_loss(agent, offset + step, loss)  # noqa: E731
+        curve = lambda: self.evaluator.val_score(agent, task, labels)  # noqa: E731
+        result = self.backends[strategy.fit_backend].fit(exp, on_loss, curve)
         if result.curve is not None:
             self.state.curves[f"{agent}/{task.name}"] = result.curve
         self.state.step += result.steps
-        trained = {"round": round_idx, "event": "trained", "task": task.name, "steps": result.steps}
-        self.population.agents[agent].history.append({**trained, "examples": len(examples), **result.info})
+        details = {"steps": result.steps, "examples": len(examples), **result.info}
+        self.population.agents[agent].history.append(Event(round_idx, "trained", task.name, details=details))
         return result.losses
-
-    def mark_trained(self, r: int, agent: str, task: str) -> None:
-        """``agent`` trained ``task`` in round ``r`` (and so did the population's joint answer)."""
-        self.state.matrix.mark_trained(r, agent, task)
-        if self.topology.answers:
-            self.state.matrix.mark_trained(r, POPULATION, task)
-
-    def exchange(self, r: int) -> None:
-        """The topology moves knowledge between the agents that know something."""
-        self.add_events(self.topology.exchange(self.population, r, self.knowing(), self.state.messages))
 
     def add_events(self, records: list[dict]) -> None:
         """Transfer/exchange records: the run's event list and each receiving agent's history."""
@@ -243,15 +195,6 @@ class ContinualLoop:
         checkpoint.save_round(self.run_dir, r, self.state.to_dict(), self.population, self.allocation, self.strategy)
 
     def results(self, partial: bool = False) -> dict:
-        """The JSON-safe results of the run so far."""
+        """The JSON-safe results of the run so far (:func:`lmas.tracking.report.results`)."""
         self.state.truncated = self.encoder.truncated
-        run = self.state.results(self.stream.task_names)
-        head = {"complete": not partial, "stream": self.stream.name, "scenario": self.stream.scenario}
-        tasks = [t.describe() for t in self.stream.tasks]
-        agents = {n: {"history": a.history.to_list()} for n, a in self.population.agents.items()}
-        parts = {"allocation": self.allocation.name, "topology": self.topology.describe()}
-        moved = {k: run.pop(k) for k in ("assignments", "answers", "communication")}
-        population = {**parts, "transfer": self.transfer.name, **moved}
-        rest = {"strategy": self.strategy.name, "seed": self.seed, **run, **self.body.results(self)}
-        tail = {"versions": report.versions(), "config": self.config}
-        return {**head, "tasks": tasks, "agents": agents, "population": population, **rest, **tail}
+        return report.results(self, partial)

@@ -44,6 +44,16 @@ class Allocation:
         """The ``(agent, task index)`` pairs that train in round ``round_idx``, in training order."""
         return [(a, j) for j in tasks for a in agents]
 
+    def round(
+        self, round_idx: int, tasks: Sequence[int], agents: Sequence[str], competence: Competence_fn | None = None
+    ) -> Assignment:
+        """:meth:`assign`, checked: every pair names a known agent and a task of the round."""
+        assignments = self.assign(round_idx, tasks, agents, competence)
+        unknown = [(a, j) for a, j in assignments if a not in agents or j not in tasks]
+        if unknown:
+            raise ValueError(f"allocation: round {round_idx} assigned {unknown}, not (agent, task of the round)")
+        return list(assignments)
+
     def state_dict(self) -> dict:
         """What a resumed run needs to continue allocating as before (JSON-safe)."""
         return {}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from lmas.loop import ContinualLoop
     from lmas.metrics.knowledge import KnowledgeMatrix
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,22 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def results(loop: ContinualLoop, partial: bool = False) -> dict[str, Any]:
+    """results.json of a run so far: what ran (stream, tasks, agents' histories, the population's parts, the
+    strategy, the seed), the run's state (:meth:`lmas.state.RunState.results`), the round body's own entries,
+    the package versions and the config."""
+    run = loop.state.results(loop.stream.task_names)
+    pop = {"allocation": loop.allocation.name, "topology": loop.topology.describe(), "transfer": loop.transfer.name}
+    pop.update({k: run.pop(k) for k in ("assignments", "answers", "communication")})
+    return {
+        "complete": not partial, "stream": loop.stream.name, "scenario": loop.stream.scenario,
+        "tasks": [t.describe() for t in loop.stream.tasks],
+        "agents": {n: {"history": a.history.to_list()} for n, a in loop.population.agents.items()},
+        "population": pop, "strategy": loop.strategy.name, "seed": loop.seed, **run, **loop.body.results(loop),
+        "versions": versions(), "config": loop.config,
+    }  # fmt: skip
 
 
 def _json_safe(value: Any) -> Any:

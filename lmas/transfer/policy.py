@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from lmas.data.task import Task
 from lmas.lm.encoding import PromptEncoder
+from lmas.population.messages import Message, MessageLog
 from lmas.transfer.lorahub import lorahub_weights
 from lmas.transfer.merge import (
     NEEDS_DENSITY,
@@ -88,6 +89,24 @@ class Transfer:
     ) -> list[dict]:
         """Transfer before round ``round_idx``; ``assignments``: the (agent, task) pairs about to train."""
         return []
+
+    def run(
+        self,
+        population: Population,
+        round_idx: int,
+        assignments: Sequence[tuple[str, Task]],
+        encoder: PromptEncoder | None,
+        messages: MessageLog,
+    ) -> list[dict]:
+        """:meth:`apply`, each adapter it read from another agent counted as a message; returns the records with
+        their event kind (the transfer's name)."""
+        records = self.apply(population, round_idx, assignments, encoder)
+        for rec in records:
+            for src in rec.get("sources", []):
+                if src != rec["agent"] and src in population.agents:
+                    state = population.adapter_state(src)
+                    messages.send(Message("adapter", src, rec["agent"], round_idx, state))
+        return [{**rec, "event": rec.get("transfer", "transfer")} for rec in records]
 
 
 class Merge(Transfer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmas.population.allocation import Broadcast, Competence, Explicit, OwnStream, RoundRobin
+from lmas.population.allocation import Allocation, Broadcast, Competence, Explicit, OwnStream, RoundRobin
 
 TASKS = ["t0", "t1", "t2", "t3"]
 AGENTS = ["a", "b", "c"]
@@ -66,3 +66,13 @@ def test_competence_capacity_too_small_is_a_clear_error():
     alloc = Competence(tasks_per_round=4, capacity=1)
     with pytest.raises(ValueError, match="capacity=1: 3 agents cannot take the 4 tasks"):
         _all(alloc, lambda a, j: 0.0)
+
+
+def test_round_checks_what_an_allocation_assigns():
+    class Stray(Allocation):
+        def assign(self, round_idx, tasks, agents, competence=None):
+            return [("agent0", 0), ("ghost", 0), ("agent0", 5)]
+
+    with pytest.raises(ValueError, match=r"round 1 assigned \[\('ghost', 0\), \('agent0', 5\)\], not \(agent, task"):
+        Stray().round(1, [0], ["agent0"])
+    assert Allocation().round(0, [2], ["a", "b"]) == [("a", 2), ("b", 2)]

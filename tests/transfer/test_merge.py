@@ -252,3 +252,18 @@ def test_init_from_merge_and_the_merge_policy(make_population, tx):
     da = tx.deltas(pop, "a")
     for n in ("b", "new"):
         _deltas_close(tx.deltas(pop, n), da)
+
+
+def test_transfer_run_counts_each_adapter_read_from_another_agent(tiny_base):
+    from lmas.population.messages import MessageLog, nbytes
+    from lmas.population.population import Population
+    from lmas.transfer.policy import Merge, Transfer
+
+    pop = Population(tiny_base, ["a", "b", "c"], lora={"r": 2})
+    log = MessageLog()
+    records = Merge(method="exact", sources=["a", "b"], targets=["c"], start=0).run(pop, 0, [], None, log)
+    assert [r["event"] for r in records] == ["merge"] and records[0]["agent"] == "c"
+    summary = log.round_summary(0)
+    assert summary["by_kind"]["adapter"]["messages"] == 2  # a -> c and b -> c
+    assert summary["bytes"] == nbytes(pop.adapter_state("a")) + nbytes(pop.adapter_state("b"))
+    assert Transfer().run(pop, 0, [], None, log) == [] and log.round_summary(0)["messages"] == 2
