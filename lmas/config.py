@@ -1,4 +1,4 @@
-"""The config check of ``lmas-train`` (:func:`validate`): each option on its own (:func:`lmas.schema.problems`)
+"""The config check of ``lmas-train`` (:func:`validate`): each option on its own (:func:`lmas.options.problems`)
 and the rules no single option or constructor can see, options that must agree with each other. It reads the
 config only, so a bad option fails in a fraction of a second, before the model loads and the run dir is made;
 every problem is reported at once, each as ``<full option path>=<value>: <what is allowed>``."""
@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lmas.schema import Reader, problems, show
+from lmas.options import Reader, problems, show
 
 __all__ = ["ConfigError", "validate"]
 # the kind of task each packaged source makes (lmas/data/sources.py, mathgen.py)
