@@ -153,3 +153,18 @@ def test_resume_reads_a_run_saved_while_allocation_and_topology_were_population_
     cfg = resume_config(tmp_path, ["resume=" + str(tmp_path)])
     assert cfg.allocation._target_.endswith("RoundRobin") and cfg.topology._target_.endswith("Hierarchical")
     assert "allocation" not in cfg.population and cfg.population.agents == 3
+
+
+@pytest.mark.parametrize("old, target", [
+    ({"cycles": 2, "student": "s"}, "lmas.selflearn.SelfLearning"),
+    (None, "lmas.loop.Continual"),
+])
+def test_resume_reads_a_run_saved_with_the_selflearn_key(old, target, tmp_path):
+    from omegaconf import OmegaConf
+
+    from lmas.train import CONFIG, resume_config
+
+    OmegaConf.save(OmegaConf.create({"seed": 0, "selflearn": old}), tmp_path / CONFIG)
+    cfg = resume_config(tmp_path, ["resume=" + str(tmp_path)])
+    assert "selflearn" not in cfg and cfg.loop._target_ == target
+    assert (cfg.loop.cycles, cfg.loop.student) == (2, "s") if old else len(cfg.loop) == 1
