@@ -71,8 +71,10 @@ NOT_RESOLVED = "not resolved at this sample size"
 
 
 def _pair_key(results: dict) -> tuple[Any, ...]:
-    """What pairs runs of two strategies: the same stream (data and task order) and seed."""
-    return (results.get("stream"), results.get("seed"))
+    """What pairs runs of two strategies: the same stream, task order and seed (orders of one benchmark share the
+    stream's name, so the task order is part of the key)."""
+    order = tuple(t.get("name") for t in results.get("tasks") or [])
+    return (results.get("stream"), order, results.get("seed"))
 
 
 # ---------------------------------------------------------------------------- comparisons
@@ -84,15 +86,16 @@ def _pairs(*groups: Sequence[RunRecords], pair_key: Callable[[dict], Any] = _pai
         for r in g:
             k = pair_key(r.results)
             if k in d:
-                raise ValueError(f"{r.path} and {d[k].path} have the same pairing key {k} (stream, seed) in one group")
+                why = f"have the same pairing key {k} (stream, task order, seed) in one group"
+                raise ValueError(f"{r.path} and {d[k].path} {why}")
             d[k] = r
         by_key.append(d)
     common = set(by_key[0]).intersection(*by_key[1:])
     lost = [str(r.path) for d in by_key for k, r in d.items() if k not in common]
     if lost:
-        raise ValueError(f"runs without a partner of the same (stream, seed) in every group: {lost}")
+        raise ValueError(f"runs without a partner of the same (stream, task order, seed) in every group: {lost}")
     if not common:
-        raise ValueError("no paired runs (same stream and seed) in the groups")
+        raise ValueError("no paired runs (same stream, task order and seed) in the groups")
     return [tuple(d[k] for d in by_key) for k in sorted(common, key=repr)]
 
 

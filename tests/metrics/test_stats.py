@@ -324,3 +324,17 @@ def test_plot_intervals_draws_one_bar_per_metric_and_agent():
     assert [len(c.lines[0].get_xdata()) for c in ax.containers] == [2, 1]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["avg_acc (AP)", "fwt (FWT)"]
     assert not stats.plot_intervals(Figure().add_subplot(), {"agent0": {}})
+
+
+def test_runs_pair_by_stream_task_order_and_seed(tmp_path):
+    from lmas.metrics.stats import _pairs
+
+    def run(name: str, order: list[str], seed: int):
+        r = load_run(sequence_run(tmp_path / name, seed=seed))
+        r.results["tasks"] = [{"name": t} for t in order]  # two published orders of one benchmark share its name
+        return r
+
+    a = [run("a4", ["x", "y"], 0), run("a5", ["y", "x"], 0)]
+    b = [run("b5", ["y", "x"], 0), run("b4", ["x", "y"], 0)]
+    pairs = _pairs(a, b)
+    assert [(p.path.name, q.path.name) for p, q in pairs] == [("a4", "b4"), ("a5", "b5")]
