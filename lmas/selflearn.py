@@ -54,6 +54,7 @@ the run's state (``RunState.body``), so checkpoints and resume carry them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -248,9 +249,7 @@ class SelfLearning(RoundBody):
 
     def _task(self, task: Task, rows: list[Example]) -> Task:
         """``task`` training on ``rows``, with a validation split of labelled examples only."""
-        return Task(
-            task.name, task.kind, rows, self._labelled_val(task), task.test, task.labels, task.source, task.meta
-        )
+        return dataclasses.replace(task, train=rows, val=self._labelled_val(task), pool=[])
 
     def _labelled_val(self, task: Task) -> list[Example]:
         """The task's val split, or (none) its first ``min(eval.val_fallback, seed_labels)`` seed-labelled

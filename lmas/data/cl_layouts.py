@@ -144,20 +144,26 @@ def read_split(path: Path, layout: str) -> tuple[str, list[Row]]:
         definition = definition[0] if isinstance(definition, list) and definition else definition
         if not isinstance(definition, str):
             raise ValueError(f"{path}: 'Definition' must be a string or a list of strings, got {definition!r:.80}")
+    return definition.strip(), parse_records(records, str(path), keys, layout == "superni")
+
+
+def parse_records(records: Any, source: str, keys: tuple[str, str], several: bool) -> list[Row]:
+    """Rows of one split's records (dicts with ``keys`` = (input, answer)); ``several``: an answer may be a list
+    of acceptable answers (SuperNI), and ``"-"`` is not an unlabeled mark. Errors name ``source`` and instance."""
     if not records:
-        raise ValueError(f"{path}: no instances")
+        raise ValueError(f"{source}: no instances")
     rows: list[Row] = []
     for i, record in enumerate(records):
-        where = f"{path} instance {i}"
+        where = f"{source} instance {i}"
         if not isinstance(record, dict) or any(k not in record for k in keys):
             raise ValueError(f"{where}: expected an object with {list(keys)}, got {record!r:.120}")
         text, out = _string(record[keys[0]], where, keys[0]), record[keys[1]]
-        outs = out if layout == "superni" and isinstance(out, list) else [out]
+        outs = out if several and isinstance(out, list) else [out]
         if not all(isinstance(o, str) for o in outs):
             raise ValueError(f"{where}: {keys[1]!r} must be a string or a list of strings, got {out!r:.80}")
-        answers = [o.strip() for o in outs if o.strip() and (layout == "superni" or o.strip() != UNLABELED)]
+        answers = [o.strip() for o in outs if o.strip() and (several or o.strip() != UNLABELED)]
         rows.append((where, text, answers))  # no answers: an unlabeled instance, dropped and counted
-    return definition.strip(), rows
+    return rows
 
 
 def read_instructions(root: Path) -> dict[str, str]:

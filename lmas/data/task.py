@@ -5,8 +5,9 @@ Three kinds exist, each with its own metric:
 
 * ``classification``: the answer is one of ``labels``; scored by rank classification
   (the label with the highest log-likelihood after the prompt), metric ``accuracy``.
-* ``generation``: free-form answer; scored by exact match after greedy decoding,
-  metric ``exact_match``.
+* ``generation``: free-form answer; scored after greedy decoding by exact match (metric
+  ``exact_match``, the default) or by ROUGE-L (``rouge_l``, set with ``Task(metric="rouge_l")``: SuperNI);
+  an example may carry several acceptable answers (``Example.references``), the best one counts.
 * ``lm``: raw text for continual pretraining; the prompt is empty and the loss covers
   the whole text, metric ``perplexity`` (lower is better).
 """
@@ -25,17 +26,32 @@ METRIC_OF_KIND: dict[str, str] = {
     "generation": "exact_match",
     "lm": "perplexity",
 }
-HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "perplexity": False}
+METRICS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy",),
+    "generation": ("exact_match", "rouge_l"),
+    "lm": ("perplexity",),
+}
+HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "rouge_l": True, "perplexity": False}
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt -> answer pair. For ``lm`` tasks the prompt is ``""``."""
+    """One prompt -> answer pair. For ``lm`` tasks the prompt is ``""``.
+
+    ``references``: every acceptable answer of a generation example that has several (SuperNI's outputs; the
+    model trains on ``answer``, the first); empty means ``answer`` alone. Scoring takes the best over them.
+    """
 
     prompt: str
     answer: str
+    references: tuple[str, ...] = ()
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """The acceptable answers: ``references``, or ``(answer,)`` when there are none."""
+        return self.references or (self.answer,)
 
 
 @dataclass
@@ -50,6 +66,12 @@ class Task:
             must be one of them (``ValueError`` naming the split and answers otherwise); a label
             that is a val/test answer but never a train answer is logged as a warning and kept.
         source: short free-text provenance (package, file, generator), kept in results.
+        meta: the builder's notes (``*_note`` keys go to results.json), seeds, sizes.
+        metric: the metric; ``""`` (default) is the kind's (:data:`METRIC_OF_KIND`), otherwise one of
+            :data:`METRICS_OF_KIND` for the kind (a generation task may be scored by ``rouge_l``).
+        pool: every example the train and val splits may be drawn from (the builder's non-test examples),
+            for :meth:`resampled`; empty means ``train + val``.
+        balanced: :meth:`resampled` deals the pool out balanced over answers (as :func:`stratified_split`).
     """
 
     name: str
@@ -60,10 +82,19 @@ class Task:
     labels: list[str] | None = None
     source: str = ""
     meta: dict = field(default_factory=dict)
+    metric: str = ""
+    pool: list[Example] = field(default_factory=list, repr=False)
+    balanced: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in METRIC_OF_KIND:
             raise ValueError(f"task {self.name!r}: kind={self.kind!r} is not one of {sorted(METRIC_OF_KIND)}")
+        self.metric = self.metric or METRIC_OF_KIND[self.kind]
+        if self.metric not in METRICS_OF_KIND[self.kind]:
+            raise ValueError(
+                f"task {self.name!r}: metric={self.metric!r} does not score a {self.kind} task; "
+                f"expected one of {list(METRICS_OF_KIND[self.kind])}"
+            )
         for split, rows in (("train", self.train), ("test", self.test)):
             if not rows:
                 raise ValueError(f"task {self.name!r}: the {split} split is empty")
@@ -106,10 +137,6 @@ class Task:
         }
 
     @property
-    def metric(self) -> str:
-        return METRIC_OF_KIND[self.kind]
-
-    @property
     def class_labels(self) -> list[str]:
         """The labels of a classification task; a ValueError naming the task for other kinds."""
         if self.labels is None:
@@ -131,7 +158,38 @@ class Task:
             labels=self.labels,
             source=self.source,
             meta=dict(self.meta),
+            metric=self.metric,
+            pool=self.pool,
+            balanced=self.balanced,
         )
+
+    def resampled(self, seed: int) -> Task:
+        """A copy whose train and val splits are drawn anew, with ``seed``, from :attr:`pool` (``train + val``
+        when empty), at their current sizes; the test split is untouched, so runs with different seeds score the
+        same test items (:class:`lmas.data.stream.Stream`'s ``split_seed``). Balanced over answers when
+        :attr:`balanced`, a plain shuffle otherwise."""
+        pool = self.pool or [*self.train, *self.val]
+        cut = stratified_split if self.balanced else split_examples
+        train, val, _ = cut(pool, len(self.train), len(self.val), 0, seed=seed, name=self.name)
+        return Task(
+            name=self.name,
+            kind=self.kind,
+            train=train,
+            val=val,
+            test=list(self.test),
+            labels=self.labels,
+            source=self.source,
+            meta={**self.meta, "resample_seed": seed},
+            metric=self.metric,
+            pool=self.pool,
+            balanced=self.balanced,
+        )
+
+
+def non_test(examples: Sequence[Example], test: Sequence[Example]) -> list[Example]:
+    """The examples that are not in ``test``, in order: a builder's :attr:`Task.pool` (train/val resampling)."""
+    held = set(test)
+    return [ex for ex in examples if ex not in held]
 
 
 def split_examples(

@@ -22,6 +22,7 @@ is; an external teacher's scores, computed by its own model on the CPU, are move
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -199,7 +200,7 @@ class Distill(Strategy):
 
     def _val_acc(self, pop: Population, encoder: PromptEncoder, task: Task) -> list[float]:
         split = task.val or task.train[:32]
-        view = Task(task.name, task.kind, task.train, split, task.test, task.labels)
+        view = dataclasses.replace(task, val=split)
         out = []
         for t in self._agents:
             pop.activate(t)

@@ -1,13 +1,23 @@
-"""The three scorers of a task's metric on one split: rank classification (accuracy), greedy
-generation (exact match) and perplexity, on the answer-only likelihoods of :mod:`lmas.lm.likelihood`.
+"""The scorers of a task's metric on one split: rank classification (accuracy), greedy generation (exact match
+or ROUGE-L) and perplexity, on the answer-only likelihoods of :mod:`lmas.lm.likelihood`.
 
 Each scorer also gives its per-example outcomes (:class:`Scored`), from which the metric is recomputed and
-resampled later: 1/0 per example for accuracy and exact match; the answer's NLL sum and token count per example
-for perplexity (perplexity is token-weighted: ``exp(sum NLL / sum tokens)``).
+resampled later: 1/0 per example for accuracy and exact match; the example's ROUGE-L in ``[0, 1]`` (float32) for
+ROUGE-L; the answer's NLL sum and token count per example for perplexity (perplexity is token-weighted:
+``exp(sum NLL / sum tokens)``). Generation scores take the best over an example's acceptable answers
+(:attr:`lmas.data.task.Example.answers`), as SuperNI's evaluation does.
+
+ROUGE-L (:func:`rouge_l`) is SuperNI's setting, which SAPT and O-LoRA reuse: the ``rouge-score`` package's
+``RougeScorer(["rougeL"], use_stemmer=True)`` with its default tokenizer (lower case, every character outside
+``a-z0-9`` a separator, Porter stemming of tokens longer than 3 characters), the F-measure of the longest common
+subsequence of tokens, the best over the references, the mean over examples. No other normalisation: the
+tokenizer already drops case and punctuation, and those scripts score the raw prediction. The papers print it
+×100; lmas keeps it in ``[0, 1]`` like accuracy, so the two pool into ``avg_acc``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lmas.data.task import Example, Task
+from lmas.lm.batching import length_batches
 from lmas.lm.device import model_device, to_device
 from lmas.lm.encoding import PromptEncoder, collate
 from lmas.lm.likelihood import label_logprobs, sequence_logprobs
@@ -27,7 +38,7 @@ class Scored:
     """A metric on one split and its per-example outcomes (module docstring)."""
 
     value: float
-    per_example: np.ndarray  # (N,) 1/0 for accuracy and exact match; (N, 2) NLL sum and tokens for perplexity
+    per_example: np.ndarray  # (N,) 1/0 (accuracy, exact match) or ROUGE-L floats; (N, 2) NLL sum, tokens (perplexity)
 
 
 def rank_scored(scores: Tensor, gold: Tensor) -> Scored:
@@ -59,9 +70,10 @@ def greedy_answers(
     """Greedy decoding of each prompt; the answer ends at EOS or at the first newline."""
     newline = encoder.tokens("\n")
     stop = [encoder.eos_id] + (newline[-1:] if newline else [])
-    answers: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        enc = [encoder.encode_prompt(p) for p in prompts[i : i + batch_size]]
+    encoded = [encoder.encode_prompt(p) for p in prompts]
+    answers = [""] * len(prompts)
+    for rows in length_batches([len(e) for e in encoded], batch_size):  # prompts of similar length together
+        enc = [encoded[r] for r in rows]
         width = max(len(e) for e in enc)
         ids = torch.full((len(enc), width), encoder.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -76,10 +88,10 @@ def greedy_answers(
             eos_token_id=stop,
             pad_token_id=encoder.pad_id,
         )
-        for row in out[:, width:]:
+        for r, row in zip(rows, out[:, width:], strict=True):
             text = encoder.tokenizer.decode(row.tolist(), skip_special_tokens=True)
             assert isinstance(text, str)  # one sequence decodes to one string
-            answers.append(text.split("\n")[0].strip())
+            answers[r] = text.split("\n")[0].strip()
     return answers
 
 
@@ -97,10 +109,46 @@ def exact_match_scored(
     max_new_tokens: int = 16,
     batch_size: int = 32,
 ) -> Scored:
-    """Share of examples whose greedy answer equals the reference after normalisation."""
+    """Share of examples whose greedy answer equals one of the acceptable answers after normalisation."""
     preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
-    hits = [normalise_answer(p) == normalise_answer(ex.answer) for p, ex in zip(preds, examples, strict=True)]
+    hits = [
+        any(normalise_answer(p) == normalise_answer(a) for a in ex.answers)
+        for p, ex in zip(preds, examples, strict=True)
+    ]
     return Scored(sum(hits) / len(hits), np.array(hits, dtype=np.uint8))
+
+
+@functools.cache
+def _rouge_scorer():  # the package (and nltk under it) is imported on first use only
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure of ``prediction`` against the best of ``references`` (module docstring: the setting).
+
+    ``2PR / (P + R)`` with ``P = LCS / len(prediction tokens)``, ``R = LCS / len(reference tokens)``; 0 when
+    either side has no token. ``references`` must not be empty.
+    """
+    if not references:
+        raise ValueError("rouge_l: no reference answer to score against")
+    scorer = _rouge_scorer()
+    return max(scorer.score(target=ref, prediction=prediction)["rougeL"].fmeasure for ref in references)
+
+
+@torch.no_grad()
+def rouge_l_scored(
+    model: nn.Module,
+    encoder: PromptEncoder,
+    examples: Sequence[Example],
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+) -> Scored:
+    """Mean ROUGE-L (:func:`rouge_l`) of the greedy answers, in ``[0, 1]``; per example its ROUGE-L."""
+    preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
+    per = np.array([rouge_l(p, ex.answers) for p, ex in zip(preds, examples, strict=True)], dtype=np.float32)
+    return Scored(float(per.astype(np.float64).mean()), per)
 
 
 def exact_match(
@@ -120,14 +168,12 @@ def perplexity_scored(
 ) -> Scored:
     """exp(mean token NLL) over all target tokens of the examples (token-weighted)."""
     items = [encoder.encode(ex.prompt, ex.answer, eos=False) for ex in examples]
-    nll, count, rows = 0.0, 0.0, []
-    for i in range(0, len(items), batch_size):
-        batch = to_device(collate(items[i : i + batch_size], encoder.pad_id), model_device(model))
+    per = torch.zeros(len(items), 2, dtype=torch.float64)  # per example: NLL sum, tokens
+    for rows in length_batches([len(it.ids) for it in items], batch_size):  # sequences of similar length together
+        batch = to_device(collate([items[r] for r in rows], encoder.pad_id), model_device(model))
         total, n = sequence_logprobs(model, batch)
-        nll -= total.sum().item()
-        count += n.sum().item()
-        rows.append(torch.stack([-total, n], 1).double().cpu())
-    return Scored(math.exp(nll / count), torch.cat(rows).numpy())
+        per[rows] = torch.stack([-total, n], 1).double().cpu()
+    return Scored(math.exp(per[:, 0].sum().item() / per[:, 1].sum().item()), per.numpy())
 
 
 def perplexity(model: nn.Module, encoder: PromptEncoder, examples: Sequence[Example], batch_size: int = 16) -> float:
@@ -144,7 +190,7 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 16,
 ) -> float:
-    """The task's metric on one split: accuracy, exact match or perplexity.
+    """The task's metric (``task.metric``) on one split: accuracy, exact match, ROUGE-L or perplexity.
 
     ``labels`` overrides the label set of a classification task (class-incremental scoring).
     """
@@ -169,6 +215,8 @@ def evaluate_scored(
     try:
         if task.kind == "classification":
             return rank_accuracy_scored(model, encoder, examples, labels or task.class_labels, batch_size)
+        if task.metric == "rouge_l":
+            return rouge_l_scored(model, encoder, examples, max_new_tokens, batch_size)
         if task.kind == "generation":
             return exact_match_scored(model, encoder, examples, max_new_tokens, batch_size)
         return perplexity_scored(model, encoder, examples, batch_size)

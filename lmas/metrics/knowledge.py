@@ -15,14 +15,15 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from lmas.metrics import cl
 
-METRICS: tuple[str, ...] = ("accuracy", "exact_match", "perplexity")
-HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "perplexity": False}
+METRICS: tuple[str, ...] = ("accuracy", "exact_match", "rouge_l", "perplexity")
+HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "rouge_l": True, "perplexity": False}
 _FORMAT_VERSION = 1
 
 
@@ -56,10 +57,14 @@ class KnowledgeMatrix:
     Args:
         agents: agent names (unique); pseudo-agents such as ``"population"`` are allowed.
         tasks: task names (unique), in stream order.
-        metrics: task name -> ``accuracy`` | ``exact_match`` | ``perplexity``, for every task.
+        metrics: task name -> ``accuracy`` | ``exact_match`` | ``rouge_l`` | ``perplexity``, for every task.
+        probes: the tasks (of ``tasks``) that are general-ability probes: scored, never trained
+            (:meth:`summary`'s ``probe_*`` keys).
     """
 
-    def __init__(self, agents: list[str], tasks: list[str], metrics: dict[str, str]) -> None:
+    def __init__(
+        self, agents: list[str], tasks: list[str], metrics: dict[str, str], probes: Sequence[str] = ()
+    ) -> None:
         self.agents = [str(a) for a in agents]
         self.tasks = [str(t) for t in tasks]
         for kind, names in (("agent", self.agents), ("task", self.tasks)):
@@ -78,6 +83,10 @@ class KnowledgeMatrix:
         if bad:
             raise ValueError(f"KnowledgeMatrix: unknown metrics {bad}, expected one of {METRICS}")
         self.metrics = {t: metrics[t] for t in self.tasks}
+        self.probes = [str(p) for p in probes]
+        unknown = [p for p in self.probes if p not in self.tasks]
+        if unknown:
+            raise ValueError(f"KnowledgeMatrix: probes {unknown} are not among the tasks {self.tasks}")
         self._a = {a: i for i, a in enumerate(self.agents)}
         self._t = {t: j for j, t in enumerate(self.tasks)}
         self._initial = np.full((len(self.agents), len(self.tasks)), np.nan)
@@ -176,13 +185,15 @@ class KnowledgeMatrix:
         :func:`lmas.metrics.cl.run_metrics` (its module docstring has the table of formulas) over
         the agent's values in every round of the matrix (the final round is the last one: the
         values after every later merge or exchange), with the first and last training round of
-        each task from :meth:`mark_trained`. Tasks scored by ``accuracy`` or ``exact_match`` (in
-        ``[0, 1]``, higher is better) are pooled into ``avg_acc``, ``forgetting``, ``bwt``, ``fwt``
-        and ``plasticity``; perplexity tasks (lower is better, signs flipped) into ``avg_ppl``,
+        each task from :meth:`mark_trained`. Tasks scored by ``accuracy``, ``exact_match`` or ``rouge_l``
+        (all in ``[0, 1]``, higher is better; ROUGE-L is kept ×1, not the papers' ×100) are pooled into
+        ``avg_acc``, ``forgetting``, ``bwt``, ``fwt`` and ``plasticity``, as the papers average SuperNI's ROUGE-L
+        with the classification tasks' accuracy; perplexity tasks (lower is better, signs flipped) into ``avg_ppl``,
         ``ppl_forgetting``, ``ppl_bwt`` and ``ppl_fwt``. A group is omitted when the agent trained
         no task of it; ``fwt``/``ppl_fwt`` when no task of the group was first trained after the
         agent's first training round or a value it needs was not evaluated. An agent that trained
-        nothing (e.g. ``"population"`` without a topology answer) gets ``{}``.
+        nothing (e.g. ``"population"`` without a topology answer) gets ``{}``. Probe tasks (never trained) add
+        ``probe_acc`` and ``probe_forgetting`` (:meth:`_probe_summary`).
         results.json ``metrics``, the tracker's ``cl/*`` (``until(r).summary``: as they stood after
         round ``r``), the report, ``lmas-compare`` and ``experiments/tables.py`` all read this.
         """
@@ -216,11 +227,43 @@ class KnowledgeMatrix:
             for key, src in zip(keys, ("average", "forgetting", "bwt", "fwt", "plasticity"), strict=True):
                 if key is not None and src in m:
                     out[key] = m[src]
+        out.update(self._probe_summary(a))
         return out
 
-    def summaries(self) -> dict[str, dict[str, float]]:
-        """``{agent: summary(agent)}`` for every row of the matrix (results.json ``metrics``)."""
-        return {agent: self.summary(agent) for agent in self.agents}
+    def _probe_summary(self, a: int) -> dict[str, float]:
+        """Row ``a``'s general-ability probes (never trained): the final value and its loss since the untrained
+        model, pooled like the trained tasks (``probe_acc``/``probe_forgetting``; perplexity probes:
+        ``probe_ppl``/``probe_ppl_forgetting``, positive = got worse). A group's keys are omitted where a value
+        was not evaluated."""
+        out: dict[str, float] = {}
+        if not self.n_rounds:
+            return out
+        for hib, (level, lost) in (
+            (True, ("probe_acc", "probe_forgetting")),
+            (False, ("probe_ppl", "probe_ppl_forgetting")),
+        ):
+            cols = [self._t[p] for p in self.probes if HIGHER_IS_BETTER[self.metrics[p]] == hib]
+            final, initial = self._values[-1, a, cols], self._initial[a, cols]
+            if not cols or np.isnan(final).any():
+                continue
+            out[level] = float(final.mean())
+            if not np.isnan(initial).any():
+                out[lost] = float(((initial - final) if hib else (final - initial)).mean())
+        return out
+
+    def summaries(self, partial: bool = False) -> dict[str, dict[str, float]]:
+        """``{agent: summary(agent)}`` for every row of the matrix (results.json ``metrics``). ``partial`` (a run
+        still going): ``{}`` for an agent whose last row is not :meth:`complete` yet (``eval.schedule=minimal``
+        scores earlier tasks only after the last round); a finished run's summaries are never skipped."""
+        return {a: self.summary(a) if not partial or self.complete(a) else {} for a in self.agents}
+
+    def complete(self, agent: str) -> bool:
+        """Whether the last round's row holds ``agent``'s value on every task it trained (what :meth:`summary`
+        reads as the final values); False before any round."""
+        if not self.n_rounds:
+            return False
+        a, last = self._agent(agent), self._values[-1]
+        return all(not np.isnan(last[a, self._t[t]]) for t in self.training_rounds(agent))
 
     def until(self, round: int) -> KnowledgeMatrix:
         """A copy holding only rounds ``0..round`` (and the training events of those rounds).
@@ -229,7 +272,7 @@ class KnowledgeMatrix:
         (what the loop logged then): forgetting, BWT and FWT over time.
         """
         r = self._round(round)
-        km = KnowledgeMatrix(self.agents, self.tasks, self.metrics)
+        km = KnowledgeMatrix(self.agents, self.tasks, self.metrics, self.probes)
         km._initial = self._initial.copy()
         km._values = self._values[: r + 1].copy()
         km._trained = [e for e in self._trained if e[0] <= r]
@@ -251,6 +294,7 @@ class KnowledgeMatrix:
             "initial": _to_json(self._initial),
             "values": _to_json(self._values),
             "trained": [[r, a, t] for r, a, t in self._trained],
+            "probes": list(self.probes),
         }
 
     @classmethod
@@ -258,7 +302,7 @@ class KnowledgeMatrix:
         """Rebuild a matrix written by :meth:`to_dict`."""
         if d.get("version", _FORMAT_VERSION) != _FORMAT_VERSION:
             raise ValueError(f"KnowledgeMatrix.from_dict: unsupported version {d.get('version')!r}")
-        km = cls(d["agents"], d["tasks"], d["metrics"])
+        km = cls(d["agents"], d["tasks"], d["metrics"], d.get("probes", ()))
         A, T = len(km.agents), len(km.tasks)
         km._initial = _from_json(d["initial"], (A, T))
         km._values = _from_json(d["values"], (len(d["values"]), A, T))

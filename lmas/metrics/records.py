@@ -21,8 +21,9 @@ class RunRecords:
     """A finished run: its results.json and, when it has them, its per-example records.
 
     ``initial``: task -> outcomes of the untrained model; ``rounds``: round -> ``"<agent>/<task>"``
-    -> outcomes. Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match,
-    ``(N, 2)`` (answer NLL sum, token count) for perplexity. ``None`` without records.
+    -> outcomes. Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match, the item's
+    score in ``[0, 1]`` for ROUGE-L (a mean like the others), ``(N, 2)`` (answer NLL sum, token count) for
+    perplexity. ``None`` without records.
     """
 
     path: Path
@@ -101,6 +102,7 @@ class Slot:
         self.tasks = list(km.training_rounds(self.agent))
         if not self.tasks:
             raise ValueError(f"{run.path}: agent {self.agent!r} trained no task; it has no CL metrics")
+        self.tasks += km.probes  # the general-ability probes, resampled like the trained tasks
         self.a = km.agents.index(self.agent)
         self.cols = [km.tasks.index(t) for t in self.tasks]
         self.ppl = [km.metrics[t] == "perplexity" for t in self.tasks]
@@ -141,7 +143,7 @@ class Slot:
         if ppl and (a.ndim != 2 or a.shape[1] != 2):
             raise ValueError(f"{where}: a perplexity task needs (N, 2) = (NLL sum, tokens) per item, got {a.shape}")
         if not ppl and a.ndim != 1:
-            raise ValueError(f"{where}: an accuracy/exact-match task needs (N,) 1/0 per item, got {a.shape}")
+            raise ValueError(f"{where}: an accuracy/exact-match/ROUGE-L task needs (N,) scores per item, got {a.shape}")
         if len(a) == 0:
             raise ValueError(f"{where}: no test items")
         return a if ppl else a[:, None]

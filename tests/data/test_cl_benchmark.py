@@ -151,12 +151,14 @@ def test_sapt_prompt_style_and_max_chars(sapt_dir):
 
 def test_superni_generation_answers_kept_aligned(sapt_dir):
     task = cl_task("task002_qa", data_dir=sapt_dir, val_size=5, max_eval=7)
-    assert task.kind == "generation" and task.labels is None and task.metric == "exact_match"
+    assert task.kind == "generation" and task.labels is None and task.metric == "rouge_l"  # the papers' metric
+    assert cl_task("task002_qa", data_dir=sapt_dir, val_size=5, generation_metric="exact_match").metric == "exact_match"
     assert (len(task.train), len(task.val), len(task.test)) == (45, 5, 7)
     for split in ("val", "test"):
         for ex, answers in zip(getattr(task, split), task.meta["answers"][split], strict=True):
             i = answers[0].split()[1]
             assert answers == [f"answer {i}", f"alt {i}"] and ex.answer == f"answer {i}"
+            assert ex.answers == (f"answer {i}", f"alt {i}")  # every reference travels with its example
             assert ex.prompt == (
                 f"Definition: Do task002_qa.\n\nNow complete the following example -\nInput: task002_qa question {i}"
                 "\nOutput:"
