@@ -5,6 +5,12 @@
     python experiments/tables.py distillation <specialists runs> ... [--joint <joint runs> ...]
     python experiments/tables.py minilm <run or multirun dir> ...
     python experiments/tables.py self_learning <run or multirun dir> ...
+    python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
+        [--strategies naive,olora,...] [--out table.csv]
+
+``reproduction`` is the reproduction study's main table with 95% CIs, paired differences from SeqLoRA (Holm) and
+gap-closure ratios beside the published ones, all computed by ``lmas.metrics.stats`` from the committed runs'
+records (``experiments/reproduction/table.py``).
 
 Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
 multirun). Values are read, never recomputed: accuracies from ``matrix`` (rows: agents, then the
@@ -21,6 +27,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from types import ModuleType
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -194,6 +201,17 @@ def self_learning(runs: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def reproduction_table() -> ModuleType:
+    """``experiments/reproduction/table.py``, loaded by path (this script is run as a file, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "reproduction" / "table.py"
+    spec = importlib.util.spec_from_file_location("reproduction_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -203,7 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("distillation")
     d.add_argument("runs", nargs="+")
     d.add_argument("--joint", nargs="*", default=[])
+    r = sub.add_parser("reproduction", help="the reproduction study's main table (statistics from lmas.metrics.stats)")
+    r.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/reproduction/runs")
+    r.add_argument("--baseline", default="strategy=naive", help="SeqLoRA's runs (default strategy=naive)")
+    r.add_argument("--upper", default="strategy=joint", help="the multitask runs (default strategy=joint)")
+    r.add_argument("--strategies", help="comma-separated strategies to show (default: every one found)")
+    r.add_argument("--out", help="also write the table as CSV to this file")
     args = parser.parse_args(argv)
+    if args.what == "reproduction":
+        reproduction_table().main(args)
+        return
     runs = load_runs(args.runs)
     if args.what == "forward_transfer":
         print(forward_transfer(runs))

@@ -8,6 +8,10 @@ training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png
 With ``--baseline GROUP`` it also writes the statistics (:mod:`lmas.metrics.stats`, docs/statistics.md): each
 metric with its 95% CI, each group's paired difference from the baseline with its CI, p-value and Holm-corrected
 p-value, and (with ``--upper GROUP``, the multitask run) the gap-closure ratio — ``comparison_stats.md``/``.csv``.
+A group with fewer runs than the baseline (one order, two seeds) is compared with the baseline's runs of the same
+stream, task order and seed. Tables also name the metrics as the LLM continual-learning papers do:
+``avg_acc (AP)``, ``forgetting (F.Ra)``, ``bwt (BWT)``, ``fwt (FWT)`` (``comparison_stats.csv``: its ``paper``
+column); docs/statistics.md gives where the papers' definitions differ from ours.
 
     lmas-compare outputs/multiruns/2026-11-29_10-00-00
     lmas-compare DIR --baseline strategy=naive --upper strategy=joint
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from lmas.metrics.stats import PAPER_NAMES
 
 METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
 IGNORED_OVERRIDES = ("seed", "stream.order", "paths.", "logger", "hydra.", "progress", "debug")
@@ -102,9 +108,14 @@ def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: -r.get("avg_acc_mean", float("-inf")))
 
 
+def header(key: str) -> str:
+    """A metric's column title: ``avg_acc (AP)`` where the papers have a name for it."""
+    return f"{key} ({PAPER_NAMES[key]})" if key in PAPER_NAMES else key
+
+
 def to_markdown(rows: list[dict]) -> str:
     cols = [k for k in METRICS if any(f"{k}_mean" in r for r in rows)] + ["train_s"]
-    head = "| group | runs | " + " | ".join(cols) + " |"
+    head = "| group | runs | " + " | ".join(header(c) for c in cols) + " |"
     sep = "|---|---|" + "---|" * len(cols)
     body = []
     for r in rows:
@@ -139,7 +150,7 @@ def write_outputs(rows: list[dict], out: Path) -> dict[str, Path]:
             [r.get(f"{key}_mean", 0) for r in rows],
             width,
             yerr=[r.get(f"{key}_std", 0) for r in rows],
-            label=key,
+            label=header(key),
             capsize=3,
         )
     ax.set_xticks([j + width * (len(shown) - 1) / 2 for j in range(len(rows))])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,60 @@ def test_baseline_adds_paired_statistics_over_real_runs(tmp_path, run_lmas, fast
     assert replay["n"] == "2" and replay["verdict"]
     assert "strategy=replay" in (cmp / "comparison_stats.md").read_text()
     assert "comparison_stats.md" in capsys.readouterr().out
+
+
+def _matrix_run(root: Path, strategy: str, seed: int, a_last: float) -> Path:
+    """A finished two-task run (results.json with its matrix and metrics, no per-example records), grouped by
+    its overrides; ``a_last``: task a's score after the last round (sets forgetting and avg_acc)."""
+    from lmas.metrics import KnowledgeMatrix
+
+    km = KnowledgeMatrix(["agent0"], ["a", "b"], {"a": "accuracy", "b": "accuracy"})
+    for t in ("a", "b"):
+        km.record_initial("agent0", t, 0.25)
+    for r, (va, vb) in enumerate([(0.8, 0.3), (a_last, 0.7)]):
+        km.start_round()
+        km.record(r, "agent0", "a", va)
+        km.record(r, "agent0", "b", vb)
+        km.mark_trained(r, "agent0", "ab"[r])
+    d = root / f"{strategy}{seed}"
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}", f"seed={seed}"]))
+    results = {"complete": True, "stream": "s", "strategy": strategy, "seed": seed,
+               "tasks": [{"name": "a"}, {"name": "b"}], "matrix": km.to_dict(), "metrics": km.summaries(),
+               "timings": {"train_s": 1.0}}
+    (d / "results.json").write_text(json.dumps(results))
+    return d
+
+
+def test_paper_names_and_a_group_with_fewer_seeds_than_the_baseline(tmp_path, capsys):
+    """The tables name AP, F.Ra, BWT, FWT; seqft on seeds 0 and 1 is compared with naive's runs of those seeds only
+    (naive also has seed 2), while a seqft seed that naive lacks is an error naming the run."""
+    naive = {0: 0.5, 1: 0.6, 2: 0.1}
+    seqft = {0: 0.4, 1: 0.45}
+    for s, v in naive.items():
+        _matrix_run(tmp_path / "runs", "naive", s, v)
+    for s, v in seqft.items():
+        _matrix_run(tmp_path / "runs", "seqft", s, v)
+    out = tmp_path / "cmp"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive"]) == 0
+    md = (out / "comparison.md").read_text()
+    assert md.startswith("| group | runs | avg_acc (AP) | forgetting (F.Ra) | bwt (BWT) | fwt (FWT) | plasticity |")
+    stats_md = (out / "comparison_stats.md").read_text()
+    assert "| group | avg_acc (AP) | forgetting (F.Ra) | bwt (BWT) | fwt (FWT) | plasticity |" in stats_md
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader((out / "comparison_stats.csv").open())}
+    row = rows["strategy=seqft", "avg_acc"]
+    # avg_acc = (a_last + 0.7) / 2: the paired difference over seeds 0, 1 is the mean of (seqft - naive) / 2
+    want = sum((seqft[s] - naive[s]) / 2 for s in (0, 1)) / 2
+    assert float(row["diff"]) == pytest.approx(want) and row["test"] == "paired t, 2 run pairs"
+    assert row["paper"] == "AP" and rows["strategy=seqft", "forgetting"]["paper"] == "F.Ra"
+    assert rows["strategy=naive", "avg_acc"]["n"] == "3"  # the baseline's own CI uses all its runs
+    for s, v in naive.items():  # a multitask group no better than naive: the gap-closure ratio is undefined
+        _matrix_run(tmp_path / "runs", "joint", s, v)
+    args = [str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive", "--upper", "strategy=joint"]
+    assert main(args) == 0
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader((out / "comparison_stats.csv").open())}
+    gap = rows["strategy=seqft", "gap_closure"]
+    assert gap["mean"] == "nan" and gap["ci"].startswith("undefined: upper mean = baseline mean")
+    _matrix_run(tmp_path / "runs", "seqft", 3, 0.3)
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive"]) == 2
+    assert re.search(r"without a partner.*seqft3", capsys.readouterr().err)

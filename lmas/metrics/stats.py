@@ -78,8 +78,14 @@ def _pair_key(results: dict) -> tuple[Any, ...]:
 
 
 # ---------------------------------------------------------------------------- comparisons
-def _pairs(*groups: Sequence[RunRecords], pair_key: Callable[[dict], Any] = _pair_key) -> list[tuple[RunRecords, ...]]:
-    """Runs of the groups matched by ``pair_key`` (stream and seed); unmatched runs are an error."""
+def _pairs(
+    *groups: Sequence[RunRecords], pair_key: Callable[[dict], Any] = _pair_key, first: bool = False
+) -> list[tuple[RunRecords, ...]]:
+    """Runs of the groups matched by ``pair_key`` (stream, task order and seed); unmatched runs are an error.
+
+    ``first``: the pairs are the first group's runs; runs of the other groups that it lacks are left out
+    (a method run on one order with 2 seeds is compared with the baseline's runs of that order and
+    those seeds), while a run of the first group without a partner is still an error."""
     by_key = []
     for g in groups:
         d: dict[Any, RunRecords] = {}
@@ -91,7 +97,7 @@ def _pairs(*groups: Sequence[RunRecords], pair_key: Callable[[dict], Any] = _pai
             d[k] = r
         by_key.append(d)
     common = set(by_key[0]).intersection(*by_key[1:])
-    lost = [str(r.path) for d in by_key for k, r in d.items() if k not in common]
+    lost = [str(r.path) for d in (by_key[:1] if first else by_key) for k, r in d.items() if k not in common]
     if lost:
         raise ValueError(f"runs without a partner of the same (stream, task order, seed) in every group: {lost}")
     if not common:
@@ -115,14 +121,16 @@ def paired_difference(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Interval]:
-    """``a - b`` per metric over runs paired by stream and seed: mean difference, CI, p-value.
+    """``a - b`` per metric over runs paired by stream, task order and seed: mean difference, CI, p-value.
+
+    The pairs are ``a``'s runs: each needs a partner in ``b``; runs of ``b`` that ``a`` lacks are left out.
 
     ``level="runs"``: paired t-test over the run pairs (training noise, seeds x orders);
     ``"items"``: paired bootstrap over test items of the mean difference over the pairs (item noise,
     given these trained models; p from the bootstrap distribution); ``"auto"``: runs when there
     are at least ``min_runs`` pairs or a run has no per-example records, items otherwise.
     """
-    pairs = _pairs(a, b)
+    pairs = _pairs(a, b, first=True)
     if level == "auto":
         level = "runs" if len(pairs) >= min_runs or not _have_records(pairs) else "items"
     if level == "runs":
@@ -160,14 +168,19 @@ def gap_closure(
 ) -> Interval:
     """``(method - baseline) / (upper - baseline)`` of ``key`` (ratio of the means over paired runs).
 
-    0: no better than the baseline (SeqLoRA), 1: as good as the upper bound (multitask). The three
+    0: no better than the baseline (SeqLoRA), 1: as good as the upper bound (multitask). The triples
+    are ``method``'s runs with their partners (same stream, task order, seed). The three
     are resampled together: over run triples (same stream and seed; ``level="runs"``, percentile
     :func:`scipy.stats.bootstrap` with ``paired=True``) or over test items (``"items"``);
     ``"auto"``: runs with at least ``min_runs`` triples or without per-example records, items otherwise.
+    Where the upper bound's mean equals the baseline's, the ratio is undefined: NaN, no interval.
     """
-    triples = _pairs(method, baseline, upper)
+    triples = _pairs(method, baseline, upper, first=True)
     if level == "auto":
         level = "runs" if len(triples) >= min_runs or not _have_records(triples) else "items"
+    s_bar, u_bar = (float(np.mean([t[i].metric(key, agent) for t in triples])) for i in (1, 2))
+    if not u_bar != s_bar:  # equal (or NaN): 0/0 or x/0 on the runs themselves
+        return Interval(math.nan, math.nan, math.nan, len(triples), f"undefined: upper mean = baseline mean ({u_bar})")
 
     def ratio(m: np.ndarray, s: np.ndarray, u: np.ndarray, axis: int = -1) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):

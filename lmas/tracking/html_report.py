@@ -4,7 +4,10 @@ Everything is read from ``results.json`` (so it works for old and for unfinished
 picture is embedded as a base64 PNG: the knowledge-matrix heatmap, each agent's metric per task
 over rounds, average accuracy / forgetting / BWT / FWT over time, the adapter lineage graph,
 inter-agent similarity over time and communication per round (when the run has them), and the
-training loss. ``lmas-train`` writes it at the end of every run; for any run dir:
+training loss. With the run's per-example records (``per_example/*.npz``) it also draws each agent's
+metrics with 95% confidence intervals over test items (:func:`lmas.metrics.stats.item_intervals`);
+a run without records (made before them) says so there. ``lmas-train`` writes it at the end of every
+run; for any run dir:
 
     python -m lmas.tracking.html_report outputs/runs/2026-11-29_10-00-00
 """
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 
 REPORT = "report.html"
 OVER_TIME = ("avg_acc", "forgetting", "bwt", "fwt")
+CI_KEYS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
+CI_TITLE = "Metrics with 95% confidence intervals over test items"
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -250,8 +255,57 @@ def _fmt(v: object) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
-def render(results: dict, title: str = "lmas run") -> str:
-    """The report as one HTML string (images inline)."""
+def interval_panel(run_dir: str | Path | None, results: dict) -> list[str]:
+    """HTML of the CI panel: each agent's :data:`CI_KEYS` as points with 95% bootstrap CI bars over the
+    run's test items (from ``<run_dir>/per_example``) and the numbers as a table; without records (a
+    run made before them, or no run dir), or records that do not match results.json, a sentence why."""
+    head = [f"<h2>{html.escape(CI_TITLE)}</h2>"]
+    if run_dir is None:
+        return head + ["<p>No run directory given: the intervals need the run's per_example/ records.</p>"]
+    from lmas.metrics import stats  # scipy: only when a report is drawn
+
+    try:
+        run = stats.load_run(run_dir)
+    except ValueError as err:
+        return head + [f"<p>No confidence intervals: {html.escape(str(err))}</p>"]
+    if run.rounds is None:
+        return head + [
+            "<p>No confidence intervals: this run has no per-example records (per_example/ next to "
+            "results.json); runs made before lmas kept them cannot be resampled over test items.</p>"
+        ]
+    intervals: dict[str, dict] = {}
+    skipped = []
+    for agent in results.get("metrics", {}):
+        try:
+            intervals[agent] = stats.item_intervals(run, agent, CI_KEYS)
+        except ValueError as err:  # an agent that trained nothing, records that do not match the matrix
+            skipped.append(f"{agent}: {err}")
+    parts = list(head)
+    if intervals:
+        fig = _figure(max(6.0, 1.6 * len(CI_KEYS) + 0.6 * len(intervals)), 3.6)
+        stats.plot_intervals(fig.add_subplot(), intervals, CI_KEYS)
+        fig.tight_layout()
+        data = base64.b64encode(_png(fig)).decode("ascii")
+        rows = [
+            [a, f"{k} ({stats.PAPER_NAMES[k]})" if k in stats.PAPER_NAMES else k,
+             f"{iv.estimate:.4f}", f"{iv.low:.4f}", f"{iv.high:.4f}", iv.n]
+            for a, ivs in intervals.items() for k, iv in ivs.items()
+        ]  # fmt: skip
+        parts += [
+            f'<img alt="{html.escape(CI_TITLE)}" src="data:image/png;base64,{data}">',
+            "<p>Percentile bootstrap over each agent's test items (each task resampled on its own; 4999 "
+            "resamples, seed 0: <code>lmas.metrics.stats.item_intervals(run_dir, agent)</code> gives these "
+            "numbers; docs/statistics.md).</p>",
+            _table(["agent", "metric", "value", "95% CI low", "95% CI high", "test items"], rows),
+        ]
+    if skipped:
+        parts.append("<p>No intervals for " + html.escape("; ".join(skipped)) + "</p>")
+    return parts
+
+
+def render(results: dict, title: str = "lmas run", run_dir: str | Path | None = None) -> str:
+    """The report as one HTML string (images inline); ``run_dir`` holds the per-example records of
+    the CI panel (:func:`interval_panel`)."""
     tasks = results.get("tasks", [])
     metrics = results.get("metrics", {})
     keys = list(dict.fromkeys(k for summary in metrics.values() for k in summary))
@@ -268,6 +322,7 @@ def render(results: dict, title: str = "lmas run") -> str:
         + "</p>",
         "<h2>Continual-learning metrics</h2>",
         _table(["agent", *keys], [[a, *(_fmt(s.get(k)) for k in keys)] for a, s in metrics.items()]),
+        *interval_panel(run_dir, results),
     ]
     for name, png in figures(results).items():
         data = base64.b64encode(png).decode("ascii")
@@ -313,7 +368,7 @@ def write_report(run_dir: str | Path, results: dict | None = None) -> Path:
         results = json.loads(path.read_text())
     out = run_dir / REPORT
     tmp = out.with_name(f".{REPORT}.tmp")
-    tmp.write_text(render(results, title=f"lmas run {run_dir.name}"))
+    tmp.write_text(render(results, title=f"lmas run {run_dir.name}", run_dir=run_dir))
     tmp.replace(out)
     return out
 

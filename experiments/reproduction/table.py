@@ -1,0 +1,269 @@
+"""The reproduction study's main table, from the committed runs alone (``experiments/tables.py reproduction``).
+
+    python experiments/tables.py reproduction experiments/reproduction/runs [--baseline strategy=naive]
+        [--upper strategy=joint] [--strategies naive,olora,...] [--out table.csv]
+
+Runs are grouped by their strategy (results.json ``strategy``; seeds x task orders repeat inside a group). Every
+number comes from :func:`lmas.metrics.stats.comparison_table` (one place for the math, docs/statistics.md): each
+strategy's avg_acc / forgetting / bwt / fwt / plasticity with 95% CIs over runs, its paired difference from SeqLoRA
+(``naive``) with CI, p-value and Holm-corrected p-value, and the gap-closure ratio (method - SeqLoRA) / (multitask -
+SeqLoRA) with its CI. This module only formats them, and sets beside them the published numbers as gap-closure
+ratios (:data:`PUBLISHED`, each with its source; a ratio only where the source gives the method, SeqLoRA and
+multitask in one setting).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmas.metrics import stats
+from lmas.metrics.records import Slot
+
+KEYS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
+ORDER = ("naive", "seqft", "inclora", "olora", "nlora", "osf", "ewc", "lwf", "replay", "joint")
+"""Table order of the strategies (others follow, sorted)."""
+PAPER_METHOD = {
+    "naive": "SeqLoRA", "seqft": "SeqFT", "inclora": "IncLoRA", "olora": "O-LoRA", "nlora": "N-LoRA", "osf": "OSF",
+    "ewc": "EWC", "lwf": "LwF", "replay": "Replay", "joint": "multitask (MTL)",
+}  # fmt: skip
+"""The names the papers give our strategies."""
+PUBLISHED: tuple[dict[str, Any], ...] = (
+    {
+        "source": "O-LoRA paper (Wang et al. 2023, arXiv 2310.14152), via shared/reference/NOTES.md",
+        "setting": "T5-large, standard CL benchmark, average of orders 1-3",
+        "avg_acc": {"olora": 75.8, "joint": 80.0},
+    },
+    {
+        "source": "O-LoRA 69.6: O-LoRA paper via NOTES.md; N-LoRA 72.4 and multitask 76.5: as quoted in issue 15",
+        "setting": "T5-large, long sequence (15 tasks)",
+        "avg_acc": {"olora": 69.6, "nlora": 72.4, "joint": 76.5},
+    },
+    {
+        "source": "O-LoRA authors' committed run logs, via NOTES.md",
+        "setting": "T5-large, standard CL benchmark, order 1",
+        "avg_acc": {"olora": 78.4, "inclora": 68.6, "seqft": 67.8, "naive": 62.9},
+    },
+)
+"""Published average accuracies (%), one entry per source and setting. A gap-closure ratio needs the method,
+SeqLoRA (``naive``) and multitask (``joint``) of the same entry; NOTES.md has no SeqLoRA number beside a multitask
+one yet, so no published ratio prints until an entry has all three."""
+CSV_FIELDS = ("strategy", "paper_name", "metric", "paper", "runs", "seeds", "orders", "items_per_task", "mean", "low",
+              "high", "ci", "diff", "diff_low", "diff_high", "p", "p_holm", "verdict", "test", "published_ratio",
+              "published_source")  # fmt: skip
+
+
+def strategy_of(spec: str, option: str) -> str:
+    """``strategy=naive`` (as lmas-compare takes it) or ``naive`` -> ``naive``; any other key is an error."""
+    key, sep, value = spec.partition("=")
+    if not sep:
+        return spec
+    if key != "strategy" or not value:
+        raise ValueError(
+            f"{option} {spec!r}: the table groups runs by strategy; give strategy=<name>, e.g. strategy=naive"
+        )
+    return value
+
+
+def load_groups(runs_dir: str | os.PathLike) -> dict[str, list[stats.RunRecords]]:
+    """Every complete run under ``runs_dir`` (with its per-example records), by strategy, in :data:`ORDER`."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a directory (expected the study's runs/ folder)")
+    found = sorted(root.rglob("results.json"))
+    if not found:
+        raise ValueError(f"{root}: no results.json under it (no finished run of the study is there)")
+    groups: dict[str, list[stats.RunRecords]] = {}
+    streams: dict[str, str] = {}
+    for f in found:
+        run = stats.load_run(f.parent)
+        if not run.results.get("complete"):
+            print(f"reproduction: skipping {f.parent} (run not complete)", file=sys.stderr)
+            continue
+        name = run.results.get("strategy")
+        if not isinstance(name, str):
+            raise ValueError(f"{f}: no `strategy` name (expected an lmas run's results.json)")
+        groups.setdefault(name, []).append(run)
+        streams.setdefault(str(run.results.get("stream")), str(f.parent))
+    if len(streams) > 1:
+        raise ValueError(f"{root}: runs on different streams cannot be paired: " +
+                         "; ".join(f"{s} (e.g. {p})" for s, p in streams.items()))  # fmt: skip
+    rank = {s: i for i, s in enumerate(ORDER)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+
+
+def describe(runs: Sequence[stats.RunRecords]) -> dict[str, Any]:
+    """``runs``, ``seeds``, ``orders`` (distinct task orders) and ``items`` (test items per task, from the records
+    of the first run that has them; empty without records)."""
+    items: dict[str, int] = {}
+    for r in runs:
+        if r.rounds is not None:
+            items = Slot(r).sizes
+            break
+    return {
+        "runs": len(runs),
+        "seeds": len({r.results.get("seed") for r in runs}),
+        "orders": len({tuple(t.get("name") for t in r.results.get("tasks") or []) for r in runs}),
+        "items": items,
+    }
+
+
+def published_ratios(strategy: str) -> list[tuple[float, dict[str, Any]]]:
+    """``(G, entry)`` for every :data:`PUBLISHED` entry with the method, SeqLoRA and multitask numbers."""
+    out = []
+    for entry in PUBLISHED:
+        acc = entry["avg_acc"]
+        if strategy in acc and "naive" in acc and "joint" in acc and strategy not in ("naive", "joint"):
+            out.append(((acc[strategy] - acc["naive"]) / (acc["joint"] - acc["naive"]), entry))
+    return out
+
+
+def build(
+    runs_dir: str | os.PathLike,
+    baseline: str = "strategy=naive",
+    upper: str = "strategy=joint",
+    strategies: Sequence[str] | None = None,
+    *,
+    n_resamples: int = 4999,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The table's content: ``rows`` (:func:`stats.comparison_table`), ``info`` per strategy (:func:`describe`),
+    ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors."""
+    base, up = strategy_of(baseline, "--baseline"), strategy_of(upper, "--upper")
+    groups = load_groups(runs_dir)
+    wanted = list(strategies) if strategies else list(groups)
+    for name, why in [(base, "--baseline (SeqLoRA)"), (up, "--upper (multitask)")] + [
+        (s, "--strategies") for s in wanted
+    ]:
+        if name not in groups:
+            raise ValueError(f"{runs_dir}: no complete run of strategy {name!r} ({why}); strategies there: "
+                             f"{', '.join(groups) or 'none'}")  # fmt: skip
+    chosen = {s: groups[s] for s in dict.fromkeys([base, *wanted, up])}
+    chosen = {s: chosen[s] for s in groups if s in chosen}  # table order
+    rows = stats.comparison_table(chosen, base, up, keys=KEYS, n_resamples=n_resamples, seed=seed)
+    first = next(iter(chosen.values()))[0]
+    return {"rows": rows, "info": {s: describe(rs) for s, rs in chosen.items()}, "baseline": base, "upper": up,
+            "stream": first.results.get("stream"), "dir": str(runs_dir)}  # fmt: skip
+
+
+def _num(v: float, signed: bool = False) -> str:
+    return "–" if v is None or math.isnan(v) else f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def _ci(v: float, lo: float, hi: float, signed: bool = False) -> str:
+    if math.isnan(lo):
+        return f"{_num(v, signed)} (no CI)"
+    return f"{_num(v, signed)} [{_num(lo, signed)}, {_num(hi, signed)}]"
+
+
+def _p(p: float) -> str:
+    return "–" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _head(m: str) -> str:
+    return f"{m} ({stats.PAPER_NAMES[m]})" if m in stats.PAPER_NAMES else m
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """``resolved: better/worse`` only where the difference's CI excludes 0 (and Holm keeps it), else why not."""
+    v = row["verdict"]
+    return f"resolved: {v}" if v in ("better", "worse") else v
+
+
+def _runs_cell(i: dict[str, Any]) -> str:
+    def n(k: int, word: str) -> str:
+        return f"{k} {word}" + ("" if k == 1 else "s")
+
+    lo, hi = min(i["items"].values(), default=0), max(i["items"].values(), default=0)
+    items = "" if not i["items"] else f"; {lo if lo == hi else f'{lo}–{hi}'} test items/task"
+    return f"{i['runs']} ({n(i['seeds'], 'seed')} × {n(i['orders'], 'order')}){items}"
+
+
+def markdown(table: dict[str, Any]) -> str:
+    """The main table (metrics with CIs), the paired differences from SeqLoRA, and the gap closure beside the
+    published ratios."""
+    rows, info, base, up = table["rows"], table["info"], table["baseline"], table["upper"]
+    at = {(r["group"], r["metric"]): r for r in rows}
+    out = [f"Stream `{table['stream']}`, runs under `{table['dir']}`; 95% CIs (docs/statistics.md). Values are "
+           "lmas' metrics under the papers' names too; SAPT's F.Ra, BWT and FWT are defined differently "
+           "(docs/statistics.md, Paper names).", "",
+           "| strategy | in the papers | runs (seeds × orders); test items | " + " | ".join(map(_head, KEYS)) + " |",
+           "|---|---|---|" + "---|" * len(KEYS)]  # fmt: skip
+    for s, i in info.items():
+        cells = [_ci(at[s, k]["mean"], at[s, k]["low"], at[s, k]["high"]) if (s, k) in at else "–" for k in KEYS]
+        out.append(f"| {s} | {PAPER_METHOD.get(s, '')} | {_runs_cell(i)} | " + " | ".join(cells) + " |")
+    items = info[base]["items"]
+    if items:
+        out += ["", "Test items per task (the same in every run): " + ", ".join(f"{t} {n}" for t, n in items.items())]
+    out += ["", f"Paired difference from {base} (SeqLoRA), same stream, task order and seed; p: the test's, "
+            "p (Holm): corrected over the whole table:", "",
+            "| strategy | metric | difference [95% CI] | p | p (Holm) | verdict | test |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "diff" in r:
+            diff = _ci(r["diff"], r["diff_low"], r["diff_high"], signed=True)
+            out.append(f"| {r['group']} | {_head(r['metric'])} | {diff} | {_p(r['p'])} | {_p(r['p_holm'])} | "
+                       f"{verdict(r)} | {r['test']} |")  # fmt: skip
+    out += ["", f"Gap closure on avg_acc (AP): (method − {base}) / ({up} − {base}); 0 = SeqLoRA, 1 = multitask. "
+            "Published: the same ratio from a paper's numbers (sources below):", "",
+            "| strategy | gap closure [95% CI] | verdict | published | CI method |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for s in info:
+        r = at.get((s, stats.GAP))
+        if r is None:
+            continue
+        resolved = r["low"] > 0 or r["high"] < 0  # False for NaN
+        if math.isnan(r["mean"]):
+            word = f"undefined: {up} = {base} on avg_acc"
+        elif resolved:
+            word = "resolved: closes part of the gap" if r["low"] > 0 else "resolved: below SeqLoRA"
+        else:
+            word = stats.NOT_RESOLVED
+        pub = "; ".join(f"{g:.2f} ({e['setting']})" for g, e in published_ratios(s)) or "–"
+        out.append(f"| {s} | {_ci(r['mean'], r['low'], r['high'])} | {word} | {pub} | {r['ci']} |")
+    out += ["", "Published average accuracies (%):"]
+    for e in PUBLISHED:
+        nums = ", ".join(f"{PAPER_METHOD.get(k, k)} {v}" for k, v in e["avg_acc"].items())
+        has = "naive" in e["avg_acc"] and "joint" in e["avg_acc"]
+        note = "" if has else " (no ratio: the source gives no SeqLoRA and multitask pair)"
+        out.append(f"- {e['setting']}: {nums} — {e['source']}{note}")
+    return "\n".join(out)
+
+
+def to_csv(table: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Long format (:data:`CSV_FIELDS`): one row per strategy and metric (and ``gap_closure``), stats' numbers
+    unrounded, the strategy's runs, seeds, orders and test items, and the published ratios."""
+    out = Path(path)
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in table["rows"]:
+            i = table["info"][r["group"]]
+            row = {**r, "strategy": r["group"], "paper_name": PAPER_METHOD.get(r["group"], ""), "runs": i["runs"],
+                   "seeds": i["seeds"], "orders": i["orders"],
+                   "items_per_task": " ".join(f"{t}:{n}" for t, n in i["items"].items())}  # fmt: skip
+            if "verdict" in r:
+                row["verdict"] = verdict(r)
+            if r["metric"] == stats.GAP:
+                pubs = published_ratios(r["group"])
+                row["published_ratio"] = " ".join(f"{g:.4f}" for g, _ in pubs)
+                row["published_source"] = " | ".join(f"{e['source']} ({e['setting']})" for _, e in pubs)
+            w.writerow(row)
+    return out
+
+
+def main(args: Any) -> None:
+    """``experiments/tables.py reproduction``: print the markdown; with ``--out``, write the CSV."""
+    try:
+        table = build(args.runs_dir, args.baseline, args.upper,
+                      [s for s in (args.strategies or "").split(",") if s] or None)  # fmt: skip
+    except ValueError as err:
+        raise SystemExit(f"reproduction: {err}") from err
+    print(markdown(table))
+    if args.out:
+        print(f"\nwritten: {to_csv(table, args.out)}")

@@ -1,0 +1,158 @@
+"""experiments/tables.py reproduction: the study's main table from runs on disk alone; every number is
+lmas.metrics.stats' on the same runs, and missing strategies or a missing baseline are clear errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmas.metrics import stats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tables = _load("experiment_tables_repro", ROOT / "experiments" / "tables.py")
+table = _load("reproduction_table_test", ROOT / "experiments" / "reproduction" / "table.py")
+STRATEGIES = ("naive", "replay", "inclora", "joint")
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """2 strategies + naive + joint, 2 seeds each, on the tiny model; kept as experiments/study.py keeps them."""
+    from lmas.train import run
+
+    compose = _load("tests_conftest_compose", ROOT / "tests" / "conftest.py").compose  # module scope: no fixture
+
+    root = tmp_path_factory.mktemp("study")
+    for strategy in STRATEGIES:
+        for seed in SEEDS:
+            scratch = root / "scratch" / f"{strategy}{seed}"
+            overrides = ["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={root / 'out'}",
+                         f"strategy={strategy}", f"seed={seed}", "train.max_steps=2", "stream.max_train=4"]
+            run(compose(overrides, scratch), scratch)
+            kept = root / "runs" / f"strategy={strategy},seed={seed}"
+            kept.mkdir(parents=True)
+            for name in ("results.json", "config.yaml"):
+                shutil.copy2(scratch / name, kept / name)
+            shutil.copytree(scratch / "per_example", kept / "per_example")
+    return root / "runs"
+
+
+def _rows(md: str, header: str) -> list[list[str]]:
+    """The body rows of the markdown table whose header line starts with ``header``."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+    body = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        body.append([c.strip() for c in ln.strip("|").split("|")])
+    return body
+
+
+def _ci(v: float, lo: float, hi: float, signed: bool = False) -> str:
+    def f(x: float) -> str:
+        return "–" if math.isnan(x) else f"{x:+.3f}" if signed else f"{x:.3f}"
+
+    return f"{f(v)} (no CI)" if math.isnan(lo) else f"{f(v)} [{f(lo)}, {f(hi)}]"
+
+
+def test_the_table_is_lmas_metrics_stats_on_the_same_runs(runs, tmp_path, capsys):
+    built = table.build(runs, "strategy=naive", "strategy=joint", n_resamples=499)
+    groups = {s: sorted(runs.glob(f"strategy={s},seed=*")) for s in ("naive", "inclora", "replay", "joint")}
+    want = stats.comparison_table(groups, "naive", "joint", keys=table.KEYS, n_resamples=499)
+    assert [(r["group"], r["metric"]) for r in built["rows"]] == [(r["group"], r["metric"]) for r in want]
+    for got, exp in zip(built["rows"], want, strict=True):
+        for key in ("mean", "low", "high", "diff", "diff_low", "diff_high", "p", "p_holm"):
+            if key in exp:
+                assert got[key] == pytest.approx(exp[key], nan_ok=True), (exp["group"], exp["metric"], key)
+    at = {(r["group"], r["metric"]): r for r in want}
+    md = table.markdown(built)
+
+    main = _rows(md, "| strategy | in the papers | runs")
+    assert [r[0] for r in main] == ["naive", "inclora", "replay", "joint"]  # table order: SeqLoRA first
+    results = stats.load_run(groups["naive"][0]).results
+    n_items = [len(v) for v in np.load(groups["naive"][0] / "per_example" / "initial.npz").values()]
+    for row in main:
+        s = row[0]
+        assert row[1] == table.PAPER_METHOD[s]
+        span = str(n_items[0]) if min(n_items) == max(n_items) else f"{min(n_items)}–{max(n_items)}"
+        assert row[2] == f"2 (2 seeds × 1 order); {span} test items/task"
+        for cell, key in zip(row[3:], table.KEYS, strict=True):
+            r = at[s, key]
+            assert cell == _ci(r["mean"], r["low"], r["high"]), (s, key)
+    assert f"Stream `{results['stream']}`" in md
+
+    diffs = _rows(md, "| strategy | metric | difference")
+    assert {r[0] for r in diffs} == {"inclora", "replay", "joint"}
+    for row in diffs:
+        key = row[1].split(" ")[0]
+        r = at[row[0], key]
+        assert row[2] == _ci(r["diff"], r["diff_low"], r["diff_high"], signed=True)
+        resolved = r["diff_low"] > 0 or r["diff_high"] < 0
+        assert row[5].startswith("resolved") == (resolved and r["p_holm"] < 0.05)
+        if not resolved:
+            assert row[5] == "not resolved at this sample size"
+        assert row[6] == r["test"] == "paired t, 2 run pairs"
+
+    gaps = _rows(md, "| strategy | gap closure")
+    assert [r[0] for r in gaps] == ["inclora", "replay"]
+    for row in gaps:
+        r = at[row[0], stats.GAP]
+        assert row[1] == _ci(r["mean"], r["low"], r["high"])
+        assert row[2].startswith("resolved") == (r["low"] > 0 or r["high"] < 0)
+        assert row[2].startswith("undefined") == math.isnan(r["mean"])  # multitask = SeqLoRA: no ratio
+        assert row[3] == "–"  # no published SeqLoRA + multitask pair for these
+    # the CLI prints the same and writes the CSV with stats' unrounded numbers
+    tables.main(["reproduction", str(runs), "--out", str(tmp_path / "t.csv")])
+    printed = capsys.readouterr().out
+    assert "| naive | SeqLoRA |" in printed and "avg_acc (AP)" in printed and "forgetting (F.Ra)" in printed
+    back = list(csv.DictReader((tmp_path / "t.csv").open()))
+    row = next(r for r in back if r["strategy"] == "replay" and r["metric"] == "avg_acc")
+    assert float(row["diff"]) == pytest.approx(at["replay", "avg_acc"]["diff"])
+    assert row["runs"] == "2" and row["paper"] == "AP" and row["paper_name"] == "Replay"
+
+
+def test_published_ratios_need_the_method_seqlora_and_multitask_of_one_source(monkeypatch):
+    assert table.published_ratios("olora") == []  # NOTES.md gives no SeqLoRA beside a multitask number
+    entry = {"source": "a paper", "setting": "x", "avg_acc": {"olora": 75.0, "naive": 60.0, "joint": 80.0}}
+    monkeypatch.setattr(table, "PUBLISHED", (entry,))
+    assert table.published_ratios("olora") == [(pytest.approx(0.75), entry)]
+    assert table.published_ratios("nlora") == [] and table.published_ratios("naive") == []
+
+
+def test_missing_strategies_or_baseline_are_clear_errors(runs, tmp_path):
+    with pytest.raises(ValueError, match=r"no complete run of strategy 'seqlora' \(--baseline \(SeqLoRA\)\); "
+                                         r"strategies there: naive, inclora, replay, joint"):
+        table.build(runs, "strategy=seqlora", n_resamples=99)
+    with pytest.raises(ValueError, match=r"strategy 'olora' \(--strategies\)"):
+        table.build(runs, strategies=["naive", "olora"], n_resamples=99)
+    with pytest.raises(ValueError, match="groups runs by strategy; give strategy=<name>"):
+        table.build(runs, "model=tiny", n_resamples=99)
+    with pytest.raises(SystemExit, match="reproduction: .*no complete run of strategy 'joint' \\(--upper"):
+        partial = tmp_path / "partial"
+        for d in runs.glob("strategy=naive,*"):
+            shutil.copytree(d, partial / d.name)
+        tables.main(["reproduction", str(partial)])
+    # a strategy with a seed its baseline lacks: the unpaired run is named
+    lone = tmp_path / "lone"
+    for d in [*runs.glob("strategy=naive,seed=0"), *runs.glob("strategy=replay,*"), *runs.glob("strategy=joint,*")]:
+        shutil.copytree(d, lone / d.name)
+    with pytest.raises(ValueError, match=r"without a partner.*strategy=replay,seed=1"):
+        table.build(lone, n_resamples=99)
+    with pytest.raises(ValueError, match="no results.json under it"):
+        table.build(tmp_path / "partial" / "strategy=naive,seed=0" / "per_example")
