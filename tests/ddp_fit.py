@@ -80,7 +80,9 @@ def main() -> None:
     for topic in TOPICS:  # one answer token per example: rank means average to the global mean
         assert len(enc.tokens(" " + topic)) == 1, topic
     train = [(ex, "classification") for ex in examples(args.examples)]
-    data = (ExperienceData if args.devices > 1 else LikeDistributed)(enc, train, args.batch_size, seed=SEED)
+    # plain shuffled batches (train.length_grouping=false): what Lightning hands to DistributedSampler
+    data = (ExperienceData if args.devices > 1 else LikeDistributed)(enc, train, args.batch_size, seed=SEED,
+                                                                     length_grouping=False)
     recorder = Recorder()
     module = IncrementalLM(pop, "agent0", recorder, enc, lr=1e-2)
     pop.model.train()

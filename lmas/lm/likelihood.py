@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor, nn
 
+from lmas.lm.batching import label_targets, label_tree, length_batches
 from lmas.lm.device import model_device, to_device
 from lmas.lm.encoding import IGNORE, PromptEncoder
 
@@ -113,12 +114,15 @@ def label_logprobs(
 ) -> Tensor:
     """Log-likelihood of every label after every prompt: (len(prompts), len(labels)).
 
-    Each prompt runs once; its KV cache is shared by all labels, so a K-label task costs about
-    one prompt pass plus K short label passes instead of K full passes. Prompts are left-padded
-    with explicit positions, so the score of a label equals the answer log-likelihood of its
-    training encoding ``encoder.encode(prompt, label)`` up to float rounding; a prompt too long
-    for its longest label is scored once per label length (:func:`by_label_length`), so it is
-    cut exactly as training cuts it for each label.
+    Each prompt runs once, with every label's tokens after it in the same pass
+    (:func:`lmas.lm.batching.label_tree`: each label sees the prompt and its own earlier tokens
+    only), so a K-label task costs one pass of the prompt plus the labels' tokens instead of K
+    full passes, and the head runs only where a label token is predicted. Prompts are batched by
+    length (:func:`lmas.lm.batching.length_batches`; the result keeps the order of ``prompts``), so
+    the score of a label equals the answer log-likelihood of its training encoding
+    ``encoder.encode(prompt, label)`` up to float rounding; a prompt too long for its longest
+    label is scored once per label length (:func:`by_label_length`), so it is cut exactly as
+    training cuts it for each label.
 
     ``adapter_names`` (one per prompt) scores each prompt with its own peft adapter in one
     mixed batch (:func:`mixed_adapters`); the LM head must not carry LoRA then. ``grad=True``
@@ -187,46 +191,40 @@ def _label_logprobs(
     batch_size: int,
     adapter_names: Sequence[str] | None,
 ) -> Tensor:
+    """Every label after every prompt in one pass per batch (:func:`lmas.lm.batching.label_tree`).
+
+    Prompts are grouped by length (:func:`lmas.lm.batching.length_batches`) and the scores put back
+    in the order of ``prompts``. Each label token but the last is an input once per prompt; the
+    prompt's last position predicts every label's first token.
+    """
     trunk, head = trunk_and_head(model)
     device = model_device(model)  # tensors are built on the CPU and moved here once
-    n_lab, lab_w = len(label_ids), max(len(t) for t in label_ids)
-    lab = torch.full((n_lab, lab_w), encoder.pad_id, dtype=torch.long)  # (L, W)
-    lab_mask = torch.zeros_like(lab)
-    for i, t in enumerate(label_ids):
-        lab[i, : len(t)] = torch.tensor(t)
-        lab_mask[i, : len(t)] = 1
-    lab, lab_mask = lab.to(device), lab_mask.to(device)
-    room = encoder.max_length - lab_w
+    dtype = trunk.get_input_embeddings().weight.dtype  # the additive mask's
+    room = encoder.max_length - max(len(t) for t in label_ids)
+    enc = [encoder.encode_prompt(p, room) for p in prompts]  # cut only in the body, as training cuts it
+    inputs = [list(lab[:-1]) for lab in label_ids]
+    rel, tgt, owner = label_targets(label_ids)
+    first_ids = torch.tensor([lab[0] for lab in label_ids], device=device)
+    tgt_t, owner_t = torch.tensor(tgt, dtype=torch.long, device=device), torch.tensor(owner, device=device)
+    rel_t = torch.tensor(rel, dtype=torch.long, device=device)
+    batches = length_batches([len(e) for e in enc], batch_size)
     scores = []
-    for i in range(0, len(prompts), batch_size):
-        enc = [encoder.encode_prompt(p, room) for p in prompts[i : i + batch_size]]
-        b, width = len(enc), max(len(e) for e in enc)
-        ids = torch.full((b, width), encoder.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(enc):  # left padding: every prompt ends in the last column
-            ids[row, width - len(e) :] = torch.tensor(e)
-            mask[row, width - len(e) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P)
-        names = None if adapter_names is None else list(adapter_names[i : i + batch_size])
+    for rows in batches:
+        part = [enc[r] for r in rows]
+        ids, allowed, pos = label_tree(part, inputs, encoder.pad_id)  # (B, T), (B, T, T), (B, T)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
+        n = torch.tensor([len(e) for e in part], device=device)  # prompt lengths
+        names = None if adapter_names is None else [adapter_names[r] for r in rows]
         with mixed_adapters(model, names):
-            out = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        first = head(out.last_hidden_state[:, -1]).float().log_softmax(-1)  # (B, V): predicts label token 0
-        total = first[:, lab[:, 0]]  # (B, L)
-        if lab_w > 1:
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n_lab)  # (B*L, ...) rows ordered prompt-major
-            lab_in = lab.repeat(b, 1)  # (B*L, W)
-            att = torch.cat([mask.repeat_interleave(n_lab, 0), lab_mask.repeat(b, 1)], 1)  # (B*L, P+W)
-            lab_pos = pos[:, -1:].repeat_interleave(n_lab, 0) + 1 + torch.arange(lab_w, device=device)  # (B*L, W)
-            with mixed_adapters(model, None if names is None else [n for n in names for _ in range(n_lab)]):
-                h = trunk(
-                    input_ids=lab_in, attention_mask=att, position_ids=lab_pos, past_key_values=cache, use_cache=True
-                ).last_hidden_state  # (B*L, W, H)
-            nxt = lab_in[:, 1:]  # (B*L, W-1): token k+1 is predicted at label position k
-            keep = lab_mask.repeat(b, 1)[:, 1:].bool()
-            logp = head(h[:, :-1][keep]).float().log_softmax(-1).gather(1, nxt[keep][:, None]).squeeze(1)
-            rest = logp.new_zeros(b * n_lab).index_add_(0, keep.nonzero()[:, 0], logp)
-            total = total + rest.view(b, n_lab)
+            h = trunk(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+        at = torch.arange(len(part), device=device)
+        total = head(h[at, n - 1]).float().log_softmax(-1)[:, first_ids]  # (B, L): every label's first token
+        if rel:
+            idx = (n[:, None] + rel_t[None, :])[:, :, None].expand(-1, -1, h.shape[-1])  # (B, C, H)
+            logp = head(h.gather(1, idx)).float().log_softmax(-1)  # (B, C, V)
+            logp = logp.gather(2, tgt_t[None, :, None].expand(len(part), -1, 1)).squeeze(2)  # (B, C)
+            total = total.index_add(1, owner_t, logp)
         scores.append(total)
-    return torch.cat(scores)
+    order = torch.tensor([r for rows in batches for r in rows], device=device)
+    return torch.cat(scores)[torch.argsort(order)]  # back in the order of `prompts`

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lmas.data.task import Example
+from lmas.lm.batching import LengthGroupedSampler
 from lmas.lm.device import model_device, to_device
 from lmas.lm.encoding import Encoded, PromptEncoder, collate
 from lmas.lm.likelihood import answer_logits
@@ -29,8 +30,10 @@ class ExperienceData(L.LightningDataModule):
     """Training data of one experience (a task, plus whatever the strategy adds, e.g. replay).
 
     Examples are tokenised once; the loader shuffles with its own seeded generator so the
-    order depends only on ``seed``. Each batch carries ``index``: the positions of its rows in
-    ``examples`` (the loop also hands ``examples`` to the module, so strategies can look rows up).
+    order depends only on ``seed``. ``length_grouping`` (``train.length_grouping``): batches of
+    similar length in a shuffled order (:class:`lmas.lm.batching.LengthGroupedSampler`), less padding.
+    Each batch carries ``index``: the positions of its rows in ``examples`` (the loop also hands
+    ``examples`` to the module, so strategies can look rows up).
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class ExperienceData(L.LightningDataModule):
         examples: Sequence[tuple[Example, str]],
         batch_size: int,
         seed: int,
+        length_grouping: bool = True,
     ) -> None:
         super().__init__()
         if not examples:
@@ -49,16 +53,15 @@ class ExperienceData(L.LightningDataModule):
         self.items: list[Encoded] = [encoder.encode_example(ex, kind) for ex, kind in examples]
         self.batch_size = batch_size
         self.seed = seed
+        self.length_grouping = length_grouping
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            range(len(self.items)),  # type: ignore[arg-type]  # a range is a map-style dataset (len, getitem)
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=gen,
-            collate_fn=self.collate,
-        )
+        dataset: Any = range(len(self.items))  # a map-style dataset (len, getitem) of example indices
+        if self.length_grouping:  # consecutive runs of batch_size indices are the length-grouped batches
+            sampler = LengthGroupedSampler([len(it.ids) for it in self.items], self.batch_size, gen)
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=gen, collate_fn=self.collate)
 
     def collate(self, indices: list[int]) -> dict[str, Tensor]:
         """A batch of the examples at ``indices``; ``batch["index"]`` (B,) says which they are."""

@@ -131,7 +131,9 @@ class LightningFit:
 
     def fit(self, exp: Experience, on_loss: StepHook, curve: Callable[[], float] | None = None) -> FitResult:
         cfg, strategy = self.train, exp.strategy
-        data = ExperienceData(self.encoder, exp.examples, cfg.batch_size, seed=exp.seed)
+        data = ExperienceData(
+            self.encoder, exp.examples, cfg.batch_size, seed=exp.seed, length_grouping=cfg.length_grouping
+        )
         module = IncrementalLM(
             self.population,
             exp.agent,
