@@ -16,11 +16,10 @@ import lightning as L
 from lmas import checkpoint
 from lmas.data.stream import Stream
 from lmas.data.task import Task
+from lmas.evaluation.cache import build_scoring
 from lmas.evaluation.evaluator import POPULATION, Evaluator
-from lmas.evaluation.scorer import PopulationScorer
 from lmas.lm.device import trainer_device
 from lmas.lm.encoding import PromptEncoder
-from lmas.lm.trunk import SharedTrunk
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.population.allocation import Allocation
 from lmas.population.events import Event
@@ -102,10 +101,8 @@ class ContinualLoop:
         self.allocation, self.topology = allocation or Allocation(), topology or Topology()
         self.transfer, self.body = transfer or Transfer(), body or Continual()
         cfg_t, cfg_e = self.train_cfg, self.eval_cfg
-        self.trunk = SharedTrunk(population.model) if cfg_t.trunk_cache or cfg_e.shared_trunk else None
-        eval_trunk, fit_trunk = (self.trunk if on else None for on in (cfg_e.shared_trunk, cfg_t.trunk_cache))
-        scoring = cfg_e.batch_size, cfg_e.max_new_tokens, cfg_e.mixed_adapters, eval_trunk, trainer.get("precision")
-        self.scorer = PopulationScorer(population, self.encoder, *scoring)
+        self.trunk, self.scorer = build_scoring(population, self.encoder, cfg_t, cfg_e, trainer.get("precision"))
+        fit_trunk = self.trunk if cfg_t.trunk_cache else None  # eval.cache: lmas/evaluation/cache.py
         self.backends = fit_backends(population, self.encoder, cfg_t, trainer, fit_trunk, cfg_e.curve_every, progress)
         self.topology.check(population.names)
         self.evaluator = Evaluator(self.scorer, stream, [], cfg_e, self.topology, self.run_dir / "per_example")
@@ -113,7 +110,7 @@ class ContinualLoop:
         if not self.plan:
             raise ValueError("allocation: the plan has no rounds")
         rows = population.names + ([POPULATION] if self.topology.answers else [])
-        self.state = RunState(KnowledgeMatrix(rows, stream.task_names, {t.name: t.metric for t in stream.tasks}))
+        self.state = RunState(KnowledgeMatrix(rows, list(stream.metrics), stream.metrics, stream.probe_names))
 
     def run(self, resume: bool = False) -> dict:
         """Run every round (after the last complete one when ``resume``); returns the results."""

@@ -94,14 +94,14 @@ class RunState:
             wall_before=float(d["wall_s"]),
         )
 
-    def results(self, task_names: list[str]) -> dict[str, Any]:
+    def results(self, task_names: list[str], partial: bool = False) -> dict[str, Any]:
         """The run-state part of results.json (the loop adds the run's description around it)."""
         return {
             "assignments": [[[a, task_names[j]] for a, j in rnd] for rnd in self.assignments],
             "answers": self.answers,
             "communication": self.messages.to_list(self.matrix.n_rounds),
             "matrix": self.matrix.to_dict(),
-            "metrics": self.matrix.summaries(),  # the one computation of the metrics (KnowledgeMatrix.summary)
+            "metrics": self.matrix.summaries(partial),  # the one computation of the metrics (KnowledgeMatrix.summary)
             "loss_curves": self.loss_curves,
             "learning_curves": self.curves,
             "similarity": self.similarity,

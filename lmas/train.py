@@ -59,6 +59,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)  # what resume=<run dir> rebuilds the run from
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     stream = instantiate(cfg.stream, _convert_="all")
+    if cfg.get("probes"):
+        stream = stream.with_probes(instantiate(cfg.probes, _convert_="all"))
     log.info(
         "stream %s (%s-incremental): %s",
         stream.name,
@@ -174,7 +176,15 @@ def summary(results: dict, run_dir: Path) -> str:
 
 
 def job(cfg: DictConfig) -> float | None:
-    """The Hydra job of one run; returns the first agent's average accuracy (for sweepers)."""
+    """The Hydra job of one run; returns the first agent's average accuracy (for sweepers). An optimising sweeper
+    (Optuna) must not select on a test split: with ``eval.split=test`` it is refused before the run."""
+    sweeper = str(OmegaConf.select(OmegaConf.structured(HydraConfig.get()), "sweeper._target_", default=""))
+    if "optuna" in sweeper.lower() and cfg.eval.split == "test":
+        raise ValueError(
+            "hparams_search: the search would maximise a score on the test split (eval.split=test); set "
+            "eval.split=val (conf/hparams_search/optuna.yaml does) and report the chosen setting's test score "
+            "from a separate run"
+        )
     if cfg.get("resume"):
         saved = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
         log.info("resuming %s (this invocation's Hydra logs: %s)", cfg.resume, HydraConfig.get().runtime.output_dir)

@@ -77,6 +77,17 @@ def test_optuna_search_config_composes():
     assert set(hydra.sweeper.params) == {"train.lr", "population.lora.r", "train.epochs"}
 
 
+def test_the_optuna_search_selects_on_validation_never_on_test(tmp_path, compose):
+    assert compose(["hparams_search=optuna"]).eval.split == "val"
+    # a search told to read the test split is refused before any run
+    env = {**os.environ, "LMAS_OUTPUT": str(tmp_path), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    args = ["hparams_search=optuna", "eval.split=test", "hydra.sweeper.n_trials=1", *FAST]
+    proc = subprocess.run([str(BIN / "lmas-train"), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "would maximise a score on the test split" in proc.stderr + proc.stdout
+    assert not list(tmp_path.rglob("results.json"))
+
+
 def test_slurm_and_parallel_launcher_configs_compose():
     slurm = _hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).launcher
     assert slurm._target_.endswith("SlurmLauncher")

@@ -4,7 +4,15 @@
   exact no-op, so one evaluation serves every agent), for forward transfer;
 * after each round: every agent that has learnt something, on every task met so far and (``eval.next_task``)
   on the next round's tasks before they are trained; a topology that answers jointly adds the
-  ``population`` row;
+  ``population`` row. That is ``eval.schedule=full``, the whole matrix. ``eval.schedule=minimal`` scores
+  only what the continual-learning metrics read (:mod:`lmas.metrics.cl`): after round ``r`` the tasks of
+  round ``r`` (right after training them: plasticity, the reference of forgetting) and of round ``r+1``
+  (before training them: forward transfer), and after the last round every task met (average accuracy,
+  forgetting); the initial evaluation is unchanged. The run's metrics are identical to the full schedule's;
+  what is lost is the per-round view of earlier tasks (the ``cl/*`` curves over rounds and the matrix's
+  intermediate entries, NaN; a round's summary is logged only where its row is complete,
+  :meth:`~lmas.metrics.knowledge.KnowledgeMatrix.complete`). On a stream of T tasks, one per round, it scores
+  about 3T task evaluations instead of about T²/2;
 * per-example records: every score of the matrix (agents' rows; the initial model) keeps its per-example
   outcomes (:class:`~lmas.evaluation.scoring.Scored`), written per round as ``<records_dir>/initial.npz`` and
   ``<records_dir>/round<r>.npz`` (numpy, one array per ``<row>/<task>``; test items in split order), so any
@@ -23,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
 
 from lmas.data.stream import Stream
 from lmas.data.task import Task
@@ -89,6 +98,13 @@ class Evaluator:
         """The highest task index met by round ``r`` (the class-incremental label space's extent)."""
         return max(self.met_before(r), default=0)
 
+    def round_tasks(self, r: int) -> list[int]:
+        """The task indices scored after round ``r`` (``eval.schedule``, module docstring)."""
+        nxt = list(self.plan[r + 1]) if self.cfg.next_task and r + 1 < len(self.plan) else []
+        if self.cfg.schedule == "full" or r == len(self.plan) - 1:
+            return sorted(set(self.met_before(r)) | set(nxt))
+        return sorted(set(self.plan[r]) | set(nxt))
+
     def val_score(self, agent: str, task: Task, labels: list[str] | None = None) -> float:
         """``agent``'s metric on ``task``'s validation view."""
         return self.scorer.score(agent, self.val_view(task), "val", labels)
@@ -112,10 +128,11 @@ class Evaluator:
         return similarity.measure(self.scorer.population, self.scorer, agents, probe)
 
     def initial(self, matrix: KnowledgeMatrix, agent: str) -> None:
-        """The untrained model (``agent``'s fresh adapter) on every task, for every row of the matrix."""
+        """The untrained model (``agent``'s fresh adapter) on every task and probe, for every row of the matrix."""
         records = {}
-        for j, task in enumerate(self.stream.tasks):
-            scored = self.scorer.scored(agent, task, self.cfg.split, self.stream.label_space(j, 0))
+        views = [(t, self.stream.label_space(j, 0)) for j, t in enumerate(self.stream.tasks)]
+        for task, labels in views + [(p, self.probe_labels(p)) for p in self.stream.probes]:
+            scored = self.scorer.untrained(agent, task, self.cfg.split, labels)  # eval.cache: computed once per sweep
             records[task.name] = scored.per_example
             for row in matrix.agents:
                 matrix.record_initial(row, task.name, scored.value)
@@ -125,47 +142,70 @@ class Evaluator:
     def evaluate_round(
         self, r: int, matrix: KnowledgeMatrix, agents: list[str], messages: MessageLog
     ) -> dict[str, dict]:
-        """Round ``r``'s row of the matrix for ``agents``; returns the topology's answers per task."""
-        met = self.met_before(r)
-        upcoming = (
-            [j for j in self.plan[r + 1] if j not in met] if self.cfg.next_task and r + 1 < len(self.plan) else []
-        )
-        seen, split, records = self.seen_index(r), self.cfg.split, {}
+        """Round ``r``'s row of the matrix for ``agents`` (the scheduled tasks, then every probe); returns the
+        topology's answers per task (probes get none: the population row is about the stream)."""
+        seen, records = self.seen_index(r), dict[str, np.ndarray]()
         answers: dict[str, dict] = {}
         if not agents:
             return answers
-        for j in sorted(set(met) | set(upcoming)):
+        for j in self.round_tasks(r):
             task, labels = self.stream[j], self.stream.label_space(j, seen)
-            lp = gold = None
-            if task.kind == "classification":
-                assert labels is not None  # label_space gives every classification task its labels
-                values, lp, gold = self.scorer.classify(agents, task, split, labels)
-                scored = {a: rank_scored(lp[i], gold) for i, a in enumerate(agents)}
-            else:
-                scored = {a: self.scorer.scored(a, task, split, labels) for a in agents}
-                values = {a: s.value for a, s in scored.items()}
-            records.update({f"{a}/{task.name}": s.per_example for a, s in scored.items()})
-            for agent, value in values.items():
-                matrix.record(r, agent, task.name, value)
-                log.info("round %d: %s on %s: %s=%.4f", r, agent, task.name, task.metric, value)
+            values, lp, gold = self._score(r, matrix, agents, task, labels, records)
             if self.topology.answers:
-                cache: dict[str, float] = {}
-
-                def val_score(
-                    a: str, task: Task = task, labels: list[str] | None = labels, cache: dict[str, float] = cache
-                ) -> float:
-                    if a not in cache:
-                        cache[a] = self.val_score(a, task, labels)
-                    return cache[a]
-
-                view = TaskView(
-                    task, agents, values, lp, gold, val_score, split, higher_is_better=task.metric != "perplexity"
-                )
-                answer = self.topology.answer(view, r, messages)
-                assert answer is not None, f"topology {self.topology.name!r} has answers=True but gave no answer"
-                value, info = answer
-                matrix.record(r, POPULATION, task.name, value)
-                answers[task.name] = {"value": value, **info}
-                log.info("round %d: %s on %s: %s=%.4f %s", r, POPULATION, task.name, task.metric, value, info)
+                answers[task.name] = self._answer(r, matrix, agents, task, labels, values, lp, gold, messages)
+        for probe in self.stream.probes:
+            self._score(r, matrix, agents, probe, self.probe_labels(probe), records)
         self.write_records(f"round{r:03d}", records)
         return answers
+
+    @staticmethod
+    def probe_labels(probe: Task) -> list[str] | None:
+        """A probe is scored over its own labels (it belongs to no scenario's label space)."""
+        return list(probe.class_labels) if probe.kind == "classification" else None
+
+    def _score(
+        self, r: int, matrix: KnowledgeMatrix, agents: list[str], task: Task, labels: list[str] | None, records: dict
+    ) -> tuple[dict[str, float], Tensor | None, Tensor | None]:
+        """Every agent's metric on ``task`` into the matrix and ``records``; the label log-likelihoods and gold
+        indices of a classification task (for the topology's answer)."""
+        lp = gold = None
+        if task.kind == "classification":
+            assert labels is not None  # label_space gives every classification task its labels
+            values, lp, gold = self.scorer.classify(agents, task, self.cfg.split, labels)
+            scored = {a: rank_scored(lp[i], gold) for i, a in enumerate(agents)}
+        else:
+            scored = {a: self.scorer.scored(a, task, self.cfg.split, labels) for a in agents}
+            values = {a: s.value for a, s in scored.items()}
+        records.update({f"{a}/{task.name}": s.per_example for a, s in scored.items()})
+        for agent, value in values.items():
+            matrix.record(r, agent, task.name, value)
+            log.info("round %d: %s on %s: %s=%.4f", r, agent, task.name, task.metric, value)
+        return values, lp, gold
+
+    def _answer(
+        self,
+        r: int,
+        matrix: KnowledgeMatrix,
+        agents: list[str],
+        task: Task,
+        labels: list[str] | None,
+        values: dict[str, float],
+        lp: Tensor | None,
+        gold: Tensor | None,
+        messages: MessageLog,
+    ) -> dict:
+        """The topology's joint answer on ``task`` (the ``population`` row) and its details."""
+        cache: dict[str, float] = {}
+
+        def val_score(a: str) -> float:
+            if a not in cache:
+                cache[a] = self.val_score(a, task, labels)
+            return cache[a]
+
+        view = TaskView(task, agents, values, lp, gold, val_score, self.cfg.split, task.metric != "perplexity")
+        answer = self.topology.answer(view, r, messages)
+        assert answer is not None, f"topology {self.topology.name!r} has answers=True but gave no answer"
+        value, info = answer
+        matrix.record(r, POPULATION, task.name, value)
+        log.info("round %d: %s on %s: %s=%.4f %s", r, POPULATION, task.name, task.metric, value, info)
+        return {"value": value, **info}

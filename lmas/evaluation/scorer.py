@@ -16,17 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lmas.data.task import Task
-from lmas.evaluation.scoring import Scored, evaluate_scored
+from lmas.evaluation.scoring import Scored, evaluate_scored, rank_scored
 from lmas.lm.device import autocast, autocast_dtype, model_device
 from lmas.lm.encoding import PromptEncoder
 from lmas.lm.likelihood import label_logprobs
 from lmas.lm.trunk import SharedTrunk, shared_label_logprobs
 from lmas.population.population import Population
+
+if TYPE_CHECKING:
+    from lmas.evaluation.cache import ScoreCache
 
 
 class PopulationScorer:
@@ -37,11 +41,15 @@ class PopulationScorer:
         encoder: tokenisation (``data.max_length``).
         batch_size: evaluation batch size (rows of one forward pass).
         max_new_tokens: greedy decoding budget of generation tasks.
-        mixed: score several single-adapter agents in one mixed-adapter batch.
+        mixed: score several single-adapter agents in one mixed-adapter batch: True, False, or ``"auto"`` (only on
+            CUDA: on the CPU it measured slower than switching adapters, benchmarks/results/mixed_adapter_eval.json).
         trunk: a :class:`lmas.lm.trunk.SharedTrunk` (``eval.shared_trunk``): label
             log-likelihoods of several agents run the layers below the LoRA ones once per batch,
             then only the top layers per agent (any agents, stacked adapters too).
         precision: ``trainer.precision``; mixed precisions score under the same autocast as training.
+        cache: the untrained model's scores shared by a sweep (``eval.cache``, :mod:`lmas.evaluation.cache`).
+            With it, the trunk's bottom layers also come from the cache, and label scoring of a single
+            agent goes through the trunk as well.
     """
 
     def __init__(
@@ -50,22 +58,29 @@ class PopulationScorer:
         encoder: PromptEncoder,
         batch_size: int = 32,
         max_new_tokens: int = 12,
-        mixed: bool = True,
+        mixed: bool | str = "auto",
         trunk: SharedTrunk | None = None,
         precision: str | int | None = None,
+        cache: ScoreCache | None = None,
     ) -> None:
         self.population, self.encoder = population, encoder
         self.batch_size, self.max_new_tokens, self.mixed = batch_size, max_new_tokens, mixed
         self.trunk = trunk
         autocast_dtype(precision)  # refuses an unsupported trainer.precision here
-        self.precision = precision
+        self.precision, self.cache = precision, cache
 
     def autocast(self) -> AbstractContextManager:
         """The trainer's autocast on the model's device (a no-op at 32-true)."""
         return autocast(self.precision, model_device(self.population.model))
 
+    @property
+    def through_cache(self) -> bool:
+        """Label scores (of any number of agents) go through the trunk, its bottom from ``eval.cache``."""
+        return self.trunk is not None and self.trunk.disk is not None
+
     def can_mix(self, agents: Sequence[str]) -> bool:
-        return self.mixed and len(agents) > 1 and all(len(self.population.agents[a].adapters) == 1 for a in agents)
+        on = self.mixed is True or (self.mixed == "auto" and model_device(self.population.model).type == "cuda")
+        return on and len(agents) > 1 and all(len(self.population.agents[a].adapters) == 1 for a in agents)
 
     @torch.no_grad()
     def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
@@ -78,7 +93,7 @@ class PopulationScorer:
         was_training = model.training
         model.eval()
         try:
-            if self.trunk is not None and len(agents) > 1:
+            if self.trunk is not None and (len(agents) > 1 or self.through_cache):
                 return shared_label_logprobs(
                     self.trunk, self.encoder, prompts, labels, agents, self.population.activate, self.batch_size
                 )
@@ -102,6 +117,9 @@ class PopulationScorer:
 
     def scored(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
         """:meth:`score` with the per-example outcomes."""
+        if task.kind == "classification" and self.through_cache:  # the trunk's bottom from eval.cache
+            _, lp, gold = self.classify([agent], task, split, list(labels or task.class_labels))
+            return rank_scored(lp[0], gold)
         self.population.activate(agent)
         with self.autocast():
             return evaluate_scored(
@@ -113,6 +131,13 @@ class PopulationScorer:
                 batch_size=self.batch_size,
                 max_new_tokens=self.max_new_tokens,
             )
+
+    def untrained(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
+        """:meth:`scored` of an agent whose adapters are fresh (the untrained model): from ``eval.cache`` when
+        it holds the score, else computed (and stored there)."""
+        if self.cache is None:
+            return self.scored(agent, task, split, labels)
+        return self.cache.scored(self, agent, task, split, labels)
 
     def classify(
         self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]

@@ -20,6 +20,11 @@ Two uses:
   example's hidden states do not depend on the rest of its batch (causal attention, padding last),
   so batches are re-collated from per-example entries.
 
+With a disk cache (``eval.cache``: :class:`lmas.lm.diskcache.DiskCache`), per-example entries are also
+kept on disk for every run and process of a sweep: training examples (second level behind the in-memory
+cache) and evaluation prompts (each prompt's label tree, :func:`_label_tree`), so evaluation of one agent
+goes through the trunk too and a later run computes only the top layers.
+
 Supported: decoder-only HF models built like Llama (``model.embed_tokens``, ``model.layers``,
 ``model.norm``, ``model.rotary_emb``, full causal attention in every layer; SmolLM2, Llama, the tiny
 test model). Anything the bottom would change refuses with a :class:`TrunkError`: a LoRA module in
@@ -31,12 +36,13 @@ from __future__ import annotations
 
 import re
 import sys
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from lmas.lm import diskcache
+from lmas.lm.batching import length_batches
 from lmas.lm.device import model_device
 from lmas.lm.encoding import PromptEncoder
 from lmas.lm.likelihood import by_label_length, causal_lm, label_tokens, logits_at_targets, trunk_and_head
@@ -48,7 +54,7 @@ class TrunkError(ValueError):
     """The model or its adapters do not allow sharing the bottom layers."""
 
 
-class SharedTrunk:
+class SharedTrunk(diskcache.RowCache):
     """The frozen layers below the lowest LoRA layer of ``model``, computed once and cached.
 
     Args:
@@ -57,9 +63,17 @@ class SharedTrunk:
             module of any adapter). Every LoRA module must sit in a layer ``>= split``.
         max_cache_mb: size limit of the per-example cache of :meth:`cached_bottom`; the oldest
             entries go first when it is full.
+        disk: a :class:`lmas.lm.diskcache.DiskCache` (``eval.cache``): the second level of the
+            per-example cache, shared by every run and process of a sweep; evaluation uses it too.
     """
 
-    def __init__(self, model: nn.Module, split: int | None = None, max_cache_mb: float = 2048.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        split: int | None = None,
+        max_cache_mb: float = 2048.0,
+        disk: diskcache.DiskCache | None = None,
+    ) -> None:
         self.model = model
         self.body, self.head = trunk_and_head(model)
         base = causal_lm(model)
@@ -89,10 +103,7 @@ class SharedTrunk:
             )
         self._adapters: frozenset[str] | None = None
         self.check()
-        self.max_cache_bytes = int(max_cache_mb * 2**20)
-        self.cache: OrderedDict[bytes, Tensor] = OrderedDict()
-        self.cache_bytes = 0
-        self.hits = self.misses = 0
+        super().__init__(max_cache_mb, disk, lambda: model_device(model))
 
     # --- checks ----------------------------------------------------------------------------
     def _lora_layers(self) -> dict[str, set[int]]:
@@ -199,7 +210,7 @@ class SharedTrunk:
         hidden = self._layers(hidden, self.body.layers[self.split :], attention_mask, position_ids)
         return self.body.norm(hidden)
 
-    # --- the per-example cache (training) --------------------------------------------------
+    # --- the per-example cache (training; evaluation with a disk cache) -------------------------
     def cached_bottom(self, batch: dict[str, Tensor]) -> Tensor:
         """:meth:`bottom` of a right-padded batch (:func:`lmas.lm.likelihood.collate`), per-example cached.
 
@@ -212,41 +223,27 @@ class SharedTrunk:
         if not bool((mask.cumprod(1).sum(1) == lengths).all()):
             raise TrunkError("shared trunk: the per-example cache needs right-padded batches (lmas collate)")
         ids_cpu, n_cpu = ids.cpu(), lengths.tolist()
-        keys = [ids_cpu[r, :n].numpy().tobytes() for r, n in enumerate(n_cpu)]
-        missing = list(dict.fromkeys(k for k in keys if k not in self.cache))
-        self.hits += len(keys) - sum(k in missing for k in keys)
-        if missing:
-            rows = [keys.index(k) for k in missing]
+        keys = [b"c" + ids_cpu[r, :n].numpy().tobytes() for r, n in enumerate(n_cpu)]
+
+        def compute(rows: list[int]) -> list[Tensor]:
             width = max(n_cpu[r] for r in rows)
             sub = self.bottom(ids[rows, :width], mask[rows, :width])
-            for i, (r, k) in enumerate(zip(rows, missing, strict=True)):
-                self._store(k, sub[i, : n_cpu[r]].clone())
-            self.misses += len(rows)
-        if any(k not in self.cache for k in keys):  # the cache is smaller than one batch: compute it plainly
-            return self.bottom(ids, mask)
-        entries = [self.cache[k] for k in keys]
-        for k in set(keys):
-            self.cache.move_to_end(k)
-        out = entries[0].new_zeros(ids.shape[0], ids.shape[1], entries[0].shape[-1])
-        for r, e in enumerate(entries):
-            out[r, : e.shape[0]] = e
-        return out
+            return [sub[i, : n_cpu[r]] for i, r in enumerate(rows)]
 
-    def _store(self, key: bytes, value: Tensor) -> None:
-        size = value.numel() * value.element_size()
-        if size > self.max_cache_bytes:
-            return
-        while self.cache and self.cache_bytes + size > self.max_cache_bytes:
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= old.numel() * old.element_size()
-        self.cache[key] = value
-        self.cache_bytes += size
+        return _assemble(self.rows(keys, compute), ids.shape[1])
 
-    def clear(self) -> None:
-        """Drop every cached example."""
-        self.cache.clear()
-        self.cache_bytes = 0
-        self.hits = self.misses = 0
+    def context(self) -> tuple:
+        """What the bottom's numbers depend on besides its input: the embedding's and bottom layers'
+        weights and the model config (:func:`lmas.lm.diskcache.fingerprint`), the split, the device
+        type, the autocast dtype in force, the weights' dtype and the code."""
+        return (
+            "trunk",
+            diskcache.fingerprint(self._bottom_parameters(), self.body.config),
+            self.split,
+            diskcache.numerics(model_device(self.model)),
+            str(self.body.embed_tokens.weight.dtype),
+            diskcache.code_version("lmas.lm.trunk"),
+        )
 
     def answer_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """:func:`lmas.lm.likelihood.answer_logits` through the cached bottom and the active adapters."""
@@ -254,45 +251,48 @@ class SharedTrunk:
         return logits_at_targets(self.head, hidden, batch["targets"])
 
 
+def _assemble(entries: Sequence[Tensor], width: int) -> Tensor:
+    """Per-row entries (n_i, H) as one right-padded (B, width, H) batch, zeros at padding."""
+    out = entries[0].new_zeros(len(entries), width, entries[0].shape[-1])
+    for r, e in enumerate(entries):
+        out[r, : e.shape[0]] = e
+    return out
+
+
 # --- evaluation: N agents from one bottom pass ------------------------------------------------
 def _label_tree(
-    encoder: PromptEncoder, prompts: Sequence[str], label_ids: Sequence[Sequence[int]], lab_w: int
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """One row per prompt: the left-padded prompt, then every label's tokens but its last, side by side.
+    enc: Sequence[Sequence[int]], inputs: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One row per prompt, right-padded: the prompt, then every label's tokens but its last, side by side.
 
     Label ``j``'s tokens see the prompt and their own label's earlier tokens only, and take the
     positions they would have right after the prompt, so each label is scored as if it followed
     the prompt alone (what :func:`lmas.lm.likelihood.label_logprobs` computes with a shared KV cache).
     A label's last token predicts nothing that is scored, so it is not an input (single-token
-    labels add no columns at all: the prompt's last position scores them).
-    Returns ids (B, T), a boolean mask of allowed attention (B, T, T), positions (B, T) and the
-    prompt width P.
+    labels add no columns at all: the prompt's last position scores them). A row's real tokens
+    never see padding, so its hidden states do not depend on the rest of its batch (up to float
+    rounding): the disk cache stores them per prompt.
+    Returns ids (B, T), a boolean mask of allowed attention (B, T, T) and positions (B, T).
     """
-    room = encoder.max_length - lab_w
-    enc = [encoder.encode_prompt(p, room) for p in prompts]  # cut only in the body, as training cuts it
-    b, width = len(enc), max(len(e) for e in enc)
-    inputs = [lab[:-1] for lab in label_ids]
     flat = [t for lab in inputs for t in lab]
-    total = width + len(flat)
-    ids = torch.full((b, total), encoder.pad_id, dtype=torch.long)
-    real = torch.zeros((b, width), dtype=torch.bool)
-    for row, e in enumerate(enc):  # left padding: every prompt ends at column width - 1
-        ids[row, width - len(e) : width] = torch.tensor(e)
-        real[row, width - len(e) :] = True
-    ids[:, width:] = torch.tensor(flat, dtype=torch.long)
+    b, total = len(enc), max(len(e) for e in enc) + len(flat)
+    ids = torch.full((b, total), pad_id, dtype=torch.long)
     pos = torch.zeros((b, total), dtype=torch.long)
-    pos[:, :width] = (real.long().cumsum(1) - 1).clamp(min=0)
     allowed = torch.zeros((b, total, total), dtype=torch.bool)
-    allowed[:, :width, :width] = torch.tril(torch.ones(width, width, dtype=torch.bool)) & real[:, None, :]
-    col = width
-    for lab in inputs:
-        n = len(lab)
-        pos[:, col : col + n] = pos[:, width - 1 : width] + 1 + torch.arange(n)
-        allowed[:, col : col + n, :width] = real[:, None, :]
-        allowed[:, col : col + n, col : col + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-        col += n
+    for row, e in enumerate(enc):
+        p = len(e)
+        ids[row, : p + len(flat)] = torch.tensor(list(e) + flat, dtype=torch.long)
+        pos[row, :p] = torch.arange(p)
+        allowed[row, :p, :p] = torch.tril(torch.ones(p, p, dtype=torch.bool))
+        col = p
+        for lab in inputs:
+            n = len(lab)
+            pos[row, col : col + n] = p + torch.arange(n)
+            allowed[row, col : col + n, :p] = True
+            allowed[row, col : col + n, col : col + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            col += n
     allowed |= torch.eye(total, dtype=torch.bool)  # padding rows see themselves: no empty softmax row
-    return ids, allowed, pos, width
+    return ids, allowed, pos
 
 
 @torch.no_grad()
@@ -332,7 +332,11 @@ def _shared_label_logprobs(
     activate: Callable[[str], None],
     batch_size: int,
 ) -> Tensor:
-    lab_w = max(len(t) for t in label_ids)
+    room = encoder.max_length - max(len(t) for t in label_ids)
+    enc = [encoder.encode_prompt(p, room) for p in prompts]  # cut only in the body, as training cuts it
+    inputs = [lab[:-1] for lab in label_ids]
+    flat = [t for lab in inputs for t in lab]
+    layout = repr([len(lab) for lab in inputs]).encode()
     # head positions: the prompt's last column predicts every label's first token; label j's
     # token k (k < len-1), at offset `rel` after the prompt, predicts its token k+1
     rel: list[int] = []
@@ -348,22 +352,42 @@ def _shared_label_logprobs(
     dtype = trunk.body.embed_tokens.weight.dtype
     first_ids = torch.tensor([lab[0] for lab in label_ids], device=device)
     tgt_t, owner_t = torch.tensor(tgt, dtype=torch.long, device=device), torch.tensor(owner, device=device)
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        ids, allowed, pos, width = _label_tree(encoder, prompts[i : i + batch_size], label_ids, lab_w)
+    rel_t = torch.tensor(rel, dtype=torch.long, device=device)
+    scores, order = [], []
+    for batch in length_batches([len(e) for e in enc], batch_size):  # similar lengths: little padding
+        part = [enc[r] for r in batch]
+        order += batch
+        ids, allowed, pos = _label_tree(part, inputs, encoder.pad_id)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
-        base = trunk.bottom(ids, mask, pos)  # (B, T, H), once for every agent
-        at = torch.tensor([width + r for r in rel], dtype=torch.long, device=device)
+        n = torch.tensor([len(e) for e in part], device=device)  # prompt lengths
+        if trunk.disk is None:
+            base = trunk.bottom(ids, mask, pos)  # (B, T, H), once for every agent
+        else:  # per prompt from the disk cache (eval.cache): the same for every agent, run and process
+
+            def compute(
+                rows: list[int], ids: Tensor = ids, mask: Tensor = mask, pos: Tensor = pos, part: list = part
+            ) -> list[Tensor]:
+                w = max(len(part[r]) for r in rows) + len(flat)
+                sub = trunk.bottom(ids[rows, :w], mask[rows, :, :w, :w], pos[rows, :w])
+                return [sub[k, : len(part[r]) + len(flat)] for k, r in enumerate(rows)]
+
+            keys = [
+                b"t" + layout + b"|" + ids[r, : len(e) + len(flat)].cpu().numpy().tobytes() for r, e in enumerate(part)
+            ]
+            base = _assemble(trunk.rows(keys, compute), ids.shape[1])
+        rows_t = torch.arange(len(part), device=device)
+        at = n[:, None] + rel_t[None, :]  # (B, C)
         per_agent = []
         for agent in agents:
             activate(agent)
             h = trunk.top(base, mask, pos)  # (B, T, H)
-            total = trunk.head(h[:, width - 1]).float().log_softmax(-1)[:, first_ids]  # (B, L)
+            total = trunk.head(h[rows_t, n - 1]).float().log_softmax(-1)[:, first_ids]  # (B, L)
             if rel:
-                logp = trunk.head(h[:, at]).float().log_softmax(-1)  # (B, C, V)
+                hc = h.gather(1, at[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, C, H)
+                logp = trunk.head(hc).float().log_softmax(-1)  # (B, C, V)
                 logp = logp.gather(2, tgt_t[None, :, None].expand(h.shape[0], -1, 1)).squeeze(2)  # (B, C)
                 total = total.index_add(1, owner_t, logp)
             per_agent.append(total)
         scores.append(torch.stack(per_agent))  # (A, B, L)
-    return torch.cat(scores, 1)
+    return torch.cat(scores, 1)[:, torch.argsort(torch.tensor(order, device=device))]  # the prompts' order

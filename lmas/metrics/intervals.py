@@ -17,6 +17,7 @@ from lmas.metrics.records import RunRecords, Slot, load_run
 
 KEYS: tuple[str, ...] = (
     "avg_acc", "forgetting", "bwt", "fwt", "plasticity", "avg_ppl", "ppl_forgetting", "ppl_bwt", "ppl_fwt",
+    "probe_acc", "probe_forgetting", "probe_ppl", "probe_ppl_forgetting",
 )  # fmt: skip
 
 

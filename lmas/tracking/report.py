@@ -34,7 +34,7 @@ def results(loop: ContinualLoop, partial: bool = False) -> dict[str, Any]:
     """results.json of a run so far: what ran (stream, tasks, agents' histories, the population's parts, the
     strategy, the seed), the run's state (:meth:`lmas.state.RunState.results`), the round body's own entries,
     the package versions and the config."""
-    run = loop.state.results(loop.stream.task_names)
+    run = loop.state.results(loop.stream.task_names, partial)
     pop = {"allocation": loop.allocation.name, "topology": loop.topology.describe(), "transfer": loop.transfer.name}
     pop.update({k: run.pop(k) for k in ("assignments", "answers", "communication")})
     return {

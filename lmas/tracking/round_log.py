@@ -15,6 +15,7 @@ key                                            x-axis      what
 ``self_learning/<task>/coverage|precision``    round       pseudo-labels kept, and their precision
 =============================================  ==========  ==================================================
 
+``cl/*`` is logged in a round whose row is complete for that row (``eval.schedule=minimal``: the last round only).
 Per round it also logs the ``knowledge_table`` table, the ``knowledge_matrix`` heatmap image and each new
 adapter version as an artifact (:mod:`lmas.tracking.lineage`).
 """
@@ -59,7 +60,7 @@ class RoundLog:
             for j, task in enumerate(matrix.tasks):
                 if not math.isnan(values[a, j]):
                     metrics[f"eval/{agent}/{task}"] = float(values[a, j])
-            for key, value in matrix.summary(agent).items():
+            for key, value in (matrix.summary(agent) if matrix.complete(agent) else {}).items():
                 metrics[f"cl/{agent}/{key}"] = value
         comm = messages.round_summary(r)
         metrics["comm/messages"], metrics["comm/bytes"] = comm["messages"], comm["bytes"]

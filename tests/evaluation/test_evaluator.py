@@ -80,3 +80,103 @@ def test_the_schedule_scores_met_and_next_tasks_only(tiny_base, tmp_path):
     assert np.isnan(values).tolist() == [[False, True, True], [False, False, True], [False, False, False]]
     assert not (tmp_path / "per_example" / "initial.npz").exists()
     assert loop.evaluator.met_before(1) == [0, 1] and loop.evaluator.seen_index(2) == 2
+
+
+def _long_stream(n: int = 5) -> Stream:
+    labels = ["red", "blue", "green"]
+    tasks = []
+    for t in range(n):
+        rows = [Example(f"task {t}: colour of thing {i}?", labels[(i + t) % 3]) for i in range(12)]
+        tasks.append(Task(f"t{t}", "classification", rows[:6], [], rows[6:], labels))
+    return Stream("long", tasks)
+
+
+def _run(path, schedule: str) -> tuple[ContinualLoop, dict]:
+    from lmas.models.providers import tiny  # a fresh base per run (peft edits it in place)
+
+    base = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    loop = ContinualLoop(Population(base, agents=1, lora={"r": 2}), _long_stream(), Strategy(), path, seed=3,
+                         train=TrainConfig(lr=5e-2, batch_size=3, max_steps=2), eval=EvalConfig(schedule=schedule),
+                         progress=False, save_adapters=False)
+    return loop, loop.run()
+
+
+def test_the_minimal_schedule_gives_the_full_schedules_metrics_from_fewer_evaluations(tmp_path):
+    from lmas.metrics.intervals import item_intervals
+
+    full_loop, full = _run(tmp_path / "full", "full")
+    min_loop, minimal = _run(tmp_path / "minimal", "minimal")
+    assert min_loop.evaluator.round_tasks(1) == [1, 2] and full_loop.evaluator.round_tasks(1) == [0, 1, 2]
+    assert min_loop.evaluator.round_tasks(4) == [0, 1, 2, 3, 4]
+    m = full["metrics"]["agent0"]
+    assert set(m) == {"avg_acc", "forgetting", "bwt", "fwt", "plasticity"}
+    assert minimal["metrics"]["agent0"] == m  # identical, not approximately equal
+    fv, mv = (np.array(r["matrix"]["values"], dtype=float)[:, 0] for r in (full, minimal))
+    evaluated = ~np.isnan(mv)
+    assert np.array_equal(mv[evaluated], fv[evaluated]) and np.array_equal(mv[-1], fv[-1])
+    # rows 0..3: the task just trained and the next one; the last row: every task
+    assert evaluated.sum(1).tolist() == [2, 2, 2, 2, 5] and (~np.isnan(fv)).sum() == 2 + 3 + 4 + 5 + 5
+    # the per-example records carry what was evaluated, and item-level CIs work on them
+    records = np.load(tmp_path / "minimal" / "per_example" / "round001.npz")
+    assert sorted(records.files) == ["agent0/t1", "agent0/t2"]
+    iv = item_intervals(tmp_path / "minimal", n_resamples=99)
+    assert iv["avg_acc"].estimate == pytest.approx(m["avg_acc"])
+
+
+def test_partial_results_of_the_minimal_schedule_leave_incomplete_rows_out():
+    from lmas.metrics.knowledge import KnowledgeMatrix
+
+    km = KnowledgeMatrix(["a"], ["t0", "t1"], {"t0": "accuracy", "t1": "accuracy"})
+    assert not km.complete("a")
+    for r, (v0, v1) in enumerate([(0.5, 0.25), (math.nan, 0.75)]):
+        km.start_round()
+        km.mark_trained(r, "a", f"t{r}")
+        km.record(r, "a", "t0", v0)
+        km.record(r, "a", "t1", v1)
+    assert not km.complete("a") and km.summaries(partial=True) == {"a": {}}
+    with pytest.raises(ValueError, match="NaN"):
+        km.summaries()  # a finished run never hides a missing value
+    km.record(1, "a", "t0", 0.5)
+    assert km.complete("a") and km.summaries(partial=True) == km.summaries()
+
+
+def _probes() -> list[Task]:
+    labels = ["yes", "no"]
+    rows = [Example(f"is {i} even?", labels[i % 2]) for i in range(10)]
+    gen = [Example(f"{i} times one is", str(i)) for i in range(6)]
+    return [Task("probe_even", "classification", rows[:2], [], rows[2:], labels),
+            Task("probe_times", "generation", gen[:2], [], gen[2:])]
+
+
+def test_probes_are_scored_every_round_never_trained_and_summarised(tmp_path):
+    from lmas.metrics.intervals import item_intervals
+    from lmas.models.providers import tiny
+
+    stream = _long_stream(2).with_probes(_probes())
+    base = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    loop = ContinualLoop(Population(base, agents=1, lora={"r": 2}), stream, Strategy(), tmp_path, seed=0,
+                         train=TrainConfig(lr=5e-2, batch_size=3, max_steps=3),
+                         eval=EvalConfig(schedule="minimal", max_new_tokens=2), progress=False, save_adapters=False)
+    results = loop.run()
+    matrix = results["matrix"]
+    assert matrix["tasks"] == ["t0", "t1", "probe_even", "probe_times"] and matrix["probes"] == ["probe_even", "probe_times"]
+    values, initial = np.array(matrix["values"], dtype=float)[:, 0], np.array(matrix["initial"], dtype=float)[0]
+    assert not np.isnan(values[:, 2:]).any() and not np.isnan(initial[2:]).any()  # every round, and untrained
+    assert [e["task"] for e in results["agents"]["agent0"]["history"]] == ["t0", "t1"]  # never trained
+    m = results["metrics"]["agent0"]
+    assert m["probe_acc"] == pytest.approx(values[-1, 2:].mean())  # accuracy and exact match pool
+    assert m["probe_forgetting"] == pytest.approx((initial[2:] - values[-1, 2:]).mean())
+    records = np.load(tmp_path / "per_example" / "round001.npz")
+    assert len(records["agent0/probe_even"]) == 8 and "probe_even" in np.load(tmp_path / "per_example" / "initial.npz")
+    iv = item_intervals(tmp_path, n_resamples=99)
+    assert iv["probe_acc"].estimate == pytest.approx(m["probe_acc"])
+
+
+def test_a_probe_must_be_a_task_the_stream_never_trains_on():
+    stream = _long_stream(2)
+    clash = Task("t0", "classification", stream[0].train, [], stream[0].test, stream[0].labels)
+    with pytest.raises(ValueError, match="'t0' is used twice"):
+        stream.with_probes([clash])
+    overlap = Task("probe", "classification", stream[0].train[:1], [], stream[0].train[:3], stream[0].labels)
+    with pytest.raises(ValueError, match="shares 3 prompts"):
+        stream.with_probes([overlap])

@@ -67,3 +67,18 @@ def test_classify_returns_accuracy_from_the_same_scores(tiny_base):
     for i, a in enumerate(["a", "b"]):
         assert acc[a] == (lp[i].argmax(-1) == gold).float().mean().item()
         assert abs(acc[a] - scorer.score(a, task, "test", LABELS)) < 1e-6
+
+
+def test_mixed_adapters_auto_mixes_on_cuda_only(tiny_base, compose):
+    import pytest
+
+    from lmas.config import ConfigError, validate
+
+    pop = Population(tiny_base, agents=["a", "b"], lora={"r": 4, "alpha": 8})
+    enc = PromptEncoder(pop.tokenizer, 48)
+    assert PopulationScorer(pop, enc).mixed == "auto"
+    assert not PopulationScorer(pop, enc).can_mix(["a", "b"])  # the model is on the CPU
+    assert PopulationScorer(pop, enc, mixed=True).can_mix(["a", "b"])
+    assert compose([]).eval.mixed_adapters == "auto"
+    with pytest.raises(ConfigError, match="eval.mixed_adapters.*expected auto, true or false"):
+        validate(compose(["eval.mixed_adapters=sometimes"]))
