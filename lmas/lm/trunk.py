@@ -22,8 +22,8 @@ Two uses:
 
 With a disk cache (``eval.cache``: :class:`lmas.lm.diskcache.DiskCache`), per-example entries are also
 kept on disk for every run and process of a sweep: training examples (second level behind the in-memory
-cache) and evaluation prompts (each prompt's label tree, :func:`_label_tree`), so evaluation of one agent
-goes through the trunk too and a later run computes only the top layers.
+cache) and evaluation prompts (each prompt's label tree, :func:`lmas.lm.batching.label_tree`), so evaluation of
+one agent goes through the trunk too and a later run computes only the top layers.
 
 Supported: decoder-only HF models built like Llama (``model.embed_tokens``, ``model.layers``,
 ``model.norm``, ``model.rotary_emb``, full causal attention in every layer; SmolLM2, Llama, the tiny
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from lmas.lm import diskcache
-from lmas.lm.batching import length_batches
+from lmas.lm.batching import label_targets, label_tree, length_batches
 from lmas.lm.device import model_device
 from lmas.lm.encoding import PromptEncoder
 from lmas.lm.likelihood import by_label_length, causal_lm, label_tokens, logits_at_targets, trunk_and_head
@@ -260,41 +260,6 @@ def _assemble(entries: Sequence[Tensor], width: int) -> Tensor:
 
 
 # --- evaluation: N agents from one bottom pass ------------------------------------------------
-def _label_tree(
-    enc: Sequence[Sequence[int]], inputs: Sequence[Sequence[int]], pad_id: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One row per prompt, right-padded: the prompt, then every label's tokens but its last, side by side.
-
-    Label ``j``'s tokens see the prompt and their own label's earlier tokens only, and take the
-    positions they would have right after the prompt, so each label is scored as if it followed
-    the prompt alone (what :func:`lmas.lm.likelihood.label_logprobs` computes with a shared KV cache).
-    A label's last token predicts nothing that is scored, so it is not an input (single-token
-    labels add no columns at all: the prompt's last position scores them). A row's real tokens
-    never see padding, so its hidden states do not depend on the rest of its batch (up to float
-    rounding): the disk cache stores them per prompt.
-    Returns ids (B, T), a boolean mask of allowed attention (B, T, T) and positions (B, T).
-    """
-    flat = [t for lab in inputs for t in lab]
-    b, total = len(enc), max(len(e) for e in enc) + len(flat)
-    ids = torch.full((b, total), pad_id, dtype=torch.long)
-    pos = torch.zeros((b, total), dtype=torch.long)
-    allowed = torch.zeros((b, total, total), dtype=torch.bool)
-    for row, e in enumerate(enc):
-        p = len(e)
-        ids[row, : p + len(flat)] = torch.tensor(list(e) + flat, dtype=torch.long)
-        pos[row, :p] = torch.arange(p)
-        allowed[row, :p, :p] = torch.tril(torch.ones(p, p, dtype=torch.bool))
-        col = p
-        for lab in inputs:
-            n = len(lab)
-            pos[row, col : col + n] = p + torch.arange(n)
-            allowed[row, col : col + n, :p] = True
-            allowed[row, col : col + n, col : col + n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
-            col += n
-    allowed |= torch.eye(total, dtype=torch.bool)  # padding rows see themselves: no empty softmax row
-    return ids, allowed, pos
-
-
 @torch.no_grad()
 def shared_label_logprobs(
     trunk: SharedTrunk,
@@ -337,17 +302,7 @@ def _shared_label_logprobs(
     inputs = [lab[:-1] for lab in label_ids]
     flat = [t for lab in inputs for t in lab]
     layout = repr([len(lab) for lab in inputs]).encode()
-    # head positions: the prompt's last column predicts every label's first token; label j's
-    # token k (k < len-1), at offset `rel` after the prompt, predicts its token k+1
-    rel: list[int] = []
-    tgt: list[int] = []
-    owner: list[int] = []
-    off = 0
-    for j, lab in enumerate(label_ids):
-        rel += [off + k for k in range(len(lab) - 1)]
-        tgt += lab[1:]
-        owner += [j] * (len(lab) - 1)
-        off += len(lab) - 1
+    rel, tgt, owner = label_targets(label_ids)  # the prompt's last column predicts every label's first token
     device = model_device(trunk.model)  # the prompts' tensors are built on the CPU and moved here
     dtype = trunk.body.embed_tokens.weight.dtype
     first_ids = torch.tensor([lab[0] for lab in label_ids], device=device)
@@ -357,7 +312,7 @@ def _shared_label_logprobs(
     for batch in length_batches([len(e) for e in enc], batch_size):  # similar lengths: little padding
         part = [enc[r] for r in batch]
         order += batch
-        ids, allowed, pos = _label_tree(part, inputs, encoder.pad_id)
+        ids, allowed, pos = label_tree(part, inputs, encoder.pad_id)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         ids, pos, mask = ids.to(device), pos.to(device), mask.to(device)
         n = torch.tensor([len(e) for e in part], device=device)  # prompt lengths
