@@ -154,6 +154,8 @@ def resume_config(run_dir: str | Path, overrides: list[str]) -> DictConfig:
     if "selflearn" in cfg:  # a run saved before the loop group: `selflearn:` held the self-learning options
         old = cfg.pop("selflearn")
         cfg.loop = {"_target_": "lmas.selflearn.SelfLearning", **old} if old else {"_target_": "lmas.loop.Continual"}
+    if "train" in cfg and "length_grouping" not in cfg.train:  # saved before length-grouped batches (the default
+        cfg.train.length_grouping = False  # now): its later rounds train on the plain shuffle its earlier ones had
     return cfg
 
 

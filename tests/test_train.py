@@ -155,6 +155,17 @@ def test_resume_reads_a_run_saved_while_allocation_and_topology_were_population_
     assert "allocation" not in cfg.population and cfg.population.agents == 3
 
 
+def test_resume_keeps_the_plain_shuffle_of_a_run_saved_before_length_grouping(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lmas.train import CONFIG, resume_config
+
+    OmegaConf.save(OmegaConf.create({"seed": 0, "train": {"lr": 0.01}}), tmp_path / CONFIG)
+    assert resume_config(tmp_path, ["resume=" + str(tmp_path)]).train.length_grouping is False
+    OmegaConf.save(OmegaConf.create({"seed": 0, "train": {"lr": 0.01, "length_grouping": True}}), tmp_path / CONFIG)
+    assert resume_config(tmp_path, ["resume=" + str(tmp_path)]).train.length_grouping is True
+
+
 @pytest.mark.parametrize("old, target", [
     ({"cycles": 2, "student": "s"}, "lmas.selflearn.SelfLearning"),
     (None, "lmas.loop.Continual"),
