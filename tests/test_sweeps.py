@@ -88,6 +88,18 @@ def test_the_optuna_search_selects_on_validation_never_on_test(tmp_path, compose
     assert not list(tmp_path.rglob("results.json"))
 
 
+@pytest.mark.parametrize("strategy", ["olora", "nlora", "ewc", "lwf"])
+def test_the_lambda_searches_tune_a_parameter_of_their_strategy_on_validation(strategy, compose):
+    from lmas.config import validate
+
+    overrides = [f"hparams_search=lambda_{strategy}", f"strategy={strategy}"]
+    (param,) = _hydra(overrides).sweeper.params
+    cfg = compose(overrides)
+    assert cfg.eval.split == "val" and param.startswith("strategy.")
+    assert param.removeprefix("strategy.") in cfg.strategy  # a real argument of the strategy, not a new key
+    validate(cfg)
+
+
 def test_slurm_and_parallel_launcher_configs_compose():
     slurm = _hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).launcher
     assert slurm._target_.endswith("SlurmLauncher")
