@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,12 +110,26 @@ def exact_match_scored(
     batch_size: int = 32,
 ) -> Scored:
     """Share of examples whose greedy answer equals one of the acceptable answers after normalisation."""
+
+    def hit(p: str, ex: Example) -> bool:
+        return any(normalise_answer(p) == normalise_answer(a) for a in ex.answers)
+
+    return _greedy_scored(model, encoder, examples, max_new_tokens, batch_size, hit, np.uint8)
+
+
+def _greedy_scored(
+    model: nn.Module,
+    encoder: PromptEncoder,
+    examples: Sequence[Example],
+    max_new_tokens: int,
+    batch_size: int,
+    score: Callable[[str, Example], float],
+    dtype: type,
+) -> Scored:
+    """The greedy answers scored one by one (``score(answer, example)``); the mean over examples."""
     preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
-    hits = [
-        any(normalise_answer(p) == normalise_answer(a) for a in ex.answers)
-        for p, ex in zip(preds, examples, strict=True)
-    ]
-    return Scored(sum(hits) / len(hits), np.array(hits, dtype=np.uint8))
+    per: np.ndarray = np.array([score(p, ex) for p, ex in zip(preds, examples, strict=True)], dtype=dtype)
+    return Scored(float(per.astype(np.float64).mean()), per)
 
 
 @functools.cache
@@ -146,9 +160,9 @@ def rouge_l_scored(
     batch_size: int = 32,
 ) -> Scored:
     """Mean ROUGE-L (:func:`rouge_l`) of the greedy answers, in ``[0, 1]``; per example its ROUGE-L."""
-    preds = greedy_answers(model, encoder, [ex.prompt for ex in examples], max_new_tokens, batch_size)
-    per = np.array([rouge_l(p, ex.answers) for p, ex in zip(preds, examples, strict=True)], dtype=np.float32)
-    return Scored(float(per.astype(np.float64).mean()), per)
+    return _greedy_scored(
+        model, encoder, examples, max_new_tokens, batch_size, lambda p, ex: rouge_l(p, ex.answers), np.float32
+    )
 
 
 def exact_match(
