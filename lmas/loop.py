@@ -18,6 +18,7 @@ from lmas.data.stream import Stream
 from lmas.data.task import Task
 from lmas.evaluation.cache import build_scoring
 from lmas.evaluation.evaluator import POPULATION, Evaluator
+from lmas.lm.compiled import compile_layers
 from lmas.lm.device import trainer_device
 from lmas.lm.encoding import PromptEncoder
 from lmas.metrics.knowledge import KnowledgeMatrix
@@ -95,6 +96,8 @@ class ContinualLoop:
         self.seed, self.config, self.save_adapters = seed, config or {}, save_adapters
         self.train_cfg, self.eval_cfg, trainer = train or TrainConfig(), eval or EvalConfig(), dict(trainer or {})
         population.model.to(trainer_device(trainer))  # once; IncrementalLM.cpu keeps Lightning from moving it back
+        if self.train_cfg.compile:  # the decoder layers, in place: training and evaluation use them compiled
+            compile_layers(population.model)
         self.encoder = PromptEncoder(population.tokenizer, max_length, population.base.prompt_format)
         self.tracker = tracker or Tracker()
         self.log = RoundLog(self.tracker)

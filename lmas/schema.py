@@ -117,6 +117,9 @@ class TrainConfig:
     # batches of similar length in a shuffled order (lmas/lm/batching.py): on the default stream 1.2x less CPU
     # per epoch, no worse val loss over 3 seeds (benchmarks/padding.py); false: plain shuffled batches
     length_grouping: bool = True
+    # torch.compile each decoder layer of the base (lmas/lm/compiled.py), for training and evaluation; the first
+    # steps pay the compilation (benchmarks/compile.py on CPU, benchmarks/gpu.py on CUDA)
+    compile: bool = False
 
 
 @dataclass

@@ -50,7 +50,8 @@ def answer_logits(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, T
     """
     trunk, head = trunk_and_head(model)
     batch = to_device({k: batch[k] for k in ("input_ids", "attention_mask", "targets")}, model_device(model))
-    hidden = trunk(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    hidden = trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H); no KV cache
     return logits_at_targets(head, hidden, batch["targets"])
 
 
