@@ -1,7 +1,10 @@
 """The Distill strategy: a student agent learns its task and, at the same time, its teachers' outputs.
 
 ``loss = task loss + weight · T² · D(aggregate(teachers) || student)`` on the rows of the current
-task (replayed rows of other tasks carry no distillation term). Compose it with any CL strategy
+task (replayed rows of other tasks carry no distillation term); ``D`` is one of
+:mod:`lmas.distill.losses` (forward/reverse KL, JSD, GKD's generalized JSD, DistiLLM's skew KLs), and on
+generation tasks a fraction ``on_policy`` of the batches is distilled on the student's own samples (GKD).
+Compose it with any CL strategy
 (``distill=<preset>`` does ``Compose([strategy, distill])``).
 
 Teachers (``teachers``):
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor
 
 from lmas.data.task import Example, Task
-from lmas.distill.losses import LOSSES, kd_loss, soften
+from lmas.distill.losses import LOSSES, divergence, kd_loss, soften
 from lmas.distill.teachers import (
     AGGREGATIONS,
     ExternalTeacher,
@@ -40,9 +43,10 @@ from lmas.distill.teachers import (
     agent_token_topk,
     aggregate,
 )
-from lmas.evaluation.scoring import evaluate
-from lmas.lm.device import model_device
-from lmas.lm.likelihood import label_logprobs
+from lmas.evaluation.scoring import evaluate, greedy_answers
+from lmas.lm.device import model_device, to_device
+from lmas.lm.encoding import collate
+from lmas.lm.likelihood import answer_logits, label_logprobs
 from lmas.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -79,7 +83,17 @@ class Distill(Strategy):
 
     Args:
         teachers: ``peers`` | ``specialists`` | a list of agent names.
-        loss: ``forward_kl`` | ``reverse_kl`` | ``jsd``.
+        loss: ``forward_kl`` | ``reverse_kl`` | ``jsd`` | ``gjsd`` (generalized JSD, weight ``beta``) |
+            ``skew_kl`` | ``skew_rkl`` (skew ``skew``): :mod:`lmas.distill.losses`.
+        beta: the generalized JSD's ``β`` (0 = forward KL, 1 = reverse KL; GKD's semantics).
+        skew: the skew KLs' ``α`` in [0, 1) (DistiLLM uses 0.1).
+        on_policy: ``λ``, the fraction of a generation task's batches distilled on the student's own samples
+            (GKD's ``lmbda``): each batch, with probability ``λ`` (torch's random state, seeded per fit), the
+            student samples an answer to each of the batch's prompts at ``temperature`` (whole distribution),
+            the agent teachers score those answers live (full token distributions, no top-k), and the
+            distillation term is taken on them instead of on the reference answers; the task loss stays on
+            the reference answers. Classification tasks score every label already: ``λ`` has no effect.
+        on_policy_tokens: the most tokens a sampled answer has.
         temperature: softens teachers and student alike (losses are scaled by ``T²``).
         weight: multiplies the distillation term.
         aggregation: ``uniform`` | ``val_acc`` | ``confidence`` | ``best``.
@@ -105,9 +119,23 @@ class Distill(Strategy):
         external: Sequence[ExternalTeacher] | None = None,
         batch_size: int = 32,
         students: Sequence[str] | None = None,
+        beta: float = 0.5,
+        skew: float = 0.1,
+        on_policy: float = 0.0,
+        on_policy_tokens: int = 16,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"distill.loss={loss!r}: expected one of {LOSSES}")
+        divergence(torch.zeros(1, 2), torch.full((1, 2), 0.5), loss, beta, skew)  # beta and skew in range
+        self.beta, self.skew = beta, skew
+        if not 0.0 <= on_policy <= 1.0 or on_policy_tokens < 1:
+            raise ValueError(
+                f"distill.on_policy={on_policy}, distill.on_policy_tokens={on_policy_tokens}: "
+                "need 0 <= on_policy <= 1 and on_policy_tokens >= 1"
+            )
+        self.on_policy, self.on_policy_tokens = on_policy, on_policy_tokens
+        self.on_policy_steps = 0  # batches of the last experience distilled on the student's samples
+        self._policy: tuple[dict[str, Tensor], Tensor] | None = None  # this batch's (sampled batch, teacher target)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"distill.aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
         if temperature <= 0 or weight < 0 or top_k < 1:
@@ -124,6 +152,7 @@ class Distill(Strategy):
         self._rows: set[tuple[str, str]] = set()
         self._live: TeacherCache | None = None  # uncached: this batch's teachers' outputs
         self._taught: list[str] = []  # teachers of the last experience (for the agent's history)
+        self._bytes_per_token: float | None = None  # the last experience's top-k token cache, per token
         self._label_ids: Tensor | None = None  # (L,) when every label of the task is one token
         # external teacher -> task -> split -> accuracy, for every task it was fitted on
         self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}
@@ -154,7 +183,7 @@ class Distill(Strategy):
     # --- hooks -------------------------------------------------------------------------------
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         pop, agent = module.population, module.agent
-        self.task, self.current = task, None
+        self.task, self.current, self.on_policy_steps = task, None, 0
         if self.students is not None and agent not in self.students:
             return
         self._rows = {(ex.prompt, ex.answer) for ex in task.train}
@@ -240,7 +269,14 @@ class Distill(Strategy):
         return torch.cat(parts).to(device)  # the cache lives on the student's device, like batch["index"]
 
     def on_train_batch_start(self, module: IncrementalLM, batch: dict[str, Tensor]) -> None:
-        if self.cache or not self.current or not self.current.teachers:
+        self._policy = None
+        if not self.current or not self.current.teachers:
+            return
+        if self.on_policy and self._task.kind == "generation" and torch.rand(()).item() < self.on_policy:
+            self._policy = self._on_policy(module, batch)
+            if self._policy is not None:
+                return  # this batch distils on the student's samples: no teachers' pass on the references
+        if self.cache:
             return
         pop = module.population
         self._live = TeacherCache(self.current.teachers, self.current.labels)
@@ -250,9 +286,39 @@ class Distill(Strategy):
             pop.activate(module.agent)
             module.net.train()
 
+    def _on_policy(self, module: IncrementalLM, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor] | None:
+        """The student's sampled answers to the batch's current-task prompts, and the teachers' target on them."""
+        rows = [module.examples[i][0] for i in batch["index"].tolist()]
+        prompts = [ex.prompt for ex in rows if (ex.prompt, ex.answer) in self._rows]
+        if not prompts:
+            return None
+        pop, enc, net = module.population, module.encoder, module.net
+        try:
+            net.eval()
+            answers = greedy_answers(
+                net, enc, prompts, self.on_policy_tokens, len(prompts), sample_temperature=self.temperature
+            )
+            items = [enc.encode_example(Example(p, a), "generation") for p, a in zip(prompts, answers, strict=True)]
+            sampled = to_device(collate(items, enc.pad_id), model_device(net))
+            with torch.no_grad():
+                teacher = []
+                for t in self._agents:
+                    pop.activate(t)
+                    teacher.append(soften(answer_logits(net, sampled)[0], self.temperature))  # (N, V)
+        finally:
+            pop.activate(module.agent)
+            net.train()
+        self.on_policy_steps += 1
+        return sampled, aggregate(torch.stack(teacher), self.aggregation, self.val_acc)
+
     def loss_terms(self, module: IncrementalLM, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.current or not self.current.teachers or self.weight == 0:
             return {}
+        if self._policy is not None:  # on-policy: the student's own samples, the teachers' live distributions
+            sampled, target = self._policy
+            self._policy = None
+            student = answer_logits(module.net, sampled)[0]  # (N, V), with gradients
+            return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature, self.beta, self.skew)}
         rows = [module.examples[i][0] for i in batch["index"].tolist()]
         device = out["logits"].device
         mine = [(ex.prompt, ex.answer) in self._rows for ex in rows]  # rows of the current task
@@ -279,10 +345,11 @@ class Distill(Strategy):
             student = out["logits"][keep]  # (N', V)
             teacher = cache.tokens_for(index, out["logits"].shape[-1])[:, keep]  # (K, N', V)
         target = aggregate(teacher, self.aggregation, self.val_acc)
-        return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature)}
+        return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature, self.beta, self.skew)}
 
     def after_task(self, module: IncrementalLM, task: Task) -> None:
         self._taught = list(self.current.teachers) if self.current else []
+        self._bytes_per_token = self.current.bytes_per_token() if self.current and self.cache else None
         self.current, self._live, self.val_acc = None, None, None
 
     def fit_info(self) -> dict:
@@ -290,4 +357,11 @@ class Distill(Strategy):
         if not self._taught:
             return {}
         external = {t: self.external_accuracy[t][self._task.name] for t in self._taught if t in self.external_accuracy}
-        return {"teachers": self._taught, **({"external_teacher_accuracy": external} if external else {})}
+        info: dict = {"teachers": self._taught}
+        if external:
+            info["external_teacher_accuracy"] = external
+        if self._bytes_per_token is not None:  # generation tasks: the compressed top-k cache's size
+            info["teacher_cache_bytes_per_token"] = self._bytes_per_token
+        if self.on_policy and self._task.kind == "generation":
+            info["on_policy_steps"] = self.on_policy_steps
+        return info

@@ -7,7 +7,10 @@ that gives label distributions (:class:`ExternalTeacher`, e.g. the MiniLM classi
 * classification: every teacher's label distribution ``(K, N, L)`` at the distillation
   temperature; external teachers take part here (labels are words, not token ids);
 * generation / lm: every agent teacher's top-``k`` token probabilities at each answer position,
-  teacher-forced on the reference answer (a list of ``(values, indices)`` per teacher and example).
+  teacher-forced on the reference answer (a list of ``(values, indices)`` per teacher and example),
+  kept compressed: probabilities in float16, token ids in uint16 when the vocabulary has at most
+  65,536 entries (int32 otherwise), ``k × 4`` bytes per answer token (128 B for ``k = 32``; DistillKit
+  reports 114–300 B/token); :meth:`TeacherCache.bytes_per_token` says what a cache holds.
 
 Aggregation over teachers (:func:`aggregate`) reuses the population's fusion weights:
 ``uniform``, ``val_acc``, ``confidence`` (per example, negative entropy), ``best`` (per example,
@@ -34,6 +37,12 @@ if TYPE_CHECKING:
     from lmas.population.population import Population
 
 AGGREGATIONS = ("uniform", "val_acc", "confidence", "best")
+CACHE_PROBS = torch.float16  # cached top-k probabilities (relative rounding error <= 2^-11)
+
+
+def cache_ids(vocab: int) -> torch.dtype:
+    """The dtype of cached token ids: uint16 for a vocabulary of at most 65,536 entries, else int32."""
+    return torch.uint16 if vocab <= 2**16 else torch.int32
 
 
 class ExternalTeacher(Protocol):
@@ -99,6 +108,7 @@ def agent_token_topk(
             items = [encoder.encode_example(ex, kind) for ex, kind in examples[i : i + batch_size]]
             logits, _, rows = answer_logits(model, collate(items, encoder.pad_id))  # (N, V), (N,)
             values, indices = topk(logits, k, temperature)
+            values, indices = values.to(CACHE_PROBS), indices.to(cache_ids(logits.shape[-1]))
             for r in range(len(items)):
                 sel = rows == r
                 out.append((values[sel].clone(), indices[sel].clone()))
@@ -126,7 +136,13 @@ class TeacherCache:
         """``(K, N, V)`` token distributions at the batch's answer positions (rows in order)."""
         out = []
         for per_example in self.tokens:
-            vals = torch.cat([per_example[i][0] for i in index.tolist()])
-            ids = torch.cat([per_example[i][1] for i in index.tolist()])
+            vals = torch.cat([per_example[i][0] for i in index.tolist()]).float()
+            ids = torch.cat([per_example[i][1] for i in index.tolist()]).long()
             out.append(dense(vals, ids, vocab))
         return torch.stack(out)
+
+    def bytes_per_token(self) -> float | None:
+        """Bytes the cached top-k token distributions hold per answer token and teacher (None: no tokens)."""
+        held = sum(v.numel() * v.element_size() + i.numel() * i.element_size() for t in self.tokens for v, i in t)
+        positions = sum(v.shape[0] for t in self.tokens for v, _ in t)
+        return held / positions if positions else None

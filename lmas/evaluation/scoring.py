@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,9 +66,23 @@ def rank_accuracy(
 
 @torch.no_grad()
 def greedy_answers(
-    model: nn.Module, encoder: PromptEncoder, prompts: Sequence[str], max_new_tokens: int = 16, batch_size: int = 32
+    model: nn.Module,
+    encoder: PromptEncoder,
+    prompts: Sequence[str],
+    max_new_tokens: int = 16,
+    batch_size: int = 32,
+    sample_temperature: float | None = None,
 ) -> list[str]:
-    """Greedy decoding of each prompt; the answer ends at EOS or at the first newline."""
+    """Greedy decoding of each prompt; the answer ends at EOS or at the first newline.
+
+    ``sample_temperature``: sample instead, from the whole distribution at this temperature (no top-k or
+    top-p cut; torch's global random state, which the loop seeds per fit), as on-policy distillation does.
+    """
+    if sample_temperature is not None and sample_temperature <= 0:
+        raise ValueError(f"sample_temperature={sample_temperature}: must be positive (None: greedy)")
+    sampling: dict[str, Any] = {"do_sample": False}
+    if sample_temperature is not None:
+        sampling = {"do_sample": True, "temperature": sample_temperature, "top_k": 0, "top_p": 1.0}
     newline = encoder.tokens("\n")
     stop = [encoder.eos_id] + (newline[-1:] if newline else [])
     encoded = [encoder.encode_prompt(p) for p in prompts]
@@ -84,7 +99,7 @@ def greedy_answers(
             input_ids=ids.to(model_device(model)),
             attention_mask=mask.to(model_device(model)),
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **sampling,
             eos_token_id=stop,
             pad_token_id=encoder.pad_id,
         )

@@ -140,6 +140,74 @@ def test_token_level_distillation_on_a_generation_task(tiny_base, tmp_path):
     task = Task("add", "generation", rows[:8], rows[8:10], rows[10:])
     _, strategy = _train_student(tiny_base, task, tmp_path, cache=True, top_k=8, loss="jsd")
     assert strategy.kd and all(0 < v for v in strategy.kd)
+    # the cache holds float16 probabilities and uint16 token ids (vocabulary 49,152): 8 x (2 + 2) bytes per token
+    assert strategy.fit_info()["teacher_cache_bytes_per_token"] == 32.0
+
+
+def test_generalized_jsd_and_skew_kl_train_a_student_on_a_generation_task(tiny_base, tmp_path):
+    rows = [Example(f"{a} + {b} =", str(a + b)) for a in range(4) for b in range(3)]
+    task = Task("add", "generation", rows[:8], rows[8:10], rows[10:])
+    from lmas.models.providers import tiny
+
+    for i, loss in enumerate(("gjsd", "skew_kl", "skew_rkl")):
+        base = tiny_base if i == 0 else tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+        _, strategy = _train_student(base, task, tmp_path / loss, cache=True, top_k=8, loss=loss, beta=0.3, skew=0.2)
+        assert strategy.kd and all(0 < v < 20 for v in strategy.kd), loss
+    with pytest.raises(ValueError, match=r"distill\.beta=2"):
+        Distill(loss="gjsd", beta=2)
+
+
+def test_on_policy_distillation_scores_the_students_own_samples_with_live_teachers(tiny_base, tmp_path):
+    rows = [Example(f"{a} + {b} =", str(a + b)) for a in range(4) for b in range(3)]
+    task = Task("add", "generation", rows[:8], rows[8:10], rows[10:])
+    from lmas.models.providers import tiny
+
+    fresh = lambda: tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)  # noqa: E731
+    _, on = _train_student(tiny_base, task, tmp_path / "on", cache=True, top_k=8, loss="gjsd", on_policy=1.0,
+                           on_policy_tokens=4)
+    assert on.fit_info()["on_policy_steps"] == 4 and len(on.kd) == 4  # every step on the student's samples
+    _, again = _train_student(fresh(), task, tmp_path / "again", cache=True, top_k=8, loss="gjsd", on_policy=1.0,
+                              on_policy_tokens=4)
+    assert again.kd == pytest.approx(on.kd, rel=1e-5)  # the samples follow the seeded random state
+    _, off = _train_student(fresh(), task, tmp_path / "off", cache=True, top_k=8, loss="gjsd")
+    assert "on_policy_steps" not in off.fit_info() and len(off.kd) == 4  # lambda = 0: reported only when on
+    assert on.kd[0] != pytest.approx(off.kd[0], rel=1e-3)  # other sequences (samples), other teachers' outputs
+    with pytest.raises(ValueError, match=r"distill\.on_policy=1\.5"):
+        Distill(on_policy=1.5)
+
+
+def test_sampled_answers_follow_the_seed_and_differ_from_greedy(tiny_base):
+    from lmas.evaluation.scoring import greedy_answers
+
+    enc = PromptEncoder(tiny_base.tokenizer, 32)
+    prompts = [f"{a} + {a} =" for a in range(6)]
+    greedy = greedy_answers(tiny_base.model, enc, prompts, 6, 6)
+    torch.manual_seed(3)
+    hot = greedy_answers(tiny_base.model, enc, prompts, 6, 6, sample_temperature=5.0)
+    torch.manual_seed(3)
+    assert greedy_answers(tiny_base.model, enc, prompts, 6, 6, sample_temperature=5.0) == hot
+    assert hot != greedy  # a near-uniform distribution over 49k tokens at T = 5
+    with pytest.raises(ValueError, match="sample_temperature=0"):
+        greedy_answers(tiny_base.model, enc, prompts, 6, 6, sample_temperature=0)
+
+
+def test_the_compressed_top_k_cache_gives_the_float32_top_k_loss_within_fp16_rounding():
+    from lmas.distill.losses import dense, kd_loss, topk
+    from lmas.distill.teachers import CACHE_PROBS, TeacherCache, cache_ids
+
+    gen = torch.Generator().manual_seed(0)
+    vocab, k = 49152, 32
+    teacher = torch.randn(10, vocab, generator=gen) * 4  # peaked enough that the top 32 hold most of the mass
+    student = torch.randn(10, vocab, generator=gen) * 4
+    values, indices = topk(teacher, k, 2.0)
+    cache = TeacherCache(["t"], tokens=[[(values[:5].to(CACHE_PROBS), indices[:5].to(cache_ids(vocab))),
+                                          (values[5:].to(CACHE_PROBS), indices[5:].to(cache_ids(vocab)))]])
+    assert cache.bytes_per_token() == k * 4
+    compressed = cache.tokens_for(torch.tensor([0, 1]), vocab)[0]
+    exact = dense(values, indices, vocab)
+    for loss in ("forward_kl", "reverse_kl", "gjsd"):
+        want, got = kd_loss(student, exact, loss, 2.0), kd_loss(student, compressed, loss, 2.0)
+        assert got.item() == pytest.approx(want.item(), rel=1e-3), loss
 
 
 def test_specialists_route_each_task_to_the_agents_that_trained_it(tiny_base, news):

@@ -35,6 +35,42 @@ def test_forward_reverse_kl_and_jsd_match_hand_computation():
         divergence(Q.log(), P, "kl")
 
 
+def test_generalized_jsd_and_skew_kls_match_hand_computation():
+    p, q = P[0].tolist(), Q[0].tolist()  # teacher P, student Q
+    for beta in (0.1, 0.5, 0.9):
+        m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
+        want = beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+        assert divergence(Q.log(), P, "gjsd", beta=beta).item() == pytest.approx(want, rel=1e-5), beta
+    assert divergence(Q.log(), P, "gjsd", beta=0.5).item() == pytest.approx(divergence(Q.log(), P, "jsd").item())
+    assert divergence(Q.log(), P, "gjsd", beta=0.0).item() == pytest.approx(_kl(p, q), rel=1e-5)  # forward KL
+    assert divergence(Q.log(), P, "gjsd", beta=1.0).item() == pytest.approx(_kl(q, p), rel=1e-5)  # reverse KL
+    for alpha in (0.1, 0.5):
+        skewed = [alpha * a + (1 - alpha) * b for a, b in zip(p, q)]  # alpha p_T + (1 - alpha) p_S
+        assert divergence(Q.log(), P, "skew_kl", skew=alpha).item() == pytest.approx(_kl(p, skewed), rel=1e-5)
+        rskewed = [(1 - alpha) * a + alpha * b for a, b in zip(p, q)]  # (1 - alpha) p_T + alpha p_S
+        assert divergence(Q.log(), P, "skew_rkl", skew=alpha).item() == pytest.approx(_kl(q, rskewed), rel=1e-5)
+    assert divergence(Q.log(), P, "skew_kl", skew=0.0).item() == pytest.approx(_kl(p, q), rel=1e-5)
+    assert divergence(Q.log(), P, "skew_rkl", skew=0.0).item() == pytest.approx(_kl(q, p), rel=1e-5)
+    # the skew bounds the loss where the student misses the teacher's mass: KL(p || a p + ...) <= -log a
+    miss = torch.tensor([[1e-30, 1.0]]).log()
+    assert divergence(miss, torch.tensor([[1.0, 0.0]]), "skew_kl", skew=0.1).item() == pytest.approx(-math.log(0.1))
+    with pytest.raises(ValueError, match=r"distill\.beta=1\.5"):
+        divergence(Q.log(), P, "gjsd", beta=1.5)
+    with pytest.raises(ValueError, match=r"distill\.skew=1\.0"):
+        divergence(Q.log(), P, "skew_kl", skew=1.0)
+
+
+def test_generalized_jsd_equals_trls_gkd_loss():
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(6, 11, generator=gen) * 2, torch.randn(6, 11, generator=gen) * 2
+    for beta in (0.0, 0.3, 0.5, 1.0):
+        for t in (1.0, 2.0):
+            want = gkd.GKDTrainer.generalized_jsd_loss(student, teacher, beta=beta, temperature=t)
+            got = divergence((student / t).log_softmax(-1), soften(teacher, t), "gjsd", beta=beta).mean()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_kd_loss_softens_the_student_and_scales_by_t_squared():
     z = torch.tensor([[2.0, 0.0, -1.0]])
     t = 2.0
