@@ -71,12 +71,28 @@ def _tiny_cl_benchmark(root: Path) -> Path:
 def test_every_experiment_preset_runs_fast(preset, fast_overrides, tmp_path, run_lmas):
     extra = []
     if preset.startswith("reproduction/"):  # the benchmark's data, and LoRA on the tiny model's top layer
-        extra = [f"stream.data_dir={_tiny_cl_benchmark(tmp_path / 'CL_Benchmark')}",
-                 "population.lora.layers_to_transform=[1]"]
+        extra = [f"stream.data_dir={_tiny_cl_benchmark(tmp_path / 'CL_Benchmark')}"]
+        if preset != "reproduction/all_layers":  # the others restrict LoRA to the top layers
+            extra.append("population.lora.layers_to_transform=[1]")
     results = run_lmas(fast_overrides + [f"experiment={preset}", *extra], tmp_path / preset)
     assert results["complete"]
     assert len(results["tasks"]) >= 2
     assert any(results["metrics"].values())  # some agent trained and has CL metrics
+
+
+def test_the_protocol_check_preset_differs_from_the_cpu_protocol_only_where_lora_sits(compose, monkeypatch):
+    """reproduction/all_layers is reproduction/fast with LoRA in every layer (and so no frozen trunk to share)."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("LMAS_CL_BENCHMARK", "/nonexistent")  # composed only, never read
+    fast, full = (OmegaConf.to_container(compose([f"experiment=reproduction/{p}", "stream=cl_standard"]), resolve=True)
+                  for p in ("fast", "all_layers"))
+    assert fast["population"]["lora"].pop("layers_to_transform") == [26, 27, 28, 29]
+    assert full["population"]["lora"].pop("layers_to_transform") is None
+    assert (fast["train"].pop("trunk_cache"), full["train"].pop("trunk_cache")) == (True, False)
+    assert (fast["eval"].pop("shared_trunk"), full["eval"].pop("shared_trunk")) == (True, False)
+    fast.pop("logger"), full.pop("logger")  # the W&B group is the preset's name
+    assert fast == full  # data caps, sequence length, optimiser, schedule, cache: all the same
 
 
 def test_wandb_offline_logger_writes_an_offline_run(tmp_path, run_lmas):
