@@ -1,0 +1,1 @@
+"""Encoder agents' side of lmas: BERT-style encoders and their self-supervised objectives (MLM, NSP)."""
