@@ -3,6 +3,8 @@ towards its teachers, token-level KD on generation, teacher sets, and the MiniLM
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -144,15 +146,11 @@ def test_token_level_distillation_on_a_generation_task(tiny_base, tmp_path):
     assert strategy.fit_info()["teacher_cache_bytes_per_token"] == 32.0
 
 
-def test_generalized_jsd_and_skew_kl_train_a_student_on_a_generation_task(tiny_base, tmp_path):
+def test_a_skew_kl_trains_a_student_on_a_generation_task(tiny_base, tmp_path):
     rows = [Example(f"{a} + {b} =", str(a + b)) for a in range(4) for b in range(3)]
     task = Task("add", "generation", rows[:8], rows[8:10], rows[10:])
-    from lmas.models.providers import tiny
-
-    for i, loss in enumerate(("gjsd", "skew_kl", "skew_rkl")):
-        base = tiny_base if i == 0 else tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
-        _, strategy = _train_student(base, task, tmp_path / loss, cache=True, top_k=8, loss=loss, beta=0.3, skew=0.2)
-        assert strategy.kd and all(0 < v < 20 for v in strategy.kd), loss
+    _, strategy = _train_student(tiny_base, task, tmp_path, cache=True, top_k=8, loss="skew_rkl", skew=0.2)
+    assert len(strategy.kd) == 4 and all(0 < v < -math.log(0.2) * 4 for v in strategy.kd)  # T^2 = 4 times the bound
     with pytest.raises(ValueError, match=r"distill\.beta=2"):
         Distill(loss="gjsd", beta=2)
 
