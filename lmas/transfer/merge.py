@@ -14,6 +14,9 @@ Methods:
   ``k`` gives the best rank-``k`` approximation (Eckart–Young).
 * ``task_arithmetic``: the same sum of products under its task-vector name, never truncated by
   request; weights are free signed scalars (``[1, -1]`` of one adapter gives ``ΔW = 0`` exactly).
+* ``breadcrumbs``, ``della``, ``model_stock``: the merging toolkits' task-vector merges
+  (:mod:`lmas.transfer.task_vectors`) on each module's dense ``ΔW_i``, factored back into rank ``k``
+  (default: the sum of the sources' ranks; pruned merges are not low-rank, so the truncation error is reported).
 
 A source's knowledge is the sum of ALL its adapters (:func:`~lmas.transfer.factors.agent_factors`);
 the merge replaces the target's (:func:`~lmas.transfer.factors.write_knowledge`).
@@ -40,6 +43,7 @@ import torch
 from peft import LoraConfig
 
 from lmas.population.population import set_active, with_rank
+from lmas.transfer import task_vectors
 from lmas.transfer.factors import (
     Factors,
     adapter_factors,
@@ -68,9 +72,9 @@ PEFT_METHODS = (
     "magnitude_prune",
     "magnitude_prune_svd",
 )
-OWN_METHODS = ("exact", "task_arithmetic")
+OWN_METHODS = ("exact", "task_arithmetic", *task_vectors.METHODS)
 METHODS = PEFT_METHODS + OWN_METHODS
-NEEDS_DENSITY = frozenset(m for m in PEFT_METHODS if m.startswith(("ties", "dare", "magnitude")))
+NEEDS_DENSITY = frozenset(m for m in METHODS if m.startswith(("ties", "dare", "magnitude", "breadcrumbs", "della")))
 SAME_RANK = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
 STACK_EXACT = ("cat", "svd")  # peft types that are linear in the products: exact on stacked agents too
 SIGN_METHODS = ("total", "frequency")
@@ -87,6 +91,32 @@ def exact_merge(sets: Sequence[Factors], weights: Sequence[float], rank: int | N
     worst = 0.0
     for module, (a, b) in sorted(stack_sets(sets, weights).items()):
         a, b, res = factorise(a, b, rank or a.shape[0])
+        out[module] = (a, b)
+        worst = max(worst, res)
+    return out, worst
+
+
+def task_vector_merge(
+    sets: Sequence[Factors],
+    weights: Sequence[float],
+    method: str,
+    density: float | None,
+    rank: int | None = None,
+    seed: int = 0,
+) -> tuple[Factors, float]:
+    """A :mod:`~lmas.transfer.task_vectors` merge of each module's ``ΔW_i``, factored into rank ``rank``
+    (None: the sum of the ranks of the adapters that have the module). Returns the factors and the largest
+    relative truncation error over modules."""
+    gen = torch.Generator().manual_seed(seed)
+    out: Factors = {}
+    worst = 0.0
+    for module in sorted(dict.fromkeys(m for s in sets for m in s)):
+        present = [(s[module], float(w)) for s, w in zip(sets, weights, strict=True) if module in s]
+        taus = [(b.double() @ a.double()) for (a, b), _ in present]
+        merged = task_vectors.merge(taus, [w for _, w in present], method, density, gen)
+        a0 = present[0][0][0]
+        eye = torch.eye(merged.shape[1], dtype=a0.dtype, device=a0.device)
+        a, b, res = factorise(eye, merged.to(a0.dtype), rank or sum(p[0][0].shape[0] for p in present))
         out[module] = (a, b)
         worst = max(worst, res)
     return out, worst
@@ -210,6 +240,8 @@ def check_merge(
         raise ValueError(f"merge: majority_sign_method={majority_sign_method!r} is not one of {SIGN_METHODS}")
     if rank is not None and rank < 1:
         raise ValueError(f"merge: rank={rank} must be >= 1")
+    if method == "model_stock" and len(set(sources)) < 2:
+        raise ValueError("merge method 'model_stock' needs at least two source agents (their angle sets the ratio)")
     if method == "task_arithmetic" and rank is not None:
         raise ValueError("merge method 'task_arithmetic' never truncates; use method='exact' with `rank`")
     ranks = {adapter_config(population, s).r for s in sources}
@@ -263,7 +295,10 @@ def merge_adapters(
     """
     check_merge(population, sources, weights, target, method, density, majority_sign_method, rank)
     weights = [float(w) for w in weights]
-    if method in OWN_METHODS or any(is_stacked(population, s) for s in sources):
+    if method in task_vectors.METHODS:
+        sets = [agent_factors(population, s) for s in sources]
+        factors, worst = task_vector_merge(sets, weights, method, density, rank, seed)
+    elif method in OWN_METHODS or any(is_stacked(population, s) for s in sources):
         if method == "svd" and rank is None:
             rank = max(population.lora_of(ad).r for s in sources for ad in population.agents[s].adapters)
         factors, worst = exact_merge([agent_factors(population, s) for s in sources], weights, rank)

@@ -29,6 +29,7 @@ largest over modules), logged as ``transfer/<agent>/<transfer>_residual``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
@@ -46,6 +47,9 @@ from lmas.transfer.merge import (
 
 if TYPE_CHECKING:
     from lmas.population.population import Population
+
+
+log = logging.getLogger(__name__)
 
 
 class MergeOptions(TypedDict, total=False):
@@ -358,6 +362,9 @@ class MergeMethods(Transfer):
         for method in self.methods:
             target = f"merged_{method}"
             density = self.density if method in NEEDS_DENSITY else None
+            if method == "model_stock" and len(set(sources)) < 2:  # its ratio is the angle between two updates
+                log.warning("merge_methods round %d: model_stock skipped: one source agent (%s)", round_idx, sources)
+                continue
             residual = merge_adapters(
                 population,
                 sources,

@@ -9,6 +9,7 @@ from lmas.transfer import init_from_merge, merge_adapters, merged_model
 from lmas.transfer.factors import factorise, pad_rank
 from lmas.transfer.merge import METHODS, NEEDS_DENSITY, PEFT_METHODS
 from lmas.transfer.policy import Merge
+from lmas.transfer.task_vectors import METHODS as TASK_VECTOR_METHODS
 
 CONFIGS = ["r2-qv", "r4-qv", "r4-all"]
 MATRIX = [(c, m) for c in CONFIGS for m in METHODS]
@@ -54,11 +55,14 @@ def test_merge_invariants(make_population, tx, config, method):
     base, src, other = tx.base_state(pop), pop.adapter_state("src"), pop.adapter_state("other")
     rng = torch.random.get_rng_state()
 
-    ref = tx.logits(pop, "src")
-    merge_adapters(pop, ["src"], [1.0], "one", method, density=_density(method, 0.5))
-    assert pop.model.active_adapters == ["one"]
-    _close(tx.logits(pop), ref)
-    _deltas_close(tx.deltas(pop, "one"), tx.deltas(pop, "src"))
+    if method not in TASK_VECTOR_METHODS:  # those prune one adapter too, or need two (model_stock): own tests
+        ref = tx.logits(pop, "src")
+        merge_adapters(pop, ["src"], [1.0], "one", method, density=_density(method, 0.5))
+        assert pop.model.active_adapters == ["one"]
+        _close(tx.logits(pop), ref)
+        _deltas_close(tx.deltas(pop, "one"), tx.deltas(pop, "src"))
+    else:
+        merge_adapters(pop, ["src", "other"], [1.0, 1.0], "one", method, density=_density(method, 0.5))
 
     merge_adapters(pop, ["src", "other"], [0.7, -0.5], "new", method, density=_density(method, 0.5))
     merge_adapters(pop, ["src", "other"], [0.6, 0.4], "c", method, density=_density(method, 0.5))
