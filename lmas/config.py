@@ -144,7 +144,7 @@ def _is_self_learning(r: Reader) -> bool:
 def _distill(r: Reader) -> None:
     """Distillation terms (distill=, Distill parts of the strategy): the self-learning loop adds its own, and
     external teachers (another tokenizer) teach label distributions only, so token-level distillation on a
-    generation/lm task needs agent teachers (the student's tokenizer)."""
+    generation/lm task needs agent teachers (the student's tokenizer), and so does on-policy distillation."""
     nodes = [("distill", r.target("distill")), *_strategies(r)]
     distills = [(p, r.get(p)) for p, cls in nodes if getattr(cls, "__name__", "") == "Distill"]
     if distills and _is_self_learning(r):
@@ -157,6 +157,9 @@ def _distill(r: Reader) -> None:
         if node.get("external") and node.get("teachers") == [] and token_tasks:
             why = f"external teachers (another tokenizer) teach label distributions only, but tasks {token_tasks}"
             r.fail(f"{path}.external", "[...]", why + f" need token-level distillation; add {path}.teachers=peers")
+        if node.get("external") and (node.get("on_policy") or 0) > 0:
+            why = "on-policy distillation scores the student's sampled tokens, which a teacher of another tokenizer"
+            r.fail(f"{path}.on_policy", node.get("on_policy"), why + f" ({path}.external) cannot; set it to 0")
 
 
 def _task_kind(task: dict) -> str | None:

@@ -187,3 +187,6 @@ def test_token_level_distillation_between_tokenizers_is_refused(compose):
     with pytest.raises(ConfigError, match=r"distill.external.*need token-level distillation"):
         validate(cfg)
     validate(compose(["model=tiny", "distill=minilm", "stream=self_learning"]))  # classification only: fine
+    cfg = compose(["model=tiny", "distill=minilm", "stream=self_learning", "distill.on_policy=0.5"])
+    with pytest.raises(ConfigError, match=r"distill.on_policy=0.5: on-policy distillation .* another tokenizer"):
+        validate(cfg)
