@@ -19,6 +19,7 @@ SOURCE_KINDS = {"math_task": "generation", "chatterbot_qa": "generation", "bbc_t
 SOURCE_KINDS |= {"bbc_topics": "classification", "chatterbot_categories": "classification"}
 FIXED = "keeps per-parameter state of the adapter's initial shape"
 STACKS = "stacks one adapter per task"
+FEDERATED = "the federated loop (loop=federated), whose rounds "
 
 
 class ConfigError(ValueError):
@@ -37,7 +38,7 @@ def validate(cfg: DictConfig) -> None:
     errors = [f"{key}=???: this option has no value; set it, e.g. {key}=<value>" for key in missing]
     reader = Reader(cfg, errors, set(missing))
     problems(reader)
-    for rule in (_prompt_format, _seqft_and_trunk, _names, _self_learning, _distill, _adapter_transfer):
+    for rule in (_prompt_format, _seqft_and_trunk, _names, _round_body, _distill, _adapter_transfer):
         rule(reader)
     if errors:
         raise ConfigError(errors)
@@ -116,16 +117,17 @@ def _names(r: Reader) -> None:
         r.fail("topology.order", order, f"unknown agents {', '.join(unknown)}; the agents are {', '.join(agents)}")
 
 
-def _self_learning(r: Reader) -> None:
-    """Each cycle of the self-learning loop (lmas/selflearn.py) trains every agent on every task (no allocation),
-    with no transfer step and no exchange: options it would ignore are refused."""
-    if not _is_self_learning(r):
+def _round_body(r: Reader) -> None:
+    """loop=self_learning and loop=federated train every agent on every task, with no transfer and no exchange
+    (options they would ignore are refused); federated rounds need 2+ agents and one trainable adapter each."""
+    if (name := getattr(r.target("loop"), "__name__", "")) not in ("SelfLearning", "Federated"):
         return
+    body = {"SelfLearning": "the self-learning loop (loop=self_learning), whose cycles "}.get(name, FEDERATED)
     from lmas.population.allocation import Broadcast
     from lmas.population.topology import Topology
+    from lmas.strategies.olora import IncLoRA
     from lmas.transfer.policy import Transfer
 
-    why = "is not used by the self-learning loop (loop=self_learning), whose cycles "
     for path, base, what in (
         ("transfer", Transfer, "have no transfer step; use transfer=none"),
         ("allocation", Broadcast, "train every agent on every task; use allocation=broadcast"),
@@ -133,21 +135,19 @@ def _self_learning(r: Reader) -> None:
     ):
         cls = r.target(path)  # a topology may answer together, but not exchange adapters
         if cls is not None and (cls is not base if base is not Topology else cls.exchange is not Topology.exchange):
-            r.fail(f"{path}._target_", r.get(f"{path}._target_"), why + what)
-
-
-def _is_self_learning(r: Reader) -> bool:
-    """Whether the round body is self-learning (``loop=self_learning``)."""
-    return getattr(r.target("loop"), "__name__", "") == "SelfLearning"
+            r.fail(f"{path}._target_", r.get(f"{path}._target_"), "is not used by " + body + what)
+    if name == "Federated" and len(_agent_names(r)) == 1:
+        r.fail("population.agents", r.get("population.agents"), "loop=federated splits each task across 2+ agents")
+    if name == "Federated" and (stack := [c.name for _, c in _strategies(r) if issubclass(c, IncLoRA)]):
+        r.fail("loop", "federated", f"strategy={stack[0]} {STACKS}, but it averages one trainable adapter per agent")
 
 
 def _distill(r: Reader) -> None:
-    """Distillation terms (distill=, Distill parts of the strategy): the self-learning loop adds its own, and
-    external teachers (another tokenizer) teach label distributions only, so token-level distillation on a
-    generation/lm task needs agent teachers (the student's tokenizer), and so does on-policy distillation."""
+    """Distill terms: self-learning adds its own; external teachers (another tokenizer) give label distributions
+    only, so generation/lm tasks and on-policy distillation need agent teachers (the student's tokenizer)."""
     nodes = [("distill", r.target("distill")), *_strategies(r)]
     distills = [(p, r.get(p)) for p, cls in nodes if getattr(cls, "__name__", "") == "Distill"]
-    if distills and _is_self_learning(r):
+    if distills and getattr(r.target("loop"), "__name__", "") == "SelfLearning":
         why = "the self-learning loop distils with its own term (loop.distill.*); keep distill=none"
         r.fail(distills[0][0], "<a Distill>", why + " and a strategy without Distill parts")
     tasks = r.get("stream.tasks")
@@ -158,8 +158,8 @@ def _distill(r: Reader) -> None:
             why = f"external teachers (another tokenizer) teach label distributions only, but tasks {token_tasks}"
             r.fail(f"{path}.external", "[...]", why + f" need token-level distillation; add {path}.teachers=peers")
         if node.get("external") and (node.get("on_policy") or 0) > 0:
-            why = "on-policy distillation scores the student's sampled tokens, which a teacher of another tokenizer"
-            r.fail(f"{path}.on_policy", node.get("on_policy"), why + f" ({path}.external) cannot; set it to 0")
+            r.fail(f"{path}.on_policy", node["on_policy"], f"on-policy distillation scores the student's sampled "
+                   f"tokens, which a teacher of another tokenizer ({path}.external) cannot; set it to 0")  # fmt: skip
 
 
 def _task_kind(task: dict) -> str | None:

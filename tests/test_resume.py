@@ -37,10 +37,10 @@ def _same(a: dict, b: dict, tol: float = 1e-5) -> None:
 def _crash_in_round(monkeypatch, crash_round: int) -> None:
     fit = ContinualLoop.fit
 
-    def crashing(self, agent, task, seen, round_idx):
+    def crashing(self, agent, task, seen, round_idx, strategy=None):
         if round_idx == crash_round:
             raise RuntimeError("simulated crash")
-        return fit(self, agent, task, seen, round_idx)
+        return fit(self, agent, task, seen, round_idx, strategy)
 
     monkeypatch.setattr(ContinualLoop, "fit", crashing)
 
@@ -51,7 +51,8 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["strategy=olora"],
     ["population=master_worker"],
     ["population=peer_to_peer", "eval.curve_every=1"],
-], ids=["ewc", "replay", "olora", "master_worker", "p2p"])
+    ["loop=federated", "population.agents=2", "loop.aggregator=fedavgm", "loop.clients_per_round=1"],
+], ids=["ewc", "replay", "olora", "master_worker", "p2p", "federated"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):
     reference = run_lmas(fast_overrides + extra, tmp_path / "reference")
