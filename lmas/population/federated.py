@@ -44,6 +44,7 @@ from lmas.transfer.merge import exact_merge
 
 if TYPE_CHECKING:
     from lmas.loop import ContinualLoop
+    from lmas.population.population import Population
     from lmas.training.experience import IncrementalLM
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,14 @@ def fedavgm(
     """One FedAvgM server step: the new global state and velocity."""
     v = {k: momentum * (velocity[k] if velocity else 0) + (global_state[k] - average[k]) for k in global_state}
     return {k: global_state[k] - lr * v[k] for k in global_state}, v
+
+
+def flexlora(pop: Population, clients: Sequence[str], sizes: Sequence[int], to: Sequence[str], seed: int = 0) -> float:
+    """FlexLoRA: the example-weighted mean of the clients' products ``ΔW_k``, written into every agent of ``to``
+    as the best approximation at that agent's own rank (truncated SVD). Returns the largest relative residual."""
+    weights = [n / sum(sizes) for n in sizes]
+    merged, _ = exact_merge([agent_factors(pop, c) for c in clients], weights)
+    return max(write_knowledge(pop, agent, merged, keep=0.0, seed=seed) for agent in to)
 
 
 def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
@@ -226,12 +235,9 @@ class Federated(RoundBody):
             for c in chosen:
                 state.messages.send(Message("adapter", c, COORDINATOR, r, uploads[c]))
             if self.aggregator == "flexlora":
-                weights = [n / sum(sizes) for n in sizes]
-                merged, _ = exact_merge([agent_factors(pop, c) for c in chosen], weights)
-                residual = 0.0
-                for agent in names:  # each at its own rank: the best approximation of the average
-                    state.messages.send(Message("adapter", COORDINATOR, agent, r, merged))
-                    residual = max(residual, write_knowledge(pop, agent, merged, keep=0.0, seed=self.seed))
+                residual = flexlora(pop, chosen, sizes, names, self.seed)
+                for agent in names:  # each its own rank-r_k factors
+                    state.messages.send(Message("adapter", COORDINATOR, agent, r, pop.adapter_state(agent)))
             else:
                 average = fedavg([uploads[c] for c in chosen], sizes)
                 if self.aggregator == "fedavgm":

@@ -120,3 +120,31 @@ def test_the_config_check_refuses_one_client_and_stacked_adapters(compose):
     with pytest.raises(ConfigError, match=r"allocation._target_=\S+: is not used by the federated loop"):
         validate(compose(["model=tiny", "loop=federated", "population=peer_to_peer"]))  # round robin, exchange
     validate(compose(["model=tiny", "loop=federated", "population.agents=3", "strategy=ewc"]))
+
+
+def test_flexlora_gives_each_agent_the_best_approximation_of_the_mean_at_its_own_rank(tiny_base):
+    from peft import LoraConfig
+
+    from lmas.population.federated import flexlora
+    from lmas.population.population import Population
+    from lmas.transfer.factors import delta, read_factors
+
+    pop = Population(tiny_base, agents=["a"], lora={"r": 2, "alpha": 4})
+    pop.add_agent("b", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for p in pop.parameters_of(name).values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    before = {n: {m: delta(a, b) for m, (a, b) in read_factors(pop, n).items()} for n in ("a", "b")}
+    residual = flexlora(pop, ["a", "b"], [1, 3], ["a", "b"])
+    worst = 0.0
+    for name, rank in (("a", 2), ("b", 4)):
+        got = {m: delta(a, b) for m, (a, b) in read_factors(pop, name).items()}
+        for m in got:
+            mean = 0.25 * before["a"][m] + 0.75 * before["b"][m]  # rank <= 6: cut to the agent's rank
+            u, s, vh = torch.linalg.svd(mean.double())
+            best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            torch.testing.assert_close(got[m].double(), best, atol=1e-5, rtol=0)
+            worst = max(worst, (s[rank:].square().sum() / s.square().sum()).sqrt().item())
+    assert residual == pytest.approx(worst, rel=1e-4) and residual > 0
