@@ -82,7 +82,7 @@ def _same_adapters(run_dir):
                                    for s in states)
 
 
-@pytest.mark.parametrize("aggregator", ["fedavg", "flexlora"])
+@pytest.mark.parametrize("aggregator", ["fedavg", pytest.param("flexlora", marks=pytest.mark.slow)])
 def test_a_federated_run_ends_with_every_agent_holding_the_global_adapter(aggregator, run_lmas, tmp_path):
     run_dir = tmp_path / aggregator
     results = run_lmas([*FAST, f"loop.aggregator={aggregator}", f"paths.output_dir={tmp_path}"], run_dir)
@@ -102,6 +102,7 @@ def test_a_federated_run_ends_with_every_agent_holding_the_global_adapter(aggreg
         assert _same_adapters(run_dir)
 
 
+@pytest.mark.slow
 def test_fedprox_and_label_skew_on_a_classification_stream(run_lmas, tmp_path):
     results = run_lmas([*FAST, "stream=self_learning", "loop.aggregator=fedprox", "loop.alpha=0.5", "loop.mu=0.1",
                         "loop.clients_per_round=2", f"paths.output_dir={tmp_path}"], tmp_path / "prox")
