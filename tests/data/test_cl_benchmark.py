@@ -436,3 +436,32 @@ def test_shared_copy_long_and_superni():
     superni = cl_stream("superni", order=2, data_dir=data_dir)
     assert len(superni) == 15 and all(t.kind == "generation" for t in superni)
     assert superni[superni.index("task511_reddit_tifu_long_text_summarization")].meta["unlabeled_dropped"] == 6
+
+
+@pytest.mark.slow
+def test_superni_rouge_l_and_long_sequence_rank_scoring_on_smollm2():
+    """The shared copy scored by the embedded model: ROUGE-L per example on two SuperNI tasks (greedy answers;
+    the untrained model often ends a summary at once with EOS, which scores 0) and rank classification on two
+    long-sequence tasks, with per-example records that give the task scores."""
+    data_dir = os.environ.get(ENV) or (str(SHARED) if SHARED.is_dir() else None)
+    if data_dir is None:
+        pytest.skip(f"no CL_Benchmark copy: set {ENV} or provide {SHARED}")
+    from lmas.evaluation.scoring import evaluate_scored, greedy_answers, rouge_l
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.models.providers import smollm2
+
+    base = smollm2()
+    enc = PromptEncoder(base.tokenizer, 256)
+    superni = cl_stream("superni", order=1, data_dir=data_dir, max_eval=6, max_chars=600)
+    long = cl_stream("long", order=4, data_dir=data_dir, skip_missing=True, max_eval=12, max_chars=400)
+    for task in [superni[0], superni[1], long[0], long[1]]:
+        scored = evaluate_scored(base.model, enc, task, "test", batch_size=6, max_new_tokens=24)
+        assert len(scored.per_example) == len(task.test)
+        assert scored.value == pytest.approx(float(scored.per_example.astype("float64").mean()))
+        assert 0.0 <= scored.per_example.min() and scored.per_example.max() <= 1.0
+        if task.metric == "rouge_l":  # each item: ROUGE-L of the greedy answer against its best reference
+            preds = greedy_answers(base.model, enc, [ex.prompt for ex in task.test], 24, 6)
+            want = [rouge_l(p, ex.answers) for p, ex in zip(preds, task.test)]
+            assert scored.per_example.tolist() == pytest.approx(want, abs=1e-6)
+        else:
+            assert task.kind == "classification" and set(scored.per_example.tolist()) <= {0, 1}
