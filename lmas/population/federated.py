@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from lmas.training.experience import IncrementalLM
 
 log = logging.getLogger(__name__)
-AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "flexlora")
+AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "flexlora", "local")
 
 
 # --- pure functions ------------------------------------------------------------------------------
@@ -143,7 +143,9 @@ class Federated(RoundBody):
         clients_per_round: clients sampled each round (None: every client with data).
         alpha: Dirichlet label skew of the partition (None: IID).
         aggregator: ``fedavg`` | ``fedprox`` (FedAvg plus the client's proximal term ``mu``) | ``fedavgm``
-            (server momentum ``momentum``, server learning rate ``server_lr``) | ``flexlora``.
+            (server momentum ``momentum``, server learning rate ``server_lr``) | ``flexlora`` | ``local`` (the
+            baseline without a server: each client trains on its own shard from the common start, nothing is
+            sent; the matrix's agent rows are the clients' local models).
         mu, momentum, server_lr: FedProx's and FedAvgM's settings.
         seed: the partition's and the client sampling's randomness.
     """
@@ -231,10 +233,12 @@ class Federated(RoundBody):
                 seen = [self.shard(loop.stream[i], c) for i in range(j)]
                 state.loss_curves[f"{c}/{task.name}/{t}"] = loop.fit(c, shards[c], seen, r, strategy=strategy)
                 state.assignments[r].append((c, j))
-            uploads = {c: pop.adapter_state(c) for c in chosen}
-            for c in chosen:
+            uploads = {c: pop.adapter_state(c) for c in chosen} if self.aggregator != "local" else {}
+            for c in uploads:
                 state.messages.send(Message("adapter", c, COORDINATOR, r, uploads[c]))
-            if self.aggregator == "flexlora":
+            if self.aggregator == "local":  # the baseline without a server: each client keeps its own adapter
+                residual = 0.0
+            elif self.aggregator == "flexlora":
                 residual = flexlora(pop, chosen, sizes, names, self.seed)
                 for agent in names:  # each its own rank-r_k factors
                     state.messages.send(Message("adapter", COORDINATOR, agent, r, pop.adapter_state(agent)))
@@ -251,6 +255,10 @@ class Federated(RoundBody):
                                  "bytes": sent, "residual": residual})  # fmt: skip
             log.info("federated %s round %d.%d: clients %s (%s examples), %s bytes", task.name, r, t, chosen, sizes,
                      self.records[-1]["bytes"])  # fmt: skip
+        if self.aggregator == "local":  # each client learnt the task from its own shard, nothing was exchanged
+            for agent in dict.fromkeys(a for a, _ in state.assignments[r]):
+                state.matrix.mark_trained(r, agent, task.name)
+            return
         for agent in names:  # every agent holds the global model: each has learnt the task
             pop.agents[agent].history.append({"round": r, "event": "merged", "task": task.name, "via": "federated",
                                               "method": self.aggregator, "sources": list(clients)})  # fmt: skip

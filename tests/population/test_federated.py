@@ -149,3 +149,12 @@ def test_flexlora_gives_each_agent_the_best_approximation_of_the_mean_at_its_own
             torch.testing.assert_close(got[m].double(), best, atol=1e-5, rtol=0)
             worst = max(worst, (s[rank:].square().sum() / s.square().sum()).sqrt().item())
     assert residual == pytest.approx(worst, rel=1e-4) and residual > 0
+
+
+def test_the_local_only_baseline_exchanges_nothing_after_the_common_start(run_lmas, tmp_path):
+    results = run_lmas([*FAST, "loop.aggregator=local", "loop.rounds=1", f"paths.output_dir={tmp_path}"],
+                       tmp_path / "local")
+    comm = results["population"]["communication"]
+    assert comm[0]["messages"] == 2 and all(c["messages"] == 0 for c in comm[1:])  # round 0: the start, to 2 agents
+    assert all(r["bytes"] == 0 for r in results["federated"])
+    assert not _same_adapters(tmp_path / "local")  # each client keeps the model of its own shard
