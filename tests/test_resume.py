@@ -49,10 +49,11 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["strategy=ewc"],
     ["strategy=replay"],
     ["strategy=olora"],
+    ["strategy=opcm"],
     ["population=master_worker"],
     ["population=peer_to_peer", "eval.curve_every=1"],
     ["loop=federated", "population.agents=2", "loop.aggregator=fedavgm", "loop.clients_per_round=1"],
-], ids=["ewc", "replay", "olora", "master_worker", "p2p", "federated"])
+], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):
     reference = run_lmas(fast_overrides + extra, tmp_path / "reference")
