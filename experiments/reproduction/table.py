@@ -26,10 +26,11 @@ from lmas.metrics import stats
 from lmas.metrics.records import Slot
 
 KEYS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
-ORDER = ("naive", "seqft", "inclora", "olora", "nlora", "osf", "ewc", "lwf", "replay", "joint")
+ORDER = ("naive", "seqft", "inclora", "olora", "nlora", "osf", "opcm", "ewc", "lwf", "replay", "joint")
 """Table order of the strategies (others follow, sorted)."""
 PAPER_METHOD = {
     "naive": "SeqLoRA", "seqft": "SeqFT", "inclora": "IncLoRA", "olora": "O-LoRA", "nlora": "N-LoRA", "osf": "OSF",
+    "opcm": "OPCM",
     "ewc": "EWC", "lwf": "LwF", "replay": "Replay", "joint": "multitask (MTL)",
 }  # fmt: skip
 """The names the papers give our strategies."""
