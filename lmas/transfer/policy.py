@@ -30,6 +30,7 @@ largest over modules), logged as ``transfer/<agent>/<transfer>_residual``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
@@ -365,6 +366,7 @@ class MergeMethods(Transfer):
             if method == "model_stock" and len(set(sources)) < 2:  # its ratio is the angle between two updates
                 log.warning("merge_methods round %d: model_stock skipped: one source agent (%s)", round_idx, sources)
                 continue
+            start = time.perf_counter()
             residual = merge_adapters(
                 population,
                 sources,
@@ -384,6 +386,7 @@ class MergeMethods(Transfer):
                     "sources": sources,
                     "weights": weights,
                     "residual": residual,
+                    "merge_s": time.perf_counter() - start,  # the merge's runtime (MergeBench reports it)
                 }
             )
         return records

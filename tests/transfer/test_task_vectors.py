@@ -87,3 +87,18 @@ def test_task_vector_merges_on_a_population(make_population, tx):
         merge_adapters(pop, ["a"], [1.0], "x", "model_stock")
     with pytest.raises(ValueError, match="'della' needs `density`"):
         merge_adapters(pop, ["a", "b"], [1.0, 1.0], "x", "della")
+
+
+def test_merge_methods_records_each_merges_residual_and_runtime(make_population, tx):
+    from lmas.transfer.policy import MergeMethods
+
+    pop = make_population(["a", "b"], tx.CONFIGS["r2-qv"])
+    tx.randomise(pop, "a", 1)
+    tx.randomise(pop, "b", 2)
+    for name in ("a", "b"):
+        pop.agents[name].history.append({"round": 0, "event": "trained", "task": "t"})
+    policy = MergeMethods(methods=["exact", "breadcrumbs", "model_stock"], start=1, density=0.5)
+    records = policy.apply(pop, 1)
+    assert [r["agent"] for r in records] == ["merged_exact", "merged_breadcrumbs", "merged_model_stock"]
+    assert all(r["merge_s"] > 0 and r["sources"] == ["a", "b"] for r in records)
+    assert records[0]["residual"] == 0 and records[1]["residual"] > 0  # pruning is not low-rank
