@@ -14,7 +14,7 @@ Methods:
   ``k`` gives the best rank-``k`` approximation (Eckart–Young).
 * ``task_arithmetic``: the same sum of products under its task-vector name, never truncated by
   request; weights are free signed scalars (``[1, -1]`` of one adapter gives ``ΔW = 0`` exactly).
-* ``breadcrumbs``, ``della``, ``model_stock``: the merging toolkits' task-vector merges
+* ``breadcrumbs``, ``della``, ``knots_ties``, ``model_stock``: the merging toolkits' task-vector merges
   (:mod:`lmas.transfer.task_vectors`) on each module's dense ``ΔW_i``, factored back into rank ``k``
   (default: the sum of the sources' ranks; pruned merges are not low-rank, so the truncation error is reported).
 
@@ -74,7 +74,8 @@ PEFT_METHODS = (
 )
 OWN_METHODS = ("exact", "task_arithmetic", *task_vectors.METHODS)
 METHODS = PEFT_METHODS + OWN_METHODS
-NEEDS_DENSITY = frozenset(m for m in METHODS if m.startswith(("ties", "dare", "magnitude", "breadcrumbs", "della")))
+PRUNING = ("ties", "dare", "magnitude", "breadcrumbs", "della", "knots")
+NEEDS_DENSITY = frozenset(m for m in METHODS if m.startswith(PRUNING))
 SAME_RANK = frozenset({"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"})
 STACK_EXACT = ("cat", "svd")  # peft types that are linear in the products: exact on stacked agents too
 SIGN_METHODS = ("total", "frequency")

@@ -10,6 +10,10 @@ result back into LoRA factors (a truncated SVD when the merge's rank exceeds the
   falls linearly with its magnitude rank (keep probabilities from ``density − ε/2`` for the smallest to
   ``density + ε/2`` for the largest, mean ``density``) and rescales a kept entry by ``1 / p_keep`` (unbiased:
   ``E[kept] = τ``); then TIES's sign election on ``Σ w_i τ'_i`` and the mean of the agreeing entries.
+* **KnOTS-TIES** (Stoica et al. 2025, KnOTS): align first, then merge: the task vectors side by side
+  ``[τ_1 … τ_n] = U S [V_1ᵀ … V_nᵀ]`` (one SVD, so ``τ_i = U S V_iᵀ`` in a shared basis), TIES on the aligned
+  parts ``w_i V_iᵀ`` (each trimmed to its top ``density`` share by magnitude, signs elected, agreeing entries
+  averaged), and ``U S V_mᵀ`` back.
 * **Model Stock** (Jang et al. 2024): ``t · (Σ w_i τ_i) / Σ w_i`` with ``t = k cos θ / (1 + (k − 1) cos θ)``,
   ``cos θ`` the mean pairwise cosine of the ``k`` task vectors (per module): near-orthogonal updates are
   pulled towards the base (``t → 0``), aligned ones kept (``t → 1``).
@@ -24,7 +28,7 @@ from torch import Tensor
 
 GAMMA = 0.01  # Breadcrumbs: the share of largest-magnitude entries dropped (the paper's and mergekit's default)
 EPSILON = 0.1  # DELLA: the spread of keep probabilities around density
-METHODS = ("breadcrumbs", "della", "model_stock")
+METHODS = ("breadcrumbs", "della", "knots_ties", "model_stock")
 
 
 def breadcrumbs_mask(tau: Tensor, density: float, gamma: float = GAMMA) -> Tensor:
@@ -70,6 +74,24 @@ def elect_and_fuse(taus: Sequence[Tensor]) -> Tensor:
     return torch.where(count > 0, (stacked * agree).sum(0) / count.clamp_min(1), torch.zeros_like(sign))
 
 
+def ties_trim(tau: Tensor, density: float) -> Tensor:
+    """``tau`` with only its top ``density`` share of entries by magnitude kept (TIES's trim)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"ties trim: density={density} must be in (0, 1]")
+    keep = max(1, round(density * tau.numel()))
+    cut = tau.abs().flatten().kthvalue(tau.numel() - keep + 1).values
+    return torch.where(tau.abs() >= cut, tau, torch.zeros_like(tau))
+
+
+def knots_ties(taus: Sequence[Tensor], weights: Sequence[float], density: float) -> Tensor:
+    """KnOTS alignment (one SVD of the task vectors side by side), then TIES on the aligned parts (module docstring)."""
+    u, s, vh = torch.linalg.svd(torch.cat(list(taus), dim=1), full_matrices=False)
+    k = int((s > s.max() * 1e-10).sum()) if s.numel() else 0
+    parts = vh[:k].split(taus[0].shape[1], dim=1)  # V_i^T, (k, in) each: tau_i = U S V_i^T
+    fused = elect_and_fuse([w * ties_trim(v, density) for w, v in zip(weights, parts, strict=True)])
+    return (u[:, :k] * s[:k]) @ fused
+
+
 def model_stock_ratio(taus: Sequence[Tensor]) -> float:
     """``t = k cos θ / (1 + (k − 1) cos θ)`` from the mean pairwise cosine of ``k >= 2`` task vectors (clamped to
     [0, 1]: opposed updates give ``t = 0``, the base)."""
@@ -104,6 +126,8 @@ def merge(
         return model_stock_ratio(taus) * mean
     if density is None:
         raise ValueError(f"merge method {method!r} needs `density` in (0, 1]")
+    if method == "knots_ties":
+        return knots_ties(taus, weights, density)
     if method == "breadcrumbs":
         return torch.stack([w * t * breadcrumbs_mask(t, density) for w, t in zip(weights, taus, strict=True)]).sum(0)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)

@@ -102,3 +102,18 @@ def test_merge_methods_records_each_merges_residual_and_runtime(make_population,
     assert [r["agent"] for r in records] == ["merged_exact", "merged_breadcrumbs", "merged_model_stock"]
     assert all(r["merge_s"] > 0 and r["sources"] == ["a", "b"] for r in records)
     assert records[0]["residual"] == 0 and records[1]["residual"] > 0  # pruning is not low-rank
+
+
+def test_knots_aligns_the_task_vectors_in_one_basis_before_ties():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(merge([a], [1.0], "knots_ties", density=1.0), a)  # one task, nothing trimmed
+    torch.testing.assert_close(merge([a, a], [1.0, 1.0], "knots_ties", density=1.0), a)  # agreeing: their mean
+    u, s, vh = torch.linalg.svd(torch.cat([a, b], dim=1), full_matrices=False)
+    va, vb = vh[:4, :5], vh[:4, 5:]  # rank 4: a = U S Va^T, b = U S Vb^T in the shared basis
+    torch.testing.assert_close((u[:, :4] * s[:4]) @ va, a)
+    want = (u[:, :4] * s[:4]) @ elect_and_fuse([0.5 * va, 2.0 * vb])
+    torch.testing.assert_close(merge([a, b], [0.5, 2.0], "knots_ties", density=1.0), want)
+    trimmed = merge([a, b], [1.0, 1.0], "knots_ties", density=0.25)
+    assert not torch.allclose(trimmed, merge([a, b], [1.0, 1.0], "knots_ties", density=1.0))
