@@ -29,6 +29,7 @@ def run(devices: int, batch_size: int, out: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow  # long (a subprocess or a sweep); the slow suite runs it (docs/testing.md)
 def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     run(2, 4, tmp_path / "ddp")
     run(1, 8, tmp_path / "one")

@@ -17,6 +17,7 @@ def _outputs(nb, kind: str) -> list:
     return [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if o.get("output_type") == kind]
 
 
+@pytest.mark.slow  # long (a subprocess or a sweep); the slow suite runs it (docs/testing.md)
 def test_analysis_notebook_on_a_small_multirun(tmp_path, fast_overrides, run_lmas, monkeypatch):
     multirun = tmp_path / "multirun"
     results = {}

@@ -29,6 +29,7 @@ def _compare(sweep: Path) -> str:
     return out.stdout
 
 
+@pytest.mark.slow  # long (a subprocess or a sweep); the slow suite runs it (docs/testing.md)
 def test_two_jobs_in_parallel_through_the_joblib_launcher_feed_lmas_compare(tmp_path):
     _lmas(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *FAST], tmp_path)
     (sweep,) = (tmp_path / "multiruns").iterdir()

@@ -67,7 +67,11 @@ def _tiny_cl_benchmark(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+SLOW_PRESETS = {"distillation/losses"}  # the pieces of distillation/specialists with other losses: the slow suite
+
+
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PRESETS else p
+                                    for p in PRESETS])  # fmt: skip
 def test_every_experiment_preset_runs_fast(preset, fast_overrides, tmp_path, run_lmas):
     extra = []
     if preset.startswith("reproduction/"):  # the benchmark's data, and LoRA on the tiny model's top layer

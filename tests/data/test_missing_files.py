@@ -47,6 +47,7 @@ def _user_conf(tmp_path: Path, first: str, second: str) -> Path:
     return conf
 
 
+@pytest.mark.slow  # long (a subprocess or a sweep); the slow suite runs it (docs/testing.md)
 def test_lmas_train_over_a_user_stream_with_a_missing_jsonl_names_the_file_and_the_option(tmp_path):
     """What a new user does: a stream file naming a JSONL that is not there, then `lmas-train stream=...`."""
     _jsonl(tmp_path / "data" / "sentiment.jsonl")

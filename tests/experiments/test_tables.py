@@ -44,6 +44,7 @@ def test_forward_transfer_and_topologies(run_lmas, fast_overrides, tmp_path):
     assert row[8] == str(sum(c["messages"] for c in res["population"]["communication"]))
 
 
+@pytest.mark.slow  # long (a subprocess or a sweep); the slow suite runs it (docs/testing.md)
 def test_distillation_minilm_and_self_learning(run_lmas, fast_overrides, tmp_path):
     res = run_lmas(fast_overrides + ["experiment=distillation/specialists"], tmp_path / "spec")
     joint = run_lmas(fast_overrides + ["experiment=distillation/joint"], tmp_path / "joint")
