@@ -26,7 +26,7 @@ from torch import Tensor
 
 from lmas.data.task import Task
 from lmas.strategies.base import Strategy
-from lmas.transfer.factors import delta, factorise, read_factors, write_factors
+from lmas.transfer.factors import delta, factorise_dense, read_factors, write_factors
 
 if TYPE_CHECKING:
     from lmas.training.experience import IncrementalLM
@@ -117,8 +117,7 @@ class OPCM(Strategy):
         rank = self.max_rank or 4 * self.rank[agent]
         factors, worst = {}, 0.0
         for m, w in merged.items():
-            eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-            a, b, res = factorise(eye, w, rank)
+            a, b, res = factorise_dense(w, rank)
             factors[m], worst = (a, b), max(worst, res)
         pop.resize_adapter(agent, rank)
         write_factors(pop, agent, factors)

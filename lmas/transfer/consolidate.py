@@ -24,7 +24,15 @@ from torch import Tensor
 
 from lmas.data.task import Task
 from lmas.lm.encoding import PromptEncoder
-from lmas.transfer.factors import Factors, agent_factors, delta, factorise, is_stacked, write_factors, write_knowledge
+from lmas.transfer.factors import (
+    Factors,
+    agent_factors,
+    delta,
+    factorise_dense,
+    is_stacked,
+    write_factors,
+    write_knowledge,
+)
 from lmas.transfer.policy import Transfer, knowing_peers
 from lmas.transfer.task_vectors import elect_and_fuse
 
@@ -129,8 +137,7 @@ class Consolidate(Transfer):
             fused = {m: elect_and_fuse([updates[a][m], updates[b][m]]) for m in updates[a] if m in updates[b]}
             factors: Factors = {}
             for m, w in fused.items():
-                eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-                fa, fb, _ = factorise(eye, w, min(w.shape))
+                fa, fb, _ = factorise_dense(w, min(w.shape))
                 factors[m] = (fa, fb)
             for agent, other in ((a, b), (b, a)):
                 residual = write_knowledge(population, agent, factors, keep=0.0, seed=self.seed)

@@ -73,6 +73,11 @@ def factorise(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return a_k.to(a.dtype), b_k.to(b.dtype), residual
 
 
+def factorise_dense(w: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """Best rank-``rank`` factors ``(A, B)`` of a dense update ``w`` (out, in), and the error (:func:`factorise`)."""
+    return factorise(torch.eye(w.shape[1], dtype=w.dtype, device=w.device), w, rank)
+
+
 def pad_rank(a: Tensor, b: Tensor, rank: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Grow factors to ``rank`` without changing ``B @ A``: new rows of A are random, new columns of B zero.
 

@@ -49,6 +49,7 @@ from lmas.transfer.factors import (
     adapter_factors,
     agent_factors,
     factorise,
+    factorise_dense,
     is_stacked,
     stack_sets,
     write_knowledge,
@@ -115,9 +116,8 @@ def task_vector_merge(
         present = [(s[module], float(w)) for s, w in zip(sets, weights, strict=True) if module in s]
         taus = [(b.double() @ a.double()) for (a, b), _ in present]
         merged = task_vectors.merge(taus, [w for _, w in present], method, density, gen)
-        a0 = present[0][0][0]
-        eye = torch.eye(merged.shape[1], dtype=a0.dtype, device=a0.device)
-        a, b, res = factorise(eye, merged.to(a0.dtype), rank or sum(p[0][0].shape[0] for p in present))
+        dtype = present[0][0][0].dtype
+        a, b, res = factorise_dense(merged.to(dtype), rank or sum(p[0][0].shape[0] for p in present))
         out[module] = (a, b)
         worst = max(worst, res)
     return out, worst
