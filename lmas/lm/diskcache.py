@@ -314,7 +314,9 @@ class RowCache:
     ``max_cache_mb``, then (``disk``) a :class:`DiskCache` shared by every run and process.
 
     Subclasses say what the rows' numbers depend on besides their keys (:meth:`context`, part of
-    every disk key). ``hits`` counts rows found in either level, ``misses`` rows computed.
+    every disk key). When the context changes (e.g. a strategy that trains the base changed the weights under
+    a cached trunk), the memory level is dropped before it is read, so no row computed under other weights is
+    returned. ``hits`` counts rows found in either level, ``misses`` rows computed.
     """
 
     def __init__(self, max_cache_mb: float, disk: DiskCache | None, device: Callable[[], torch.device]) -> None:
@@ -323,6 +325,7 @@ class RowCache:
         self.cache_bytes = 0
         self.hits = self.misses = 0
         self.disk, self.device = disk, device
+        self._context: Any = None  # the context the rows in memory were computed under
 
     def context(self) -> Any:
         """What the rows' numbers depend on besides their keys (weights, options, code)."""
@@ -336,7 +339,10 @@ class RowCache:
         the numbers depend on besides them (:meth:`context`)."""
         found: dict[bytes, Tensor] = {}
         disk_keys: dict[bytes, str] = {}
-        context = self.context() if self.disk is not None else None
+        context = self.context()  # cheap: parameter hashes are memoised until a parameter changes
+        if context != self._context:  # other weights (or options) than the rows in memory were computed under
+            self.cache.clear()
+            self.cache_bytes, self._context = 0, context
         for k in dict.fromkeys(keys):
             if k in self.cache:
                 self.cache.move_to_end(k)

@@ -57,3 +57,16 @@ def test_a_study_keeps_finished_runs_and_skips_them(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 2
     assert study.main([str(path), "--list"]) == 0
     assert capsys.readouterr().out.split() == ["done", "seed=0", "done", "seed=1"]
+
+
+STUDIES = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "grid" in yaml.safe_load(p.read_text()) or {})
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[str(p.relative_to(ROOT / "experiments")) for p in STUDIES])
+def test_every_job_of_every_committed_study_composes_and_passes_the_config_check(path, compose):
+    """A typo in a study (an option, a value, a group) fails here, not hours into a sweep."""
+    from lmas.config import validate
+
+    study = _study_module()
+    for job in study.jobs(study.load_study(path)):
+        validate(compose(job["overrides"]))

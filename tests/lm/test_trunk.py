@@ -111,6 +111,20 @@ def test_cache_entries_are_per_example_so_reshuffled_batches_hit_it(pop, enc):
     assert not trunk.cache and trunk.cache_bytes == 0
 
 
+def test_rows_in_memory_are_dropped_when_the_shared_layers_change(pop, enc):
+    """A strategy that trains the base (seqft) changes the bottom layers under the cache: no stale row comes back."""
+    trunk = SharedTrunk(pop.model)
+    pop.activate("agent0")
+    batch = batch_of(enc, PAIRS[:3])
+    before = trunk.cached_bottom(batch).clone()
+    with torch.no_grad():
+        trunk.body.layers[0].mlp.down_proj.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    after = trunk.cached_bottom(batch)
+    assert trunk.misses == 6 and not torch.allclose(before, after)
+    torch.testing.assert_close(after, trunk.bottom(batch["input_ids"], batch["attention_mask"]) * (
+        batch["attention_mask"][..., None]), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
 def test_cache_size_limit_evicts_the_oldest(pop, enc):
     pop.activate("agent0")
     full = SharedTrunk(pop.model)

@@ -291,3 +291,14 @@ def test_lwf_teacher_is_the_start_of_task_model_with_adapter_growth(order, tiny_
     assert pop.agents["agent0"].adapters == ["agent0", "agent0-t1"]
     steps = rec.of("t2")
     assert steps[0]["lwf"] == pytest.approx(0.0, abs=1e-6) and steps[1]["lwf"] > 0
+
+
+def test_seqft_scores_the_same_with_and_without_the_sweep_cache(run_lmas, fast_overrides, tmp_path):
+    """SeqFT trains the layers that eval.cache's trunk holds: every score must be of the weights as they are now
+    (a regression: the trunk's memory level once returned rows of the untrained base after training)."""
+    common = [*fast_overrides, "strategy=seqft", "population.lora.layers_to_transform=[1]", "train.lr=0.05",
+              "train.max_steps=8"]  # fmt: skip
+    cached = run_lmas([*common, f"eval.cache={tmp_path / 'cache'}", "eval.shared_trunk=true"], tmp_path / "cached")
+    plain = run_lmas(common, tmp_path / "plain")
+    assert cached["matrix"]["values"] == plain["matrix"]["values"]  # accuracies: the same answers
+    assert cached["matrix"]["values"][-1] != cached["matrix"]["values"][0]  # the base did change
