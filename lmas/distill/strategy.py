@@ -42,6 +42,8 @@ from lmas.distill.teachers import (
     agent_label_distributions,
     agent_token_topk,
     aggregate,
+    first_positions,
+    route_to_gold,
 )
 from lmas.evaluation.scoring import evaluate, greedy_answers
 from lmas.lm.device import model_device, to_device
@@ -97,6 +99,11 @@ class Distill(Strategy):
         temperature: softens teachers and student alike (losses are scaled by ``T²``).
         weight: multiplies the distillation term.
         aggregation: ``uniform`` | ``val_acc`` | ``confidence`` | ``best``.
+        routing: ``None`` (every teacher, by ``aggregation``) or ``gold``: per-example routing, each example taught
+            by the one teacher that gives its gold answer the highest likelihood (:func:`route_to_gold`; the
+            label's probability, or the answer's summed token log-likelihood). The examples routed to each
+            teacher are counted in the agent's history (``routed``). On-policy batches (the student's own
+            samples have no gold answer) fall back to ``aggregation``.
         cache: compute the teachers' outputs once per experience (else at every step).
         top_k: token probabilities kept per answer position for generation tasks.
         external: extra teachers outside the population (classification only).
@@ -123,6 +130,7 @@ class Distill(Strategy):
         skew: float = 0.1,
         on_policy: float = 0.0,
         on_policy_tokens: int = 16,
+        routing: str | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"distill.loss={loss!r}: expected one of {LOSSES}")
@@ -136,6 +144,10 @@ class Distill(Strategy):
         self.on_policy, self.on_policy_tokens = on_policy, on_policy_tokens
         self.on_policy_steps = 0  # batches of the last experience distilled on the student's samples
         self._policy: tuple[dict[str, Tensor], Tensor] | None = None  # this batch's (sampled batch, teacher target)
+        if routing not in (None, "gold"):
+            raise ValueError(f"distill.routing={routing!r}: expected null (aggregate every teacher) or 'gold'")
+        self.routing = routing
+        self.routed: dict[str, int] = {}  # teacher -> examples routed to it in the current experience
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"distill.aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
         if temperature <= 0 or weight < 0 or top_k < 1:
@@ -183,7 +195,7 @@ class Distill(Strategy):
     # --- hooks -------------------------------------------------------------------------------
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         pop, agent = module.population, module.agent
-        self.task, self.current, self.on_policy_steps = task, None, 0
+        self.task, self.current, self.on_policy_steps, self.routed = task, None, 0, {}
         if self.students is not None and agent not in self.students:
             return
         self._rows = {(ex.prompt, ex.answer) for ex in task.train}
@@ -331,8 +343,7 @@ class Distill(Strategy):
             raise RuntimeError("Distill.loss_terms: no teachers' outputs for this batch (on_train_batch_start not run)")
         if self._task.kind == "classification":
             if self._label_ids is not None:  # one-token labels: the task-loss pass already scored them
-                first = torch.ones_like(out["rows"], dtype=torch.bool)
-                first[1:] = out["rows"][1:] != out["rows"][:-1]  # each row's first answer position
+                first = first_positions(out["rows"])  # each row's first answer position
                 student = out["logits"][first][own].log_softmax(-1)[:, self._label_ids.to(device)]  # (B', L)
             else:
                 prompts = [ex.prompt for ex, keep in zip(rows, mine, strict=True) if keep]
@@ -340,12 +351,26 @@ class Distill(Strategy):
                     module.net, module.encoder, prompts, self._task.class_labels, batch_size=len(prompts), grad=True
                 )  # (B', L)
             teacher = cache.labels_for(index)[:, own]  # (K, B', L)
+            labels = self._task.class_labels
+            gold = torch.tensor([labels.index(ex.answer) for ex, m in zip(rows, mine, strict=True) if m], device=device)
+            positions = None
         else:
             keep = own[out["rows"]]  # answer positions of the current task's rows
             student = out["logits"][keep]  # (N', V)
             teacher = cache.tokens_for(index, out["logits"].shape[-1])[:, keep]  # (K, N', V)
-        target = aggregate(teacher, self.aggregation, self.val_acc)
+            gold, positions = out["targets"][keep], out["rows"][keep]
+        target = self._target(cache.teachers, teacher, gold, positions)
         return {"kd": self.weight * kd_loss(student, target, self.loss, self.temperature, self.beta, self.skew)}
+
+    def _target(self, names: Sequence[str], teacher: Tensor, gold: Tensor, positions: Tensor | None) -> Tensor:
+        """The distillation target: the teachers aggregated, or each example's routed teacher (``routing``)."""
+        if self.routing is None or len(names) == 1:
+            return aggregate(teacher, self.aggregation, self.val_acc)
+        w = route_to_gold(teacher, gold, positions)  # (K, N)
+        firsts = w if positions is None else w[:, first_positions(positions)]  # one column per example
+        for name, n in zip(names, firsts.sum(1).tolist(), strict=True):
+            self.routed[name] = self.routed.get(name, 0) + int(n)
+        return (w[..., None] * teacher).sum(0)
 
     def after_task(self, module: IncrementalLM, task: Task) -> None:
         self._taught = list(self.current.teachers) if self.current else []
@@ -364,4 +389,6 @@ class Distill(Strategy):
             info["teacher_cache_bytes_per_token"] = self._bytes_per_token
         if self.on_policy and self._task.kind == "generation":
             info["on_policy_steps"] = self.on_policy_steps
+        if self.routing is not None and self.routed:  # examples per teacher, summed over the epochs' batches
+            info["routed"] = dict(self.routed)
         return info

@@ -65,6 +65,32 @@ def aggregate(teacher_p: Tensor, method: str = "uniform", val_acc: Sequence[floa
     return (w[..., None] * teacher_p).sum(0)
 
 
+def first_positions(rows: Tensor) -> Tensor:
+    """Indices of each example's first position in ``rows`` (the example of each answer position, grouped)."""
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    return first.nonzero()[:, 0]
+
+
+def route_to_gold(teacher_p: Tensor, gold: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Per-example teacher routing: weights ``(K, N)``, one-hot on the teacher that gives each example's gold
+    answer the highest likelihood.
+
+    ``teacher_p``: ``(K, N, C)`` distributions at ``N`` positions; ``gold``: ``(N,)`` the gold class (label or
+    token) at each; ``rows``: ``(N,)`` the example of each position (a generation answer spans several: its
+    log-likelihood is the sum over them; None: one position per example). Ties go to the first teacher.
+    """
+    k, n = teacher_p.shape[:2]
+    logp = teacher_p.gather(2, gold.view(1, n, 1).expand(k, n, 1)).squeeze(2).clamp_min(1e-30).log()  # (K, N)
+    if rows is None:
+        best = logp.argmax(0)  # (N,)
+    else:
+        ids, inverse = rows.unique(return_inverse=True)
+        per_row = logp.new_zeros(k, len(ids)).index_add_(1, inverse, logp)  # (K, rows)
+        best = per_row.argmax(0)[inverse]
+    return torch.nn.functional.one_hot(best, k).T.to(teacher_p.dtype)
+
+
 @torch.no_grad()
 def agent_label_distributions(
     population: Population,

@@ -248,3 +248,78 @@ def test_minilm_teacher_teaches_a_smollm2_tokenizer_student_through_labels(tiny_
         Distill(teachers=[], external=[teacher]).before_task(
             type("M", (), {"population": pop, "agent": "student", "encoder": None, "examples": []}),
             Task("g", "generation", [Example("q", "a")], [], [Example("q", "a")]))
+
+
+def test_route_to_gold_picks_the_teacher_likeliest_to_give_each_gold_answer():
+    from lmas.distill.teachers import route_to_gold
+
+    p = torch.tensor([[[0.7, 0.3], [0.2, 0.8], [0.5, 0.5]],  # teacher 0: 3 positions, 2 classes
+                      [[0.4, 0.6], [0.9, 0.1], [0.5, 0.5]]])  # fmt: skip
+    gold = torch.tensor([0, 0, 1])
+    w = route_to_gold(p, gold)  # per position: 0.7 vs 0.4 -> t0; 0.2 vs 0.9 -> t1; a tie -> the first
+    assert w.tolist() == [[1, 0, 1], [0, 1, 0]]
+    rows = torch.tensor([0, 0, 1])  # example 0 spans positions 0-1: log .7 + log .2 < log .4 + log .9 -> t1
+    assert route_to_gold(p, gold, rows).tolist() == [[0, 0, 1], [1, 1, 0]]
+
+
+@pytest.mark.parametrize("kind", ["classification", "generation"])
+def test_gold_routing_distils_each_example_from_its_routed_teacher_alone(tiny_base, news, kind):
+    """The routed target is, per example, the routed teacher's own distribution (checked against a one-teacher
+    Distill on the examples routed to it); the history counts the examples per teacher."""
+    pop = Population(tiny_base, agents=["t1", "t2", "student"], lora={"r": 4, "alpha": 8}, seed=0)
+    _randomise(pop, ["t1", "t2"], seed=3)
+    enc = PromptEncoder(pop.tokenizer, 64)
+    if kind == "classification":
+        task = news
+    else:
+        rows = [Example(f"{a} + {b} =", str(a + b)) for a in range(4) for b in range(3)]
+        task = Task("add", "generation", rows[:8], rows[8:10], rows[10:])
+    module = _Module(pop, enc, task)
+    routed = Distill(teachers=["t1", "t2"], routing="gold", temperature=1.0, top_k=64)
+    routed.before_task(module, task)
+    pop.model.eval()
+    out = module.out()
+    kd = routed.loss_terms(module, module.batch, out)["kd"].item()
+    counts = dict(routed.routed)
+    assert sum(counts.values()) == len(task.train) and set(counts) == {"t1", "t2"}  # both teach some examples
+    # the same term from two one-teacher Distills, each on the examples routed to its teacher
+    cache = routed.current
+    index = module.batch["index"]
+    if kind == "classification":
+        labels = task.class_labels
+        teacher = cache.labels_for(index)
+        gold = torch.tensor([labels.index(ex.answer) for ex in task.train])
+        from lmas.distill.teachers import route_to_gold
+
+        w = route_to_gold(teacher, gold)
+    else:
+        from lmas.distill.teachers import route_to_gold
+
+        teacher = cache.tokens_for(index, out["logits"].shape[-1])
+        w = route_to_gold(teacher, out["targets"], out["rows"])
+    target = (w[..., None] * teacher).sum(0)
+    picked = teacher[w.argmax(0), torch.arange(teacher.shape[1])]  # each position: its routed teacher's distribution
+    torch.testing.assert_close(target, picked)
+    assert {"t1": int(w[0].sum()), "t2": int(w[1].sum())} == counts or kind == "generation"  # positions vs examples
+    from lmas.distill.losses import kd_loss
+
+    if kind == "classification":  # the student's label distribution, as the strategy scores it
+        pop.activate("student")
+        student = label_logprobs(pop.model, enc, [ex.prompt for ex in task.train], task.class_labels)
+    else:
+        student = out["logits"]
+    assert kd == pytest.approx(kd_loss(student, picked, "forward_kl", 1.0).item(), rel=1e-4)
+    assert kd > 0
+    plain = Distill(teachers=["t1", "t2"], temperature=1.0, top_k=64)
+    plain.before_task(module, task)
+    assert plain.loss_terms(module, module.batch, out)["kd"].item() != pytest.approx(kd)  # not the uniform mixture
+    with pytest.raises(ValueError, match="distill.routing='oracle'"):
+        Distill(routing="oracle")
+
+
+def test_a_routed_run_records_the_examples_each_teacher_taught(tiny_base, news, tmp_path):
+    pop, strategy = _train_student(tiny_base, news, tmp_path, routing="gold", temperature=1.0)
+    routed = strategy.fit_info()["routed"]
+    assert set(routed) <= {"t1", "t2"} and sum(routed.values()) == 4 * 4  # 4 steps of 4 examples
+    trained = [e for e in pop.agents["student"].history if e.event == "trained"]
+    assert trained[-1].details["routed"] == routed
