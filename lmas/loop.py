@@ -2,7 +2,7 @@
 
 The loop owns ordering and seeding; the units it calls own the rest: the strategy and its fit backend, allocation,
 transfer and topology, the Evaluator, RoundLog (metric names), RunState (checkpoint, resume, results.json). What a
-round learns is its body (``conf/loop/``): :class:`Continual`, or :class:`lmas.selflearn.SelfLearning`.
+round learns is its body (``conf/loop/``): :class:`Continual` or another (self-learning, federated, evolution).
 """
 
 from __future__ import annotations
@@ -50,12 +50,10 @@ class RoundBody:
         return loop.allocation.plan(loop.stream.task_names, loop.population.names)
 
     def learn(self, loop: ContinualLoop, r: int) -> None:
-        """Round ``r``'s learning."""
-        raise NotImplementedError
+        raise NotImplementedError  # round r's learning
 
     def results(self, loop: ContinualLoop) -> dict[str, Any]:
-        """The body's own entries of results.json."""
-        return {}
+        return {}  # the body's own entries of results.json
 
 
 class Continual(RoundBody):
@@ -70,10 +68,13 @@ class Continual(RoundBody):
         for agent, j in assignments:
             task, trained = loop.stream[j], pop.agents[agent].trained_tasks(loop.stream.task_names)
             seen = [loop.stream[i] for i in trained if i != j]  # the agent's own past tasks
-            state.loss_curves[f"{agent}/{task.name}"] = loop.fit(agent, task, seen, r)
+            state.loss_curves[f"{agent}/{task.name}"] = self.fit(loop, agent, task, seen, r)
             for row in [agent] + ([POPULATION] if loop.topology.answers else []):  # the joint answer learnt it too
                 state.matrix.mark_trained(r, row, task.name)
         loop.add_events(loop.topology.exchange(pop, r, loop.knowing(), state.messages))
+
+    def fit(self, loop: ContinualLoop, agent: str, task: Task, seen: list[Task], r: int) -> list[float]:
+        return loop.fit(agent, task, seen, r)  # one assignment (lmas.population.evolution: the agent's own settings)
 
 
 class ContinualLoop:
@@ -99,10 +100,9 @@ class ContinualLoop:
         if self.train_cfg.compile:  # the decoder layers, in place: training and evaluation use them compiled
             compile_layers(population.model)
         self.encoder = PromptEncoder(population.tokenizer, max_length, population.base.prompt_format)
-        self.tracker = tracker or Tracker()
-        self.log = RoundLog(self.tracker)
         self.allocation, self.topology = allocation or Allocation(), topology or Topology()
-        self.transfer, self.body = transfer or Transfer(), body or Continual()
+        self.transfer, self.body, self.tracker = transfer or Transfer(), body or Continual(), tracker or Tracker()
+        self.log = RoundLog(self.tracker)
         cfg_t, cfg_e = self.train_cfg, self.eval_cfg
         self.trunk, self.scorer = build_scoring(population, self.encoder, cfg_t, cfg_e, trainer.get("precision"))
         fit_trunk = self.trunk if cfg_t.trunk_cache else None  # eval.cache: lmas/evaluation/cache.py
@@ -151,16 +151,16 @@ class ContinualLoop:
         log.info("round %d: %s", r, ", ".join(f"{a} <- {self.stream[j].name}" for a, j in assignments) or "no training")
         return assignments
 
-    def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int, strategy: Strategy | None = None
-            ) -> list[float]:  # fmt: skip
-        """Train ``agent`` on ``task`` with ``strategy`` (default: the run's) and its fit backend; its losses."""
+    def fit(self, agent: str, task: Task, seen: list[Task], round_idx: int, strategy: Strategy | None = None,
+            lr: float | None = None) -> list[float]:  # fmt: skip
+        """Train ``agent`` on ``task`` with ``strategy`` (default: the run's) at ``lr`` (default: train.lr); losses."""
         strategy = strategy or self.strategy
         seed = self.seed * 1_000_003 + round_idx * 1_009 + self.population.names.index(agent)
         L.seed_everything(seed, workers=True, verbose=False)
         examples = strategy.train_examples(agent, task, seen)
         log.info("round %d: %s trains on %s (%d examples, %s)", round_idx, agent, task.name, len(examples), task.kind)
         labels = self.stream.label_space(self.stream.index(task.name), self.evaluator.seen_index(round_idx))
-        offset, exp = self.state.step, Experience(agent, task, examples, strategy, seed)
+        offset, exp = self.state.step, Experience(agent, task, examples, strategy, seed, lr)
         on_loss = lambda step, loss: self.log.train_loss(agent, offset + step, loss)  # noqa: E731
         curve = lambda: self.evaluator.val_score(agent, task, labels)  # noqa: E731
         result = self.backends[strategy.fit_backend].fit(exp, on_loss, curve)

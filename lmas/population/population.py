@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -159,7 +160,9 @@ class Population:
             return
         active = next((n for n, a in self.agents.items() if a.adapters == list(self.model.active_adapters)), name)
         new = with_rank(cfg, rank)
-        self.model.delete_adapter(adapter)
+        with warnings.catch_warnings():  # peft warns that the active adapter goes: it is re-activated below
+            warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+            self.model.delete_adapter(adapter)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed + 104729 * rank + self.names.index(name))
             self.model.add_adapter(adapter, new)

@@ -8,11 +8,13 @@ A strategy changes training in three places only, each a small method:
   buffers, gradient projection for A-GEM).
 
 ``Naive`` (SeqLoRA: one adapter keeps training on each new task) is the base class itself.
-Strategies keep their state per agent and expose it through ``state_dict`` for checkpoints.
+Strategies keep their state per agent, in dict attributes keyed by agent name (so :meth:`Strategy.copy_agent`
+can hand one agent's state to another), and expose it through ``state_dict`` for checkpoints.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 from torch import Tensor
@@ -28,6 +30,7 @@ class Strategy:
 
     name = "naive"
     fit_backend = "lightning"  # how an experience is trained: lmas.training.fit.LightningFit (or "avalanche")
+    shape_bound = False  # per-agent state tied to the shape of the agent's adapter (anchors): its rank must stay
 
     def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
         """(example, task kind) pairs to train on in this experience; ``seen`` excludes ``task``."""
@@ -57,6 +60,16 @@ class Strategy:
         """What the agent's history should record about the experience just trained (e.g. its
         distillation teachers, which the lineage graph draws as edges); JSON-safe."""
         return {}
+
+    def copy_agent(self, src: str, dst: str) -> None:
+        """Give ``dst`` a copy of ``src``'s per-agent state (population-based training copies one agent into
+        another): every dict attribute keyed by agent name gets ``dst``'s entry replaced by a deep copy of
+        ``src``'s, or removed when ``src`` has none. A strategy that keeps per-agent state otherwise overrides it."""
+        for value in vars(self).values():
+            if isinstance(value, dict) and src in value:
+                value[dst] = copy.deepcopy(value[src])
+            elif isinstance(value, dict) and dst in value:
+                del value[dst]
 
     def state_dict(self) -> dict:
         """Everything needed to resume this strategy (tensors and JSON-safe values)."""

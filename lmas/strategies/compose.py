@@ -49,6 +49,7 @@ class Compose(Strategy):
             )
         self.fit_backend = parts[0].fit_backend if len(parts) == 1 else Strategy.fit_backend
         self.parts = parts
+        self.shape_bound = any(p.shape_bound for p in parts)
         self.name = name or "+".join(p.name for p in parts)
 
     def _one(self, method: str) -> Strategy | None:
@@ -88,6 +89,10 @@ class Compose(Strategy):
         for p in self.parts:
             info.update(p.fit_info())
         return info
+
+    def copy_agent(self, src: str, dst: str) -> None:
+        for p in self.parts:
+            p.copy_agent(src, dst)
 
     def state_dict(self) -> dict:
         return {"parts": [{"name": p.name, "state": p.state_dict()} for p in self.parts]}

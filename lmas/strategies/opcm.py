@@ -76,6 +76,7 @@ class OPCM(Strategy):
     """
 
     name = "opcm"
+    shape_bound = True  # keeps a merged update and trains at its own rank
 
     def __init__(self, alpha: float = 0.5, max_rank: int | None = None) -> None:
         if not 0.0 <= alpha < 1.0:

@@ -110,6 +110,7 @@ class EWC(Strategy):
     """
 
     name = "ewc"
+    shape_bound = True  # anchors the adapter's own weights
 
     def __init__(
         self,
@@ -197,6 +198,7 @@ class L2(Strategy):
     """
 
     name = "l2"
+    shape_bound = True  # anchors the adapter's own weights
 
     def __init__(self, l2_lambda: float = 1.0) -> None:
         if l2_lambda < 0:

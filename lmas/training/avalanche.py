@@ -40,6 +40,7 @@ Batch order differs unless ``shuffle=False``: Avalanche's sampler draws from tor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import warnings
@@ -241,6 +242,10 @@ class AvalancheStrategy(Strategy):
         self.agents: dict[str, list] = {}  # agent -> [avalanche strategy, wrapper, experiences so far]
         self.resumed: dict[str, int] = {}  # agent -> experiences before a resume (load_state_dict)
 
+    def copy_agent(self, src: str, dst: str) -> None:
+        raise ValueError(f"strategy={self.name}: Avalanche keeps an agent's state in its own strategy object, bound to "
+                         "the agent's model; it cannot be copied to another agent")  # fmt: skip
+
     def state_dict(self) -> dict:
         """Avalanche keeps its plugins' state (Fisher, buffers, previous model) in objects lmas
         does not serialise; only the number of experiences per agent is saved."""
@@ -315,7 +320,10 @@ class AvalancheFit:
         exp_data = _experience(*encode_experience(exp.examples, self.encoder), index)
         torch.manual_seed(exp.seed)  # the loop seeded these with the fit's seed already; direct calls get the same
         random.seed(exp.seed)  # A-GEM's memory sampling
-        control = _control_plugin(self.train, strategy.gradient_clip_val)
+        train = dataclasses.replace(self.train, lr=exp.lr) if exp.lr else self.train
+        for group in avl_strategy.optimizer.param_groups:  # the fit's own rate (population evolution sets it)
+            group["lr"] = train.lr
+        control = _control_plugin(train, strategy.gradient_clip_val)
         avl_strategy.plugins.append(control)
         try:
             with warnings.catch_warnings(record=True) as caught:

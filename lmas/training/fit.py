@@ -39,6 +39,7 @@ class Experience:
     examples: list[tuple[Example, str]]
     strategy: Strategy
     seed: int
+    lr: float | None = None  # the learning rate of this fit (None: train.lr); population evolution sets it per agent
 
 
 @dataclass
@@ -139,7 +140,7 @@ class LightningFit:
             exp.agent,
             strategy,
             self.encoder,
-            lr=cfg.lr,
+            lr=exp.lr or cfg.lr,
             weight_decay=cfg.weight_decay,
             warmup_steps=cfg.warmup_steps,
             trunk=self.trunk,

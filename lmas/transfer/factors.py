@@ -49,6 +49,15 @@ def stack_factors(pairs: Sequence[tuple[Tensor, Tensor]], weights: Sequence[floa
     return a, b
 
 
+def factor_svd(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``B @ A = U diag(s) Vh`` in float64, from the small core ``R_b R_aᵀ`` of the QR decompositions
+    of ``B`` and ``Aᵀ`` (the (out, in) product is never formed): ``U`` (out, k), ``s`` (k,), ``Vh`` (k, in)."""
+    qb, rb = torch.linalg.qr(b.double())  # (out, m), (m, R)
+    qa, ra = torch.linalg.qr(a.double().T)  # (in, n), (n, R)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core (m, n)
+    return qb @ u, s, vh @ qa.T
+
+
 def factorise(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """Best rank-``rank`` factors of ``B @ A`` (truncated SVD), split evenly: ``B' = U√S``, ``A' = √S Vᵀ``.
 
@@ -61,13 +70,11 @@ def factorise(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     """
     if rank < 1:
         raise ValueError(f"rank={rank}: must be >= 1")
-    qb, rb = torch.linalg.qr(b.double())  # (out, m), (m, R)
-    qa, ra = torch.linalg.qr(a.double().T)  # (in, n), (n, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)  # core (m, n)
+    u, s, vh = factor_svd(a, b)
     k = min(rank, s.numel())
     root = s[:k].sqrt()
-    b_k = (qb @ u[:, :k]) * root  # (out, k)
-    a_k = root[:, None] * (vh[:k] @ qa.T)  # (k, in)
+    b_k = u[:, :k] * root  # (out, k)
+    a_k = root[:, None] * vh[:k]  # (k, in)
     total = float(s.square().sum())
     residual = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
     return a_k.to(a.dtype), b_k.to(b.dtype), residual
