@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 from lmas.data.task import Task
+from lmas.evaluation.scoring import evaluate
 from lmas.lm.encoding import PromptEncoder
 from lmas.population.messages import Message, MessageLog
 from lmas.transfer.lorahub import lorahub_weights
@@ -258,6 +259,9 @@ class MergeInit(Transfer):
     ``sources`` default to every other agent that has learnt something; ``weights`` to ``1/n``.
     The merge (any method of :func:`lmas.transfer.merge.merge_adapters`) is written into the
     agent's trainable adapter, which keeps its rank; its frozen adapters, if any, stay.
+    ``scales``: the merge's coefficient ``λ`` (the agent starts from ``λ·merge``) tuned on the assigned task's
+    validation split (held out of train; never test) over this grid, the first best kept (``0`` is starting
+    fresh, the guard against negative transfer); None: ``λ = 1``. Each record has the scale and the scores.
     """
 
     name = "merge_init"
@@ -271,9 +275,13 @@ class MergeInit(Transfer):
         density: float | None = None,
         majority_sign_method: str = "total",
         seed: int = 0,
+        scales: list[float] | None = None,
     ) -> None:
         self.method, self.sources, self.weights, self.start = method, sources, weights, start
         self.options: MergeOptions = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
+        if scales is not None and not scales:
+            raise ValueError("transfer.scales=[]: give the grid of merge coefficients (or null: 1)")
+        self.scales = None if scales is None else [float(x) for x in scales]
 
     def due(self, round_idx: int) -> bool:
         return round_idx >= self.start
@@ -301,9 +309,10 @@ class MergeInit(Transfer):
         records = []
         for agent, task, sources, weights in plans:
             tmp, first = merged[agent]
+            scale, scores = self.tune(population, tmp, agent, task, encoder) if self.scales else (1.0, None)
             residual = max(
                 first,
-                merge_adapters(population, [tmp], [1.0], agent, "exact", seed=self.options["seed"], keep_frozen=True),
+                merge_adapters(population, [tmp], [scale], agent, "exact", seed=self.options["seed"], keep_frozen=True),
             )
             population.delete_agent(tmp)
             records.append(
@@ -316,9 +325,29 @@ class MergeInit(Transfer):
                     "sources": sources,
                     "weights": weights,
                     "residual": residual,
+                    **({"scale": scale, "val_scores": scores} if scores is not None else {}),
                 }
             )
         return records
+
+    def tune(
+        self, population: Population, merged: str, agent: str, task: Task, encoder: PromptEncoder | None
+    ) -> tuple[float, dict[str, float]]:
+        """The first best ``λ`` of :attr:`scales` for ``agent`` starting from ``λ·merged`` on ``task``'s validation
+        split, and every candidate's score."""
+        if encoder is None:
+            raise ValueError("transfer.scales needs the loop's encoder")
+        if not task.val:
+            raise ValueError(f"transfer.scales: task {task.name!r} has no validation split to tune the merge on")
+        scores = {}
+        for lam in self.scales or []:
+            merge_adapters(population, [merged], [lam], agent, "exact", seed=self.options["seed"], keep_frozen=True)
+            population.activate(agent)
+            scores[str(lam)] = evaluate(population.model, encoder, task, "val")
+        sign = -1.0 if task.metric == "perplexity" else 1.0
+        best = max(self.scales or [], key=lambda lam: sign * scores[str(lam)])  # the first of equal scores
+        log.info("merge_init: %s on %s: scale %s (val %s)", agent, task.name, best, scores)
+        return best, scores
 
 
 class MergeMethods(Transfer):

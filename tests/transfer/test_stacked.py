@@ -206,3 +206,30 @@ def test_config_check_refuses_transfers_a_strategy_cannot_follow(compose, overri
 ])
 def test_config_check_accepts_what_the_transfers_honour(compose, overrides):
     validate(compose(["model=tiny", *overrides]))
+
+
+def test_merge_init_tunes_the_merge_coefficient_on_the_validation_split(make_population):
+    """Each candidate λ is scored with the agent holding λ·merge (re-checked here), the first best is kept and
+    written; perplexity: lower is better."""
+    from lmas.evaluation.scoring import evaluate
+
+    pop = make_population(["a", "b"], {"r": R, "alpha": 2 * R})
+    pop.add_agent("new", lora_config(r=2 * R, alpha=4 * R))  # room for the exact merge (rank 2R)
+    for i, name in enumerate(("a", "b")):
+        _randomise(pop, name, name, 20 + i)
+        pop.agents[name].history.append({"event": "trained"})
+    texts = [Example("", f"the {w} sat on the mat and looked at the {w}") for w in ("cat", "dog", "owl", "fox")]
+    task = Task("story", "lm", texts, texts[:2], texts[2:])
+    enc = PromptEncoder(pop.tokenizer, 32)
+    scales = [0.0, 0.5, 1.0, 2.0]
+    (rec,) = MergeInit(start=0, scales=scales).apply(pop, 0, [("new", task)], enc)
+    scores = rec["val_scores"]
+    assert list(scores) == ["0.0", "0.5", "1.0", "2.0"] and len(set(scores.values())) == 4
+    assert rec["scale"] == min(scales, key=lambda lam: scores[str(lam)])
+    _close(_knowledge(pop, "new"), _weighted(pop, ["a", "b"], [0.5 * rec["scale"], 0.5 * rec["scale"]]))
+    for lam in scales:  # the recorded score is the agent's with λ·merge
+        merge_adapters(pop, ["a", "b"], [0.5 * lam, 0.5 * lam], "new", "exact", keep_frozen=True)
+        pop.activate("new")
+        assert evaluate(pop.model, enc, task, "val") == pytest.approx(scores[str(lam)], rel=1e-5)
+    with pytest.raises(ValueError, match="task 'bare' has no validation split"):
+        MergeInit(start=0, scales=[1.0]).apply(pop, 0, [("new", Task("bare", "lm", texts, [], texts))], enc)
