@@ -86,8 +86,21 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+COSTS = ("train_s", "eval_s", "wall_s", "comm_mb")
+"""The cost columns: seconds of training, evaluation and wall time (results.json ``timings``), and the megabytes
+of every message between agents (``population.communication``: adapters, label distributions, examples, ...)."""
+
+
+def cost(results: dict, key: str) -> float | None:
+    """One run's :data:`COSTS` entry (None when the run did not record it)."""
+    if key == "comm_mb":
+        rounds = results.get("population", {}).get("communication")
+        return None if rounds is None else sum(r["bytes"] for r in rounds) / 1e6
+    return results.get("timings", {}).get(key)
+
+
 def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
-    """One row per group: ``group``, ``n``, ``<metric>_mean``/``_std``, ``train_s_mean``/``_std``."""
+    """One row per group: ``group``, ``n``, ``<metric>_mean``/``_std`` and the costs' (:data:`COSTS`)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
@@ -103,7 +116,10 @@ def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
                     vals.append(value)
             if vals:
                 row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals)
-        row["train_s_mean"], row["train_s_std"] = mean_std([m.results["timings"]["train_s"] for m in members])
+        for key in COSTS:
+            vals = [v for m in members if (v := cost(m.results, key)) is not None]
+            if vals:
+                row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals)
         rows.append(row)
     return sorted(rows, key=lambda r: -r.get("avg_acc_mean", float("-inf")))
 
@@ -114,7 +130,7 @@ def header(key: str) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    cols = [k for k in METRICS if any(f"{k}_mean" in r for r in rows)] + ["train_s"]
+    cols = [k for k in (*METRICS, *COSTS) if any(f"{k}_mean" in r for r in rows)]
     head = "| group | runs | " + " | ".join(header(c) for c in cols) + " |"
     sep = "|---|---|" + "---|" * len(cols)
     body = []

@@ -22,7 +22,8 @@ def _fake_run(root: Path, name: str, overrides: list[str], seed: int, acc: float
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     results = {"complete": True, "stream": stream, "strategy": "x", "seed": seed,
                "metrics": {"agent0": {"avg_acc": acc, "forgetting": 0.1, "bwt": -0.1, "plasticity": acc}},
-               "timings": {"train_s": 10.0 + seed}}
+               "timings": {"train_s": 10.0 + seed},
+               "population": {"communication": [{"bytes": 1_000_000 * seed}, {"bytes": 500_000}]}}
     (d / "results.json").write_text(json.dumps(results))
 
 
@@ -40,9 +41,10 @@ def test_groups_by_overrides_without_seed(tmp_path):
     assert naive["n"] == 2 and naive["seeds"] == [0, 1]
     assert naive["avg_acc_mean"] == pytest.approx(0.6) and naive["avg_acc_std"] == pytest.approx(0.1414, abs=1e-4)
     assert naive["train_s_mean"] == pytest.approx(10.5)
+    assert naive["comm_mb_mean"] == pytest.approx(1.0) and "eval_s_mean" not in naive  # (0.5 + 1.5) / 2; not recorded
     assert main([str(tmp_path), "--out", str(tmp_path / "cmp")]) == 0
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| strategy=naive | 2 | 0.600 ± 0.141 |" in md
+    assert "| strategy=naive | 2 | 0.600 ± 0.141 |" in md and "comm_mb" in md and "1.000 ± 0.707 |" in md
     assert (tmp_path / "cmp" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "cmp" / "comparison.csv").read_text().startswith("group,n,seeds")
 
