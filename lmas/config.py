@@ -175,8 +175,9 @@ def _adapter_transfer(r: Reader) -> None:
     from lmas.strategies.lwf import LwF
     from lmas.strategies.olora import IncLoRA
     from lmas.strategies.regularizers import EWC, L2
+    from lmas.transfer.init import MergeInit
     from lmas.transfer.merge import OWN_METHODS, STACK_EXACT
-    from lmas.transfer.policy import LoraHub, MergeInit
+    from lmas.transfer.policy import LoraHub
 
     strategies = _strategies(r)
     stacking = [getattr(cls, "name", cls.__name__) for _, cls in strategies if issubclass(cls, IncLoRA)]
@@ -190,11 +191,8 @@ def _adapter_transfer(r: Reader) -> None:
         if bad:
             why = f"strategy={stacking[0]} {STACKS}, and merge method(s) {', '.join(map(str, bad))} (peft's"
             r.fail(key, value, why + f" add_weighted_adapter) merge single adapters; use {', '.join(ok)}")
-    fixed = [
-        getattr(cls, "name", cls.__name__)
-        for _, cls in strategies
-        if issubclass(cls, (EWC, L2, LwF)) or cls.__module__ == "lmas.training.avalanche"
-    ]
+    fixed = [getattr(c, "name", c.__name__) for _, c in strategies
+             if issubclass(c, (EWC, L2, LwF)) or c.__module__ == "lmas.training.avalanche"]  # fmt: skip
     if fixed and r.get("topology.max_rank") is not None:
         why = f"grows an agent's adapter during the run, but strategy {fixed[0]} {FIXED}; use topology.max_rank=null"
         r.fail("topology.max_rank", r.get("topology.max_rank"), why + " or a strategy without such state")

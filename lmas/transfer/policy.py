@@ -3,8 +3,8 @@
 * :class:`Transfer` — no transfer (``conf/transfer/none.yaml``).
 * :class:`Merge` — on a schedule of rounds, merge agents' adapters into some agents (consensus
   merging, or pushing a merge into chosen agents).
-* :class:`MergeInit` — before an agent trains a task, start its adapter from a merge of the other
-  agents' adapters (initialising a new task's adapter from related agents).
+* :class:`lmas.transfer.init.MergeInit` — before an agent trains a task, start its adapter from a merge of the
+  other agents' adapters (initialising a new task's adapter from related agents; in ``init.py``).
 * :class:`LoraHub` — before an agent trains a task, start its adapter from a LoraHub composition of
   other agents' adapters, with weights found on a few of the task's training examples.
 * :class:`MergeMethods` — merge the same sources with several methods, each into a new agent
@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 from lmas.data.task import Task
-from lmas.evaluation.scoring import evaluate
 from lmas.lm.encoding import PromptEncoder
 from lmas.population.messages import Message, MessageLog
 from lmas.transfer.lorahub import lorahub_weights
@@ -251,103 +250,6 @@ class LoraHub(Transfer):
                 }
             )
         return records
-
-
-class MergeInit(Transfer):
-    """Before round ``r >= start``, each assigned agent starts from a merge of ``sources``.
-
-    ``sources`` default to every other agent that has learnt something; ``weights`` to ``1/n``.
-    The merge (any method of :func:`lmas.transfer.merge.merge_adapters`) is written into the
-    agent's trainable adapter, which keeps its rank; its frozen adapters, if any, stay.
-    ``scales``: the merge's coefficient ``λ`` (the agent starts from ``λ·merge``) tuned on the assigned task's
-    validation split (held out of train; never test) over this grid, the first best kept (``0`` is starting
-    fresh, the guard against negative transfer); None: ``λ = 1``. Each record has the scale and the scores.
-    """
-
-    name = "merge_init"
-
-    def __init__(
-        self,
-        method: str = "exact",
-        sources: list[str] | None = None,
-        weights: list[float] | None = None,
-        start: int = 1,
-        density: float | None = None,
-        majority_sign_method: str = "total",
-        seed: int = 0,
-        scales: list[float] | None = None,
-    ) -> None:
-        self.method, self.sources, self.weights, self.start = method, sources, weights, start
-        self.options: MergeOptions = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
-        if scales is not None and not scales:
-            raise ValueError("transfer.scales=[]: give the grid of merge coefficients (or null: 1)")
-        self.scales = None if scales is None else [float(x) for x in scales]
-
-    def due(self, round_idx: int) -> bool:
-        return round_idx >= self.start
-
-    def apply(
-        self,
-        population: Population,
-        round_idx: int,
-        assignments: Sequence[tuple[str, Task]] = (),
-        encoder: PromptEncoder | None = None,
-    ) -> list[dict]:
-        if not self.due(round_idx):
-            return []
-        plans = []
-        for agent, task in assignments:
-            sources = [s for s in self.sources if s != agent] if self.sources else knowing_peers(population, agent)
-            if sources:
-                weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
-                plans.append((agent, task, sources, weights))
-        # compute every merge before writing any (an agent may be another's source)
-        merged = {}
-        for agent, _, sources, weights in plans:
-            tmp = f"mergeinit_{agent}"
-            merged[agent] = (tmp, merge_adapters(population, sources, weights, tmp, self.method, **self.options))
-        records = []
-        for agent, task, sources, weights in plans:
-            tmp, first = merged[agent]
-            scale, scores = self.tune(population, tmp, agent, task, encoder) if self.scales else (1.0, None)
-            residual = max(
-                first,
-                merge_adapters(population, [tmp], [scale], agent, "exact", seed=self.options["seed"], keep_frozen=True),
-            )
-            population.delete_agent(tmp)
-            records.append(
-                {
-                    "round": round_idx,
-                    "transfer": self.name,
-                    "method": self.method,
-                    "agent": agent,
-                    "task": task.name,
-                    "sources": sources,
-                    "weights": weights,
-                    "residual": residual,
-                    **({"scale": scale, "val_scores": scores} if scores is not None else {}),
-                }
-            )
-        return records
-
-    def tune(
-        self, population: Population, merged: str, agent: str, task: Task, encoder: PromptEncoder | None
-    ) -> tuple[float, dict[str, float]]:
-        """The first best ``λ`` of :attr:`scales` for ``agent`` starting from ``λ·merged`` on ``task``'s validation
-        split, and every candidate's score."""
-        if encoder is None:
-            raise ValueError("transfer.scales needs the loop's encoder")
-        if not task.val:
-            raise ValueError(f"transfer.scales: task {task.name!r} has no validation split to tune the merge on")
-        scores = {}
-        for lam in self.scales or []:
-            merge_adapters(population, [merged], [lam], agent, "exact", seed=self.options["seed"], keep_frozen=True)
-            population.activate(agent)
-            scores[str(lam)] = evaluate(population.model, encoder, task, "val")
-        sign = -1.0 if task.metric == "perplexity" else 1.0
-        best = max(self.scales or [], key=lambda lam: sign * scores[str(lam)])  # the first of equal scores
-        log.info("merge_init: %s on %s: scale %s (val %s)", agent, task.name, best, scores)
-        return best, scores
 
 
 class MergeMethods(Transfer):

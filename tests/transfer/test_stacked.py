@@ -13,9 +13,10 @@ from lmas.data.task import Example, Task
 from lmas.lm.encoding import PromptEncoder
 from lmas.population.population import lora_config
 from lmas.transfer import init_from_merge, merge_adapters
-from lmas.transfer.lorahub import _Scratch
 from lmas.transfer.factors import agent_factors, delta, lora_layers
-from lmas.transfer.policy import LoraHub, Merge, MergeInit
+from lmas.transfer.init import MergeInit
+from lmas.transfer.lorahub import _Scratch
+from lmas.transfer.policy import LoraHub, Merge
 
 R = 4
 
@@ -186,7 +187,7 @@ def _errors(compose, overrides) -> str:
     (["strategy=olora", "transfer=merge", "transfer.method=ties", "transfer.density=0.5"],
      "transfer.method=ties: strategy=olora stacks one adapter per task"),
     (["strategy=olora", "transfer=merge_init"],
-     "transfer._target_=lmas.transfer.policy.MergeInit: strategy=olora stacks one adapter per task"),
+     "transfer._target_=lmas.transfer.init.MergeInit: strategy=olora stacks one adapter per task"),
     (["strategy=inclora", "transfer=lorahub"], "it would overwrite that task"),
     (["population=peer_to_peer", "topology.max_rank=32", "strategy=ewc"],
      "topology.max_rank=32: grows an agent's adapter during the run, but strategy ewc"),
