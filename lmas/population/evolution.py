@@ -141,6 +141,11 @@ def strategy_values(strategy: Strategy, values: Mapping[str, float]) -> Iterator
             setattr(part, name, value)
 
 
+def mean_score(scores: Mapping[str, float]) -> float:
+    """Fitness: the mean of an agent's validation scores over the tasks met."""
+    return sum(scores.values()) / len(scores)
+
+
 # --- the round body ------------------------------------------------------------------------------
 class Evolution(Continual):
     """The continual round, then an evolution step every ``every`` rounds (module docstring).
@@ -251,8 +256,7 @@ class Evolution(Continual):
         }
 
     def fitness(self, agent: str, r: int) -> float:
-        scores = self.scores(agent, r)
-        return sum(scores.values()) / len(scores)
+        return mean_score(self.scores(agent, r))
 
     def describe(self, scores: Mapping[str, float]) -> tuple[float, float]:
         """The QD descriptors of one agent's scores (module docstring)."""
@@ -304,7 +308,7 @@ class Evolution(Continual):
         archive, own = Archive(self.qd.bins), {}
         for agent in pop.names:
             scores = self.scores(agent, r)
-            own[agent] = sum(scores.values()) / len(scores)
+            own[agent] = mean_score(scores)
             archive.add(Elite(agent, own[agent], self.describe(scores), agent_factors(pop, agent), [agent]))
         if CHILD in pop.agents:
             raise ValueError(f"loop=evolution: an agent is named {CHILD!r}, the name QD scores its children under")
@@ -324,7 +328,7 @@ class Evolution(Continual):
                     child = svd_mutation(crossover(pa.factors, pb.factors, w), self.qd.sigma, gen)
                     residual = write_knowledge(pop, CHILD, child, keep=0.0, seed=self.seed)
                     scores = self.scores(CHILD, r)
-                    elite = Elite(f"child{g}.{c}", sum(scores.values()) / len(scores), self.describe(scores),
+                    elite = Elite(f"child{g}.{c}", mean_score(scores), self.describe(scores),
                                   agent_factors(pop, CHILD), sorted({*pa.sources, *pb.sources}))  # fmt: skip
                     entered = archive.add(elite)
                     children.append({"key": elite.key, "parents": [pa.key, pb.key], "w": w, "entered": entered,
