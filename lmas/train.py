@@ -36,13 +36,22 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
 
     ``resume``: continue the run in ``run_dir`` from its last checkpoint (``cfg`` must be its config).
     """
-    import lightning as L
-
     run_dir = Path(run_dir)
     rank = worker_rank()
     if rank:  # a data-parallel rank that Lightning started by re-running this job (trainer.strategy=ddp)
         run_dir = run_dir / f".rank{rank}"  # its own copy of the outputs; rank 0 writes the run's
     check_run_dir(run_dir, resume)
+    loop = build(cfg, run_dir, save_config=not resume, track=not rank)
+    results = loop.run(resume=resume)
+    print(summary(results, run_dir))
+    return results
+
+
+def build(cfg: DictConfig, run_dir: Path, save_config: bool = True, track: bool = True) -> ContinualLoop:
+    """The run's loop, built from ``cfg`` (checked first); ``save_config``: write the resolved config to
+    ``run_dir/config.yaml``; ``track``: start ``cfg.logger`` (else no tracker)."""
+    import lightning as L
+
     validate(cfg)  # bad options fail here, before any data or model is loaded
     L.seed_everything(cfg.seed, verbose=False)
     # the cheap objects first: their own argument checks fail in a second, before the model and the stream load
@@ -55,7 +64,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     body = instantiate(cfg.loop, _convert_="all")  # what a round learns (conf/loop/)
     train, evaluation = TrainConfig(**cfg.train), EvalConfig(**cfg.eval)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if save_config:
         OmegaConf.save(cfg, run_dir / CONFIG, resolve=True)  # what resume=<run dir> rebuilds the run from
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     stream = instantiate(cfg.stream, _convert_="all")
@@ -70,10 +79,10 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
     base = instantiate(cfg.model)
     log.info("base model %s (%s parameters)", base.name, f"{base.info.get('parameters', 0):,}")
     population = instantiate(cfg.population, _partial_=True, _convert_="all")(base=base)
-    tracker = instantiate(cfg.logger, _convert_="all") if not rank else Tracker()
+    tracker = instantiate(cfg.logger, _convert_="all") if track else Tracker()
     config = _plain(cfg)
     tracker.start(run_dir, config, name=run_dir.name)
-    loop = ContinualLoop(
+    return ContinualLoop(
         population=population,
         stream=stream,
         strategy=strategy,
@@ -91,9 +100,6 @@ def run(cfg: DictConfig, run_dir: str | Path, resume: bool = False) -> dict:
         body=body,
         progress=cfg.progress,
     )
-    results = loop.run(resume=resume)
-    print(summary(results, run_dir))
-    return results
 
 
 def _plain(node: DictConfig) -> dict:
