@@ -20,6 +20,9 @@ Pure parts, tested by hand:
   weights, and each client's adapter set to the best approximation of the average at its own rank (truncated
   SVD): exact in the products, and it admits clients of different ranks.
 * :func:`proximal_term`: FedProx's ``mu/2 Σ ‖θ − θ_global‖²`` over the adapter's parameters.
+
+``transport``: ``inprocess`` trains the clients one after another in this process; ``flower`` trains each in its
+own Flower client process (:mod:`lmas.population.flower`), the rest of the round unchanged.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 AGGREGATORS = ("fedavg", "fedprox", "fedavgm", "flexlora", "local")
+TRANSPORTS = ("inprocess", "flower")
 
 
 # --- pure functions ------------------------------------------------------------------------------
@@ -148,6 +152,8 @@ class Federated(RoundBody):
             sent; the matrix's agent rows are the clients' local models).
         mu, momentum, server_lr: FedProx's and FedAvgM's settings.
         seed: the partition's and the client sampling's randomness.
+        transport: ``inprocess`` | ``flower`` (each client a Flower client process; ``flower``: its ``address``,
+            ``clients`` (``spawn`` | ``external``) and ``timeout``, :class:`lmas.population.flower.FlowerServer`).
     """
 
     name = "federated"
@@ -162,6 +168,8 @@ class Federated(RoundBody):
         momentum: float = 0.9,
         server_lr: float = 1.0,
         seed: int = 0,
+        transport: str = "inprocess",
+        flower: dict[str, Any] | None = None,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"loop.aggregator={aggregator!r}: expected one of {AGGREGATORS}")
@@ -173,6 +181,14 @@ class Federated(RoundBody):
             raise ValueError(f"loop: need mu >= 0, 0 <= momentum < 1, server_lr > 0; got {mu}, {momentum}, {server_lr}")
         self.rounds, self.clients_per_round, self.alpha, self.aggregator = rounds, clients_per_round, alpha, aggregator
         self.mu, self.momentum, self.server_lr, self.seed = mu, momentum, server_lr, seed
+        if transport not in TRANSPORTS:
+            raise ValueError(f"loop.transport={transport!r}: expected one of {TRANSPORTS}")
+        if transport == "flower":
+            from lmas.population.flower import check_flower
+
+            check_flower()  # before the model loads
+        self.transport, self.flower = transport, dict(flower or {})
+        self.server: Any = None
 
     def bind(self, loop: ContinualLoop) -> list[list[int]]:
         names = loop.population.names
@@ -183,6 +199,18 @@ class Federated(RoundBody):
             if bad:
                 raise ValueError(f"loop.alpha={self.alpha}: label skew needs classification tasks, not {bad}")
         self.loop = loop
+        if self.transport == "flower":
+            if type(loop.strategy).state_dict is not Strategy.state_dict:
+                raise ValueError(
+                    f"loop.transport=flower: strategy {loop.strategy.name!r} keeps per-agent state that would live "
+                    "in the client processes, outside the run's checkpoint; over Flower use a stateless strategy "
+                    "(strategy=naive; loop.aggregator=fedprox adds its term in the clients) or loop.transport=inprocess"
+                )
+            from lmas.population.flower import FlowerServer
+
+            opts = {"address": "127.0.0.1:0", "clients": "spawn", "timeout": 600.0, **self.flower}
+            self.server = FlowerServer(loop, str(opts["address"]), str(opts["clients"]), float(opts["timeout"]))
+            self.server.start()
         return [[j] for j in range(len(loop.stream))]
 
     @property
@@ -193,7 +221,7 @@ class Federated(RoundBody):
         return {"federated": self.records, "federated_setup": self.describe()}
 
     def describe(self) -> dict[str, Any]:
-        keys = ("rounds", "clients_per_round", "alpha", "aggregator", "mu", "momentum", "server_lr")
+        keys = ("rounds", "clients_per_round", "alpha", "aggregator", "mu", "momentum", "server_lr", "transport")
         return {k: getattr(self, k) for k in keys}
 
     def shard(self, task: Task, client: str) -> Task:
@@ -204,6 +232,13 @@ class Federated(RoundBody):
         view = copy.copy(task)  # a share of a checked task (a shard may lack some labels: no warnings)
         view.train = [task.train[i] for i in parts[names.index(client)]]
         return view
+
+    def fit_client(self, loop: ContinualLoop, client: str, j: int, r: int) -> list[float]:
+        """One client's local epochs on its shard of task ``j`` from its current adapter (here, or in a Flower
+        client process); returns the losses."""
+        strategy = Compose([loop.strategy, Proximal(self.mu)]) if self.aggregator == "fedprox" else None
+        seen = [self.shard(loop.stream[i], client) for i in range(j)]
+        return loop.fit(client, self.shard(loop.stream[j], client), seen, r, strategy=strategy)
 
     def broadcast(self, state: dict[str, Tensor], r: int, to: Sequence[str]) -> None:
         pop, messages = self.loop.population, self.loop.state.messages
@@ -221,7 +256,6 @@ class Federated(RoundBody):
         if r == 0 and self.aggregator != "flexlora":  # one global start: the first agent's initial adapter
             self.broadcast(pop.adapter_state(names[0]), r, names[1:])
         global_state, velocity = pop.adapter_state(names[0]), None
-        strategy = Compose([loop.strategy, Proximal(self.mu)]) if self.aggregator == "fedprox" else None
         state.assignments.append([])
         rng = random.Random(self.seed * 1_000_003 + r)
         for t in range(self.rounds):
@@ -229,9 +263,12 @@ class Federated(RoundBody):
             chosen = sorted(rng.sample(clients, k), key=names.index)
             sizes = [len(shards[c].train) for c in chosen]
             bytes_before = state.messages.round_summary(r)["bytes"]
+            if self.server is not None:  # each client in its own process
+                losses = self.server.fit(chosen, j, r)
+            else:
+                losses = {c: self.fit_client(loop, c, j, r) for c in chosen}
             for c in chosen:
-                seen = [self.shard(loop.stream[i], c) for i in range(j)]
-                state.loss_curves[f"{c}/{task.name}/{t}"] = loop.fit(c, shards[c], seen, r, strategy=strategy)
+                state.loss_curves[f"{c}/{task.name}/{t}"] = losses[c]
                 state.assignments[r].append((c, j))
             uploads = {c: pop.adapter_state(c) for c in chosen} if self.aggregator != "local" else {}
             for c in uploads:
@@ -255,6 +292,8 @@ class Federated(RoundBody):
                                  "bytes": sent, "residual": residual})  # fmt: skip
             log.info("federated %s round %d.%d: clients %s (%s examples), %s bytes", task.name, r, t, chosen, sizes,
                      self.records[-1]["bytes"])  # fmt: skip
+        if self.server is not None and r == len(loop.plan) - 1:  # the last task: the clients can go
+            self.server.close()
         if self.aggregator == "local":  # each client learnt the task from its own shard, nothing was exchanged
             for agent in dict.fromkeys(a for a, _ in state.assignments[r]):
                 state.matrix.mark_trained(r, agent, task.name)
