@@ -79,7 +79,6 @@ class Continual(RoundBody):
 
 class ContinualLoop:
     """Runs a stream through a population with a strategy and records the knowledge matrix in ``run_dir``.
-
     ``seed`` is mixed with round and agent index into each fit's seed; ``train``/``eval``: ``train.*``/``eval.*``;
     ``trainer``: ``lightning.Trainer`` arguments; ``max_length``: tokens per sequence (prompts are cut); allocation,
     topology, transfer default to every agent every task, no exchange, no transfer; ``body`` to :class:`Continual`.
@@ -108,6 +107,7 @@ class ContinualLoop:
         fit_trunk = self.trunk if cfg_t.trunk_cache else None  # eval.cache: lmas/evaluation/cache.py
         self.backends = fit_backends(population, self.encoder, cfg_t, trainer, fit_trunk, cfg_e.curve_every, progress)
         self.topology.check(population.names)
+        self.transfer.bind(list(stream))  # the tasks a tuned merge scores on (transfer.scales)
         self.evaluator = Evaluator(self.scorer, stream, [], cfg_e, self.topology, self.run_dir / "per_example")
         self.plan = self.evaluator.plan = self.body.bind(self)  # task indices per round
         if not self.plan:

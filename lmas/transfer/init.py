@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from lmas.data.task import Task
-from lmas.evaluation.scoring import evaluate
 from lmas.lm.encoding import PromptEncoder
 from lmas.transfer.factors import is_stacked
 from lmas.transfer.merge import merge_adapters
 from lmas.transfer.policy import MergeOptions, Transfer, knowing_peers
+from lmas.transfer.scales import checked_scales, tune_scale
 
 if TYPE_CHECKING:
     from lmas.population.population import Population
@@ -73,9 +73,7 @@ class MergeInit(Transfer):
     ) -> None:
         self.method, self.sources, self.weights, self.start = method, sources, weights, start
         self.options: MergeOptions = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
-        if scales is not None and not scales:
-            raise ValueError("transfer.scales=[]: give the grid of merge coefficients (or null: 1)")
-        self.scales = None if scales is None else [float(x) for x in scales]
+        self.scales = checked_scales(scales)
 
     def due(self, round_idx: int) -> bool:
         return round_idx >= self.start
@@ -129,16 +127,7 @@ class MergeInit(Transfer):
     ) -> tuple[float, dict[str, float]]:
         """The first best ``λ`` of :attr:`scales` for ``agent`` starting from ``λ·merged`` on ``task``'s validation
         split, and every candidate's score."""
-        if encoder is None:
-            raise ValueError("transfer.scales needs the loop's encoder")
-        if not task.val:
-            raise ValueError(f"transfer.scales: task {task.name!r} has no validation split to tune the merge on")
-        scores = {}
-        for lam in self.scales or []:
-            merge_adapters(population, [merged], [lam], agent, "exact", seed=self.options["seed"], keep_frozen=True)
-            population.activate(agent)
-            scores[str(lam)] = evaluate(population.model, encoder, task, "val")
-        sign = -1.0 if task.metric == "perplexity" else 1.0
-        best = max(self.scales or [], key=lambda lam: sign * scores[str(lam)])  # the first of equal scores
-        log.info("merge_init: %s on %s: scale %s (val %s)", agent, task.name, best, scores)
-        return best, scores
+        best, scores, _ = tune_scale(
+            population, merged, agent, [task], encoder, self.scales or [], self.options["seed"], keep_frozen=True
+        )
+        return best, {lam: by_task[task.name] for lam, by_task in scores.items()}

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from lmas.data.task import Task
 from lmas.lm.encoding import PromptEncoder
@@ -45,6 +45,7 @@ from lmas.transfer.merge import (
     merge_adapters,
     write_knowledge,
 )
+from lmas.transfer.scales import checked_scales, merge_tuned
 
 if TYPE_CHECKING:
     from lmas.population.population import Population
@@ -81,6 +82,16 @@ class Transfer:
     """No transfer: ``apply`` does nothing."""
 
     name = "none"
+    tasks: dict[str, Task] = {}  # the stream's tasks by name (:meth:`bind`)
+
+    def bind(self, tasks: Sequence[Task]) -> None:
+        """The stream's tasks (the loop binds them): the validation splits a tuned merge (``scales``) scores on."""
+        self.tasks = {t.name: t for t in tasks}
+
+    def learnt(self, population: Population, sources: Sequence[str]) -> list[Task]:
+        """The stream's tasks that ``sources`` trained, in first-trained order: what their merge should serve."""
+        names = [e.task for s in sources for e in population.agents[s].history if e.event == "trained"]
+        return [self.tasks[n] for n in dict.fromkeys(names) if n in self.tasks]
 
     def due(self, round_idx: int) -> bool:
         return False
@@ -135,6 +146,7 @@ class Merge(Transfer):
         majority_sign_method: str = "total",
         rank: int | None = None,
         seed: int = 0,
+        scales: list[float] | None = None,
     ) -> None:
         if every < 1 or start < 0:
             raise ValueError(f"transfer: need every >= 1 and start >= 0, got every={every}, start={start}")
@@ -146,6 +158,7 @@ class Merge(Transfer):
             "rank": rank,
             "seed": seed,
         }
+        self.scales = checked_scales(scales)
 
     def due(self, round_idx: int) -> bool:
         return round_idx >= self.start and (round_idx - self.start) % self.every == 0
@@ -161,8 +174,13 @@ class Merge(Transfer):
             return []
         sources = list(self.sources or population.names)
         weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
-        targets = list(self.targets or sources)
-        first = merge_adapters(population, sources, weights, targets[0], self.method, **self.options)
+        targets, tuned = list(self.targets or sources), dict[str, Any]()
+        if self.scales:  # λ·merge, λ tuned on the validation splits of the tasks the sources trained
+            tasks = self.learnt(population, sources)
+            first, tuned = merge_tuned(population, sources, weights, targets[0], self.method, tasks, encoder,
+                                       self.scales, self.options)  # fmt: skip
+        else:
+            first = merge_adapters(population, sources, weights, targets[0], self.method, **self.options)
         residual = {targets[0]: first}
         for t in targets[1:]:  # copy the one merge (exact when the ranks agree)
             residual[t] = max(
@@ -177,6 +195,7 @@ class Merge(Transfer):
                 "sources": sources,
                 "weights": weights,
                 "residual": residual[t],
+                **tuned,
             }
             for t in targets
         ]
@@ -270,11 +289,13 @@ class MergeMethods(Transfer):
         density: float = 0.5,
         majority_sign_method: str = "total",
         seed: int = 0,
+        scales: list[float] | None = None,
     ) -> None:
         if not methods:
             raise ValueError("transfer.methods: give at least one merge method")
         self.methods, self.sources, self.weights, self.start = list(methods), sources, weights, start
         self.density, self.majority_sign_method, self.seed = density, majority_sign_method, seed
+        self.scales = checked_scales(scales)
 
     def due(self, round_idx: int) -> bool:
         return round_idx == self.start
@@ -290,24 +311,21 @@ class MergeMethods(Transfer):
             return []
         sources = list(self.sources) if self.sources else knowing_peers(population)
         weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
-        records = []
+        records, tasks = [], self.learnt(population, sources) if self.scales else []
         for method in self.methods:
             target = f"merged_{method}"
             density = self.density if method in NEEDS_DENSITY else None
             if method == "model_stock" and len(set(sources)) < 2:  # its ratio is the angle between two updates
                 log.warning("merge_methods round %d: model_stock skipped: one source agent (%s)", round_idx, sources)
                 continue
-            start = time.perf_counter()
-            residual = merge_adapters(
-                population,
-                sources,
-                weights,
-                target,
-                method,
-                density=density,
-                majority_sign_method=self.majority_sign_method,
-                seed=self.seed,
-            )
+            start, tuned = time.perf_counter(), dict[str, Any]()
+            options: MergeOptions = {"density": density, "majority_sign_method": self.majority_sign_method,
+                                     "seed": self.seed}  # fmt: skip
+            if self.scales:  # the merge's coefficient tuned on validation (merge_s then includes the tuning)
+                residual, tuned = merge_tuned(population, sources, weights, target, method, tasks, encoder,
+                                              self.scales, options)  # fmt: skip
+            else:
+                residual = merge_adapters(population, sources, weights, target, method, **options)
             records.append(
                 {
                     "round": round_idx,
@@ -318,6 +336,7 @@ class MergeMethods(Transfer):
                     "weights": weights,
                     "residual": residual,
                     "merge_s": time.perf_counter() - start,  # the merge's runtime (MergeBench reports it)
+                    **tuned,
                 }
             )
         return records
