@@ -20,6 +20,9 @@ Pure parts, tested by hand:
   weights, and each client's adapter set to the best approximation of the average at its own rank (truncated
   SVD): exact in the products, and it admits clients of different ranks.
 * :func:`proximal_term`: FedProx's ``mu/2 Σ ‖θ − θ_global‖²`` over the adapter's parameters.
+* :func:`bytes_to_target`: per task, the bytes sent until the validation score after a server round first reaches
+  ``target`` (FlowerTune's communication-to-accuracy), from the records' ``val`` (``val_curve``: the global
+  model's validation score after every server round; the mean over the clients when they differ, local/FlexLoRA).
 
 ``transport``: ``inprocess`` trains the clients one after another in this process; ``flower`` trains each in its
 own Flower client process (:mod:`lmas.population.flower`), the rest of the round unchanged.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -116,6 +119,22 @@ def flexlora(pop: Population, clients: Sequence[str], sizes: Sequence[int], to: 
     return max(write_knowledge(pop, agent, merged, keep=0.0, seed=seed) for agent in to)
 
 
+def bytes_to_target(records: Sequence[Mapping[str, Any]], target: float, lower: Collection[str] = ()) -> dict:
+    """Per task of ``records`` (in order): whether the validation score reached ``target`` (at most ``target`` for
+    the tasks in ``lower``: perplexity), the first server round that did, and the bytes sent up to and including it
+    (all the task's bytes when it never did)."""
+    out: dict[str, dict[str, Any]] = {}
+    for rec in records:
+        task = out.setdefault(rec["task"], {"reached": False, "fl_round": None, "bytes": 0, "val": None})
+        if task["reached"]:
+            continue
+        task["bytes"] += rec["bytes"]
+        val = rec.get("val")
+        if val is not None and (val <= target if rec["task"] in lower else val >= target):
+            task.update(reached=True, fl_round=rec["fl_round"], val=val)
+    return out
+
+
 def proximal_term(params: Mapping[str, Tensor], anchor: Mapping[str, Tensor], mu: float) -> Tensor:
     """FedProx's ``mu/2 Σ ‖θ − θ_anchor‖²``."""
     return 0.5 * mu * sum(((p - anchor[k]) ** 2).sum() for k, p in params.items())  # type: ignore[return-value]
@@ -152,6 +171,9 @@ class Federated(RoundBody):
             sent; the matrix's agent rows are the clients' local models).
         mu, momentum, server_lr: FedProx's and FedAvgM's settings.
         seed: the partition's and the client sampling's randomness.
+        val_curve: score the validation split after every server round (records' ``val``).
+        target: with ``val_curve``, the validation score whose bytes-to-reach results.json reports
+            (``federated_to_target``; perplexity: lower is better).
         transport: ``inprocess`` | ``flower`` (each client a Flower client process; ``flower``: its ``address``,
             ``clients`` (``spawn`` | ``external``) and ``timeout``, :class:`lmas.population.flower.FlowerServer`).
     """
@@ -168,6 +190,8 @@ class Federated(RoundBody):
         momentum: float = 0.9,
         server_lr: float = 1.0,
         seed: int = 0,
+        val_curve: bool = True,
+        target: float | None = None,
         transport: str = "inprocess",
         flower: dict[str, Any] | None = None,
     ) -> None:
@@ -187,6 +211,9 @@ class Federated(RoundBody):
             from lmas.population.flower import check_flower
 
             check_flower()  # before the model loads
+        if target is not None and not val_curve:
+            raise ValueError(f"loop.target={target}: the bytes to a target need loop.val_curve=true")
+        self.val_curve, self.target = val_curve, target
         self.transport, self.flower = transport, dict(flower or {})
         self.server: Any = None
 
@@ -218,10 +245,24 @@ class Federated(RoundBody):
         return self.loop.state.body.setdefault("federated", [])
 
     def results(self, loop: ContinualLoop) -> dict[str, Any]:
-        return {"federated": self.records, "federated_setup": self.describe()}
+        out = {"federated": self.records, "federated_setup": self.describe()}
+        if self.target is not None:
+            lower = {t.name for t in loop.stream if t.metric == "perplexity"}
+            out["federated_to_target"] = bytes_to_target(self.records, self.target, lower)
+        return out
 
     def describe(self) -> dict[str, Any]:
-        keys = ("rounds", "clients_per_round", "alpha", "aggregator", "mu", "momentum", "server_lr", "transport")
+        keys = (
+            "rounds",
+            "clients_per_round",
+            "alpha",
+            "aggregator",
+            "mu",
+            "momentum",
+            "server_lr",
+            "target",
+            "transport",
+        )
         return {k: getattr(self, k) for k in keys}
 
     def shard(self, task: Task, client: str) -> Task:
@@ -290,6 +331,10 @@ class Federated(RoundBody):
             sent = state.messages.round_summary(r)["bytes"] - bytes_before
             self.records.append({"task": task.name, "round": r, "fl_round": t, "clients": chosen, "examples": sizes,
                                  "bytes": sent, "residual": residual})  # fmt: skip
+            if self.val_curve:  # the global model (each client's, when they differ) on the task's validation split
+                labels = loop.stream.label_space(j, loop.evaluator.seen_index(r))
+                scored = names if self.aggregator in ("local", "flexlora") else names[:1]
+                self.records[-1]["val"] = sum(loop.evaluator.val_score(a, task, labels) for a in scored) / len(scored)
             log.info("federated %s round %d.%d: clients %s (%s examples), %s bytes", task.name, r, t, chosen, sizes,
                      self.records[-1]["bytes"])  # fmt: skip
         if self.server is not None and r == len(loop.plan) - 1:  # the last task: the clients can go

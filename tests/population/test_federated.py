@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmas.data.task import Example
-from lmas.population.federated import Federated, fedavg, fedavgm, partition, proximal_term
+from lmas.population.federated import Federated, bytes_to_target, fedavg, fedavgm, partition, proximal_term
 
 
 def _rows(n_per_label: dict[str, int]) -> list[Example]:
@@ -63,11 +63,25 @@ def test_fedavg_fedavgm_and_the_proximal_term_by_hand():
     torch.testing.assert_close(p.grad, 0.5 * p.detach())  # mu (theta - anchor)
 
 
+def test_bytes_to_target_counts_the_bytes_until_the_first_server_round_that_reaches_it():
+    recs = [{"task": "a", "fl_round": 0, "bytes": 10, "val": 0.4}, {"task": "a", "fl_round": 1, "bytes": 10, "val": 0.7},
+            {"task": "a", "fl_round": 2, "bytes": 10, "val": 0.9}, {"task": "b", "fl_round": 0, "bytes": 5, "val": 0.2},
+            {"task": "b", "fl_round": 1, "bytes": 5, "val": 0.5}, {"task": "p", "fl_round": 0, "bytes": 7, "val": 30.0},
+            {"task": "p", "fl_round": 1, "bytes": 7, "val": 12.0}]  # fmt: skip
+    got = bytes_to_target(recs, 0.6, lower={"p"})
+    assert got["a"] == {"reached": True, "fl_round": 1, "bytes": 20, "val": 0.7}  # rounds 0 and 1 sent
+    assert got["b"] == {"reached": False, "fl_round": None, "bytes": 10, "val": None}  # never: all its bytes
+    assert got["p"] == {"reached": False, "fl_round": None, "bytes": 14, "val": None}  # perplexity 12 > 0.6
+    assert bytes_to_target(recs, 15.0, lower={"p"})["p"] == {"reached": True, "fl_round": 1, "bytes": 14, "val": 12.0}
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="loop.aggregator='fedsgd'"):
         Federated(aggregator="fedsgd")
     with pytest.raises(ValueError, match="loop.alpha=-1"):
         Federated(alpha=-1)
+    with pytest.raises(ValueError, match="loop.target=0.5: the bytes to a target need loop.val_curve=true"):
+        Federated(val_curve=False, target=0.5)
 
 
 FAST = ["model=tiny", "debug=fast", "logger=csv", "loop=federated", "population.agents=3", "loop.rounds=2"]
@@ -85,7 +99,8 @@ def _same_adapters(run_dir):
 @pytest.mark.parametrize("aggregator", ["fedavg", pytest.param("flexlora", marks=pytest.mark.slow)])
 def test_a_federated_run_ends_with_every_agent_holding_the_global_adapter(aggregator, run_lmas, tmp_path):
     run_dir = tmp_path / aggregator
-    results = run_lmas([*FAST, f"loop.aggregator={aggregator}", f"paths.output_dir={tmp_path}"], run_dir)
+    results = run_lmas([*FAST, f"loop.aggregator={aggregator}", "loop.target=0.0", f"paths.output_dir={tmp_path}"],
+                       run_dir)  # fmt: skip
     assert results["complete"]
     saved = json.loads((run_dir / "results.json").read_text())
     records = saved["federated"]
@@ -96,6 +111,9 @@ def test_a_federated_run_ends_with_every_agent_holding_the_global_adapter(aggreg
         assert len(sizes) == 1 and sum(next(iter(sizes))) == 16  # debug=fast: 16 training examples per task
     sent = sum(r["bytes"] for r in saved["population"]["communication"])
     assert sent >= sum(r["bytes"] for r in records) > 0  # uploads and broadcasts, counted per round
+    assert all(0.0 <= r["val"] <= 1.0 for r in records)  # the global model's validation accuracy per server round
+    assert saved["federated_to_target"] == bytes_to_target(records, 0.0)  # every task reaches 0 at its first round
+    assert all(t["reached"] and t["fl_round"] == 0 for t in saved["federated_to_target"].values())
     accs = {a: m["avg_acc"] for a, m in saved["metrics"].items() if a.startswith("agent")}
     assert len(set(accs.values())) == 1  # one global model: every agent scores the same
     if aggregator == "fedavg":
