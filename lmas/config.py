@@ -169,7 +169,7 @@ def _task_kind(task: dict) -> str | None:
 
 def _adapter_transfer(r: Reader) -> None:
     """Adapter transfers a strategy cannot follow (lmas/transfer/merge.py). IncLoRA/O-LoRA stack one adapter per
-    task: peft's single-adapter merge types (all but cat and svd) cannot merge their sum, and merge_init/lorahub
+    task: peft's single-adapter merge types (all but cat and svd) cannot merge their sum, and merge_init/lorahub/swarm
     write the trainable adapter before the strategy adds the new task's one (overwriting the last task's).
     topology.max_rank grows adapters: strategies with per-parameter state of a fixed shape cannot follow."""
     from lmas.strategies.lwf import LwF
@@ -178,11 +178,12 @@ def _adapter_transfer(r: Reader) -> None:
     from lmas.transfer.init import MergeInit
     from lmas.transfer.merge import OWN_METHODS, STACK_EXACT
     from lmas.transfer.policy import LoraHub
+    from lmas.transfer.swarm import SwarmInit
 
     strategies = _strategies(r)
     stacking = [getattr(cls, "name", cls.__name__) for _, cls in strategies if issubclass(cls, IncLoRA)]
     transfer, ok = r.target("transfer"), sorted({*OWN_METHODS, *STACK_EXACT})
-    if stacking and isinstance(transfer, type) and issubclass(transfer, (MergeInit, LoraHub)):
+    if stacking and isinstance(transfer, type) and issubclass(transfer, (MergeInit, LoraHub, SwarmInit)):
         why = f"strategy={stacking[0]} {STACKS}, and adds the new task's one after this transfer wrote the trainable"
         r.fail("transfer._target_", r.get("transfer._target_"), why + " one: it would overwrite that task")
     for key in ("transfer.method", "transfer.methods") if stacking else ():

@@ -27,7 +27,8 @@ what it kept and what it just learnt. Three methods (``method``):
   ``v ← (r_v φ_v v + r_p φ_p (p − x) + r_g φ_g (g − x) − r_w φ_w (g_w − x)) / (r_v φ_v + r_p φ_p + r_g φ_g + r_w φ_w)``,
   ``x ← x + λ v`` (``r ~ U(0, 1)``; the step ``λ`` decays by ``step_decay`` down to ``min_step``; the first
   velocity points at a random other particle). The search runs between rounds on the population's own fitness
-  (Model Swarms adapts experts to one task's utility; here the utility is the stream so far), and each agent
+  (Model Swarms adapts experts to one task's utility, which ``transfer=swarm`` does; here the utility is the
+  stream so far), and each agent
   ends at its personal best. Particles are the LoRA factors themselves, so every agent needs one adapter of one
   shape (strategies that stack adapters per task are refused).
 
@@ -55,6 +56,7 @@ from lmas.population.messages import COORDINATOR, Message
 from lmas.population.search import (
     Archive,
     Elite,
+    SwarmOptions,
     copy_agent,
     crossover,
     exploit_pairs,
@@ -62,7 +64,7 @@ from lmas.population.search import (
     sample_hparams,
     set_rank,
     svd_mutation,
-    swarm_velocity,
+    swarm_search,
 )
 from lmas.strategies.base import Strategy
 from lmas.strategies.compose import Compose
@@ -92,18 +94,6 @@ class QDOptions:
     offspring: int = 2
     sigma: float = 0.1
     descriptors: list[str] | None = None  # two task names; None: (earlier tasks, latest task)
-
-
-@dataclass
-class SwarmOptions:
-    iterations: int = 2
-    inertia: float = 0.2
-    cognitive: float = 0.3
-    social: float = 0.4
-    repel: float = 0.05
-    step: float = 0.5
-    step_decay: float = 0.95
-    min_step: float = 0.1
 
 
 def _options(cls: type, given: Mapping[str, Any] | None, path: str) -> Any:
@@ -183,8 +173,7 @@ class Evolution(Continual):
             raise ValueError(f"loop.qd.descriptors={self.qd.descriptors}: name two tasks (or null)")
         if self.qd.offspring < 1 or self.qd.generations < 1 or not 0 <= self.qd.sigma <= 1:
             raise ValueError("loop.qd: need offspring >= 1, generations >= 1 and 0 <= sigma <= 1")
-        if self.swarm.iterations < 1 or not 0 < self.swarm.min_step <= self.swarm.step:
-            raise ValueError("loop.swarm: need iterations >= 1 and 0 < min_step <= step")
+        self.swarm.check("loop.swarm")
 
     def bind(self, loop: ContinualLoop) -> list[list[int]]:
         pop, self.loop = loop.population, loop
@@ -355,42 +344,20 @@ class Evolution(Continual):
 
     # --- Model Swarms ---
     def swarm_step(self, r: int, rng: random.Random) -> dict[str, Any]:
-        pop, opt = self.loop.population, self.swarm
+        pop = self.loop.population
         names = pop.names
         x = {a: pop.adapter_state(a) for a in names}
         shapes = {a: {k: tuple(t.shape) for k, t in s.items()} for a, s in x.items()}
         if any(shapes[a] != shapes[names[0]] for a in names) or any(len(pop.agents[a].adapters) > 1 for a in names):
             raise ValueError("loop.method=swarm: every agent needs one adapter of the same shape (same rank, modules)")
-        f = {a: self.fitness(a, r) for a in names}
-        best, f_best = {a: dict(x[a]) for a in names}, dict(f)
-        owner_g = max(names, key=lambda a: (f[a], a))
-        owner_w = min(names, key=lambda a: (f[a], a))
-        g, f_g, w, f_w = dict(x[owner_g]), f[owner_g], dict(x[owner_w]), f[owner_w]
-        v = {}
-        for a in names:  # the first velocity points at a random other particle
-            other = rng.choice([b for b in names if b != a])
-            v[a] = {k: x[other][k] - x[a][k] for k in x[a]}
-        step, phi = opt.step, (opt.inertia, opt.cognitive, opt.social, opt.repel)
-        trace = []
-        for it in range(opt.iterations):
-            for a in names:
-                factors = [rng.random() for _ in range(4)]
-                v[a] = swarm_velocity(x[a], v[a], best[a], g, w, phi, factors)
-                x[a] = {k: x[a][k] + step * v[a][k] for k in x[a]}
-                for src in {owner_g, owner_w} - {a}:  # the global best and worst it read
-                    self.send(src, a, r, g if src == owner_g else w)
-                pop.load_adapter_state(a, x[a])
-                f[a] = self.fitness(a, r)
-                if f[a] > f_best[a]:
-                    best[a], f_best[a] = dict(x[a]), f[a]
-                if f[a] > f_g:
-                    g, f_g, owner_g = dict(x[a]), f[a], a
-                if f[a] < f_w:
-                    w, f_w, owner_w = dict(x[a]), f[a], a
-            trace.append({"iteration": it, "step": step, "fitness": dict(f), "best": f_g})
-            step = max(step * opt.step_decay, opt.min_step)
+
+        def fitness(a: str, state: dict[str, Tensor]) -> float:  # each particle is its agent
+            pop.load_adapter_state(a, state)
+            return self.fitness(a, r)
+
+        out = swarm_search(x, fitness, self.swarm, rng, lambda src, a, state: self.send(src, a, r, state))
         for a in names:  # each agent ends at its personal best
-            pop.load_adapter_state(a, best[a])
-            self.event(a, r, list(names), fitness=f_best[a])
-        log.info("swarm round %d: best fitness %.4f (%s)", r, f_g, owner_g)
-        return {"iterations": trace, "personal_best": f_best, "global_best": f_g}
+            pop.load_adapter_state(a, out["best"][a])
+            self.event(a, r, list(names), fitness=out["f_best"][a])
+        log.info("swarm round %d: best fitness %.4f (%s)", r, out["f_g"], out["owner"])
+        return {"iterations": out["trace"], "personal_best": out["f_best"], "global_best": out["f_g"]}

@@ -5,7 +5,8 @@ them), pure and tested by hand:
   paired with the top one), :func:`explore` (×0.8 / ×1.2, or resampled);
 * CycleQD: :func:`crossover` (a weighted merge of two updates, exact as stacked factors), :func:`svd_mutation`
   (singular values scaled, singular vectors kept), the MAP-Elites :class:`Archive`;
-* Model Swarms: :func:`swarm_velocity`;
+* Model Swarms: :func:`swarm_velocity` and the search itself, :func:`swarm_search` (the evolution step and the
+  ``transfer=swarm`` policy run it);
 * writing adapters: :func:`copy_agent` (exact when the layouts match) and :func:`set_rank` (re-factorisation).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -102,6 +103,71 @@ def swarm_velocity(
     return {
         k: (c[0] * v[k] + c[1] * (best[k] - x[k]) + c[2] * (g[k] - x[k]) - c[3] * (worst[k] - x[k])) / total for k in x
     }
+
+
+@dataclass
+class SwarmOptions:
+    """Model Swarms' settings (``loop.swarm`` of the evolution step, ``transfer=swarm``)."""
+
+    iterations: int = 2
+    inertia: float = 0.2
+    cognitive: float = 0.3
+    social: float = 0.4
+    repel: float = 0.05
+    step: float = 0.5
+    step_decay: float = 0.95
+    min_step: float = 0.1
+
+    def check(self, where: str) -> None:
+        if self.iterations < 1 or not 0 < self.min_step <= self.step:
+            raise ValueError(f"{where}: need iterations >= 1 and 0 < min_step <= step")
+
+
+State = dict[str, Tensor]
+
+
+def swarm_search(
+    x: Mapping[str, State], fitness: Callable[[str, State], float], opt: SwarmOptions, rng: random.Random,
+    read: Callable[[str, str, State], None] | None = None,
+) -> dict:  # fmt: skip
+    """Model Swarms over the particles ``x`` (name -> adapter state; two or more): ``fitness(name, state)`` scores a
+    particle at a position (higher is better), ``read(source, reader, state)`` is told each time a particle reads
+    the global best's or worst's position (a message). Returns the particles' fitness at the ``start``, the personal
+    bests ``best`` and their fitness ``f_best``, the global best ``g`` (its fitness ``f_g``, its ``owner``) and the
+    per-iteration ``trace``."""
+    names = list(x)
+    if len(names) < 2:
+        raise ValueError(f"swarm: {len(names)} particle(s); the search needs two or more")
+    x = {a: dict(x[a]) for a in names}
+    f = {a: fitness(a, x[a]) for a in names}
+    start, best, f_best = dict(f), {a: dict(x[a]) for a in names}, dict(f)
+    owner_g = max(names, key=lambda a: (f[a], a))
+    owner_w = min(names, key=lambda a: (f[a], a))
+    g, f_g, w, f_w = dict(x[owner_g]), f[owner_g], dict(x[owner_w]), f[owner_w]
+    v = {}
+    for a in names:  # the first velocity points at a random other particle
+        other = rng.choice([b for b in names if b != a])
+        v[a] = {k: x[other][k] - x[a][k] for k in x[a]}
+    step, phi = opt.step, (opt.inertia, opt.cognitive, opt.social, opt.repel)
+    trace = []
+    for it in range(opt.iterations):
+        for a in names:
+            factors = [rng.random() for _ in range(4)]
+            v[a] = swarm_velocity(x[a], v[a], best[a], g, w, phi, factors)
+            x[a] = {k: x[a][k] + step * v[a][k] for k in x[a]}
+            for src in {owner_g, owner_w} - {a}:  # the global best and worst it read
+                if read is not None:
+                    read(src, a, g if src == owner_g else w)
+            f[a] = fitness(a, x[a])
+            if f[a] > f_best[a]:
+                best[a], f_best[a] = dict(x[a]), f[a]
+            if f[a] > f_g:
+                g, f_g, owner_g = dict(x[a]), f[a], a
+            if f[a] < f_w:
+                w, f_w, owner_w = dict(x[a]), f[a], a
+        trace.append({"iteration": it, "step": step, "fitness": dict(f), "best": f_g})
+        step = max(step * opt.step_decay, opt.min_step)
+    return {"start": start, "best": best, "f_best": f_best, "g": g, "f_g": f_g, "owner": owner_g, "trace": trace}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from lmas.data.task import Task
 from lmas.lm.encoding import PromptEncoder
 from lmas.transfer.factors import is_stacked
 from lmas.transfer.merge import merge_adapters
-from lmas.transfer.policy import MergeOptions, Transfer, knowing_peers
+from lmas.transfer.policy import MergeOptions, Transfer
 from lmas.transfer.scales import checked_scales, tune_scale
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class MergeInit(Transfer):
             return []
         plans = []
         for agent, task in assignments:
-            sources = [s for s in self.sources if s != agent] if self.sources else knowing_peers(population, agent)
+            sources = self.peers(population, agent)
             if sources:
                 weights = list(self.weights) if self.weights is not None else [1.0 / len(sources)] * len(sources)
                 plans.append((agent, task, sources, weights))

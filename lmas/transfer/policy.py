@@ -88,6 +88,12 @@ class Transfer:
         """The stream's tasks (the loop binds them): the validation splits a tuned merge (``scales``) scores on."""
         self.tasks = {t.name: t for t in tasks}
 
+    def peers(self, population: Population, agent: str) -> list[str]:
+        """The sources of a transfer into ``agent``: its ``sources`` option without ``agent``, or (None) every other
+        agent that has learnt something."""
+        given = getattr(self, "sources", None)
+        return [s for s in given if s != agent] if given else knowing_peers(population, agent)
+
     def learnt(self, population: Population, sources: Sequence[str]) -> list[Task]:
         """The stream's tasks that ``sources`` trained, in first-trained order: what their merge should serve."""
         names = [e.task for s in sources for e in population.agents[s].history if e.event == "trained"]
