@@ -194,6 +194,7 @@ class FlowerServer:
                 log.debug("flower: disconnecting a client: %s", e)
         self.grpc.stop(grace=1)
         self.grpc = None
+        atexit.unregister(self.close)  # the run (and its model) need not live until exit
         for agent, proc in self.procs.items():
             try:
                 proc.wait(timeout=60)
