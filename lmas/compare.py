@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,24 @@ class Run:
     def group(self) -> str:
         kept = [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
         return ",".join(sorted(kept)) or f"strategy={self.results.get('strategy', '?')}"
+
+
+def overrides_of(group: str) -> set[str]:
+    """A group name's ``key=value`` items (a value may hold commas: ``transfer.scales=[0,1]``)."""
+    return set(re.split(r",(?=[+~]?[\w.]+=)", group)) if group else set()
+
+
+def resolve_group(name: str, groups: list[str]) -> str:
+    """The group ``name`` names: itself, or the one group whose overrides include all of ``name``'s
+    (``strategy.lambda_orth=0.5`` for a group that also names the experiment); errors list the candidates."""
+    if name in groups:
+        return name
+    wanted = overrides_of(name)
+    matches = [g for g in groups if wanted <= overrides_of(g)]
+    if len(matches) != 1:
+        found = "no group has" if not matches else f"{len(matches)} groups have"
+        raise ValueError(f"{found} the overrides {sorted(wanted)}; groups: {matches or sorted(groups)}")
+    return matches[0]
 
 
 def find_runs(dirs: list[str | Path]) -> list[Run]:
@@ -204,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         for r in runs:
             groups.setdefault(r.group, []).append(r.path)
         try:
-            srows = stats.comparison_table(groups, args.baseline, args.upper, args.agent)
+            baseline = resolve_group(args.baseline, list(groups))
+            upper = resolve_group(args.upper, list(groups)) if args.upper else None
+            srows = stats.comparison_table(groups, baseline, upper, args.agent)
         except ValueError as err:
             print(f"lmas-compare: {err}", file=sys.stderr)
             return 2
         out = Path(args.out or args.dirs[0])
-        table = stats.to_markdown(srows, args.baseline)
+        table = stats.to_markdown(srows, baseline)
         (out / "comparison_stats.md").write_text(table + "\n")
         stats.to_csv(srows, out / "comparison_stats.csv")
         print(f"\n{table}\n\nwritten: {out / 'comparison_stats.md'}  {out / 'comparison_stats.csv'}")

@@ -156,3 +156,18 @@ def test_paper_names_and_a_group_with_fewer_seeds_than_the_baseline(tmp_path, ca
     _matrix_run(tmp_path / "runs", "seqft", 3, 0.3)
     assert main([str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive"]) == 2
     assert re.search(r"without a partner.*seqft3", capsys.readouterr().err)
+
+
+def test_a_baseline_may_name_only_the_overrides_that_single_out_its_group():
+    from lmas.compare import overrides_of, resolve_group
+
+    groups = ["experiment=x,strategy.lambda_orth=0.5,strategy=olora", "experiment=x,strategy.lambda_orth=0.05,strategy=olora",
+              "experiment=x,strategy=naive,transfer.scales=[0,1]"]  # fmt: skip
+    assert overrides_of(groups[2]) == {"experiment=x", "strategy=naive", "transfer.scales=[0,1]"}  # commas in a value
+    assert resolve_group(groups[0], groups) == groups[0]  # the full name
+    assert resolve_group("strategy.lambda_orth=0.5", groups) == groups[0]
+    assert resolve_group("transfer.scales=[0,1]", groups) == groups[2]
+    with pytest.raises(ValueError, match="2 groups have the overrides \\['strategy=olora'\\]"):
+        resolve_group("strategy=olora", groups)
+    with pytest.raises(ValueError, match="no group has the overrides \\['strategy=ewc'\\]"):
+        resolve_group("strategy=ewc", groups)
