@@ -74,6 +74,7 @@ def from_arrays(arrays: list[np.ndarray], like: dict[str, Tensor]) -> dict[str, 
 
 def free_port(host: str) -> int:
     """A port that is free on ``host`` now."""
+    host = host.strip("[]")  # an IPv6 host is written [::1]:port
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
