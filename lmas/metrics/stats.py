@@ -173,9 +173,12 @@ def gap_closure(
     are resampled together: over run triples (same stream and seed; ``level="runs"``, percentile
     :func:`scipy.stats.bootstrap` with ``paired=True``) or over test items (``"items"``);
     ``"auto"``: runs with at least ``min_runs`` triples or without per-example records, items otherwise.
-    Where the upper bound's mean equals the baseline's, the ratio is undefined: NaN, no interval.
+    Where the upper bound's mean equals the baseline's, the ratio is undefined: NaN, no interval. A method run
+    whose seed the upper bound has not been run with yet (a study in progress) is left out of the ratio (``n``
+    counts the triples used); a method run without a baseline partner is an error.
     """
-    triples = _pairs(method, baseline, upper, first=True)
+    have_upper = {_pair_key(r.results) for r in upper}
+    triples = _pairs([r for r in method if _pair_key(r.results) in have_upper], baseline, upper, first=True)
     if level == "auto":
         level = "runs" if len(triples) >= min_runs or not _have_records(triples) else "items"
     s_bar, u_bar = (float(np.mean([t[i].metric(key, agent) for t in triples])) for i in (1, 2))

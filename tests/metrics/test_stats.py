@@ -247,6 +247,12 @@ def test_gap_closure_by_hand(tmp_path):
     assert gr.estimate == pytest.approx((0.6 - 0.4) / (0.8 - 0.4))  # ratio of the means over seeds
     assert gr.n == 3 and gr.method == "paired bootstrap over 3 run triples"
     assert gr.low <= 0.5 <= gr.high
+    # a study in progress: the method and the baseline have a seed the upper bound does not have yet
+    extra = [*m, run("one_m", 70, 1)], [*s, run("one_s", 40, 1)]
+    partial = stats.gap_closure(*extra, u, n_resamples=999)
+    assert partial.n == 1 and partial.estimate == pytest.approx(0.5)  # seed 1 left out of the ratio
+    with pytest.raises(ValueError, match="without a partner"):  # a method run the baseline lacks is still an error
+        stats.gap_closure([*m, run("one_m", 70, 2)], s, [*u, run("one_u", 80, 2)], n_resamples=99)
 
 
 def test_comparison_table_marks_verdicts_and_outputs(tmp_path):
