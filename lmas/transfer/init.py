@@ -11,7 +11,7 @@ from lmas.data.task import Task
 from lmas.lm.encoding import PromptEncoder
 from lmas.transfer.factors import is_stacked
 from lmas.transfer.merge import merge_adapters
-from lmas.transfer.policy import MergeOptions, Transfer
+from lmas.transfer.policy import FromRound, MergeOptions
 from lmas.transfer.scales import checked_scales, tune_scale
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def init_from_merge(
     return merge_adapters(population, sources, weights, new_agent, method, keep_frozen=True, **merge)
 
 
-class MergeInit(Transfer):
+class MergeInit(FromRound):
     """Before round ``r >= start``, each assigned agent starts from a merge of ``sources``.
 
     ``sources`` default to every other agent that has learnt something; ``weights`` to ``1/n``.
@@ -74,9 +74,6 @@ class MergeInit(Transfer):
         self.method, self.sources, self.weights, self.start = method, sources, weights, start
         self.options: MergeOptions = {"density": density, "majority_sign_method": majority_sign_method, "seed": seed}
         self.scales = checked_scales(scales)
-
-    def due(self, round_idx: int) -> bool:
-        return round_idx >= self.start
 
     def apply(
         self,

@@ -131,6 +131,15 @@ class Transfer:
         return [{**rec, "event": rec.get("transfer", "transfer")} for rec in records]
 
 
+class FromRound(Transfer):
+    """A transfer into the agents about to train, in every round from ``start`` on (merge_init, swarm)."""
+
+    start = 1
+
+    def due(self, round_idx: int) -> bool:
+        return round_idx >= self.start
+
+
 class Merge(Transfer):
     """Merge ``sources`` into each of ``targets`` before rounds ``start, start + every, ...``.
 

@@ -23,7 +23,7 @@ from lmas.data.task import Task
 from lmas.evaluation.scoring import evaluate
 from lmas.lm.encoding import PromptEncoder
 from lmas.population.search import SwarmOptions, swarm_search
-from lmas.transfer.policy import Transfer
+from lmas.transfer.policy import FromRound
 
 if TYPE_CHECKING:
     from lmas.population.population import Population
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class SwarmInit(Transfer):
+class SwarmInit(FromRound):
     """Before round ``r >= start``, each assigned agent starts from the best adapter a swarm over ``sources``
     (default: every other agent that has learnt something; two or more) finds for its task's validation split.
 
@@ -48,9 +48,6 @@ class SwarmInit(Transfer):
         self.sources, self.start, self.seed = sources, start, seed
         self.options = SwarmOptions(**swarm)
         self.options.check("transfer")
-
-    def due(self, round_idx: int) -> bool:
-        return round_idx >= self.start
 
     def apply(
         self,
