@@ -118,7 +118,7 @@ def adapter_specs(population: Population) -> dict[str, list[dict]]:
     for name, agent in population.agents.items():
         specs = []
         for adapter in agent.adapters:
-            cfg = population.model.peft_config[adapter]
+            cfg = population.lora_of(adapter)
             spec = {f: getattr(cfg, f) for f in _LORA_FIELDS}
             spec["target_modules"] = sorted(spec["target_modules"]) if spec["target_modules"] else None
             spec["layers_to_transform"] = list(spec["layers_to_transform"] or []) or None

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lmas.options import Reader, problems, show
+from lmas.population.bases import check as _bases  # population=bases: what cannot cross bases
 
 __all__ = ["ConfigError", "validate"]
 # the kind of task each packaged source makes (lmas/data/sources.py, mathgen.py)
@@ -38,7 +39,7 @@ def validate(cfg: DictConfig) -> None:
     errors = [f"{key}=???: this option has no value; set it, e.g. {key}=<value>" for key in missing]
     reader = Reader(cfg, errors, set(missing))
     problems(reader)
-    for rule in (_prompt_format, _seqft_and_trunk, _names, _round_body, _distill, _adapter_transfer):
+    for rule in (_prompt_format, _seqft_and_trunk, _names, _round_body, _distill, _adapter_transfer, _bases):
         rule(reader)
     if errors:
         raise ConfigError(errors)
@@ -79,7 +80,7 @@ def _agent_names(r: Reader) -> list[str]:
     agents = r.get("population.agents")
     if isinstance(agents, int) and not isinstance(agents, bool):
         return [f"agent{i}" for i in range(agents)]
-    return [str(a) for a in agents] if isinstance(agents, list) else []
+    return [str(a) for a in agents] if isinstance(agents, (list, dict)) else []  # a dict: agent -> its base
 
 
 def _seqft_and_trunk(r: Reader) -> None:

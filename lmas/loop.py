@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 
 from lmas import checkpoint
 from lmas.data.stream import Stream
 from lmas.data.task import Task
-from lmas.evaluation.cache import build_scoring
 from lmas.evaluation.evaluator import POPULATION, Evaluator
-from lmas.lm.compiled import compile_layers
-from lmas.lm.device import trainer_device
-from lmas.lm.encoding import PromptEncoder
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.population.allocation import Allocation
+from lmas.population.bases import Bases, machinery
 from lmas.population.events import Event
 from lmas.population.messages import COORDINATOR, Message
 from lmas.population.population import Population
@@ -33,7 +30,6 @@ from lmas.strategies.base import Strategy
 from lmas.tracking import report
 from lmas.tracking.round_log import RoundLog
 from lmas.tracking.trackers import Tracker
-from lmas.training import fit_backends
 from lmas.training.fit import Experience
 from lmas.transfer.policy import Transfer
 
@@ -85,30 +81,29 @@ class ContinualLoop:
     """
 
     # fmt: off
-    def __init__(self, population: Population, stream: Stream, strategy: Strategy, run_dir: str | Path,
+    def __init__(self, population: Population | Bases, stream: Stream, strategy: Strategy, run_dir: str | Path,
                  seed: int = 0, train: TrainConfig | None = None, eval: EvalConfig | None = None,
                  trainer: dict[str, Any] | None = None, max_length: int = 128, tracker: Tracker | None = None,
                  allocation: Allocation | None = None, topology: Topology | None = None,
                  transfer: Transfer | None = None, body: RoundBody | None = None, config: dict | None = None,
                  progress: bool = True, save_adapters: bool = True) -> None:
         # fmt: on
-        self.population, self.stream, self.strategy, self.run_dir = population, stream, strategy, Path(run_dir)
+        self.stream, self.strategy, self.run_dir = stream, strategy, Path(run_dir)
+        # Bases answers every per-agent call of the continual loop, and the config check keeps it from the bodies
+        # and transfers that need a single base (lmas/population/bases.py)
+        self.population = cast(Population, population)
         self.seed, self.config, self.save_adapters = seed, config or {}, save_adapters
-        self.train_cfg, self.eval_cfg, trainer = train or TrainConfig(), eval or EvalConfig(), dict(trainer or {})
-        population.model.to(trainer_device(trainer))  # once; IncrementalLM.cpu keeps Lightning from moving it back
-        if self.train_cfg.compile:  # the decoder layers, in place: training and evaluation use them compiled
-            compile_layers(population.model)
-        self.encoder = PromptEncoder(population.tokenizer, max_length, population.base.prompt_format)
+        train_cfg, eval_cfg, trainer = train or TrainConfig(), eval or EvalConfig(), dict(trainer or {})
+        self.train_cfg, self.eval_cfg = train_cfg, eval_cfg
         self.allocation, self.topology = allocation or Allocation(), topology or Topology()
         self.transfer, self.body, self.tracker = transfer or Transfer(), body or Continual(), tracker or Tracker()
         self.log = RoundLog(self.tracker)
-        cfg_t, cfg_e = self.train_cfg, self.eval_cfg
-        self.trunk, self.scorer = build_scoring(population, self.encoder, cfg_t, cfg_e, trainer.get("precision"))
-        fit_trunk = self.trunk if cfg_t.trunk_cache else None  # eval.cache: lmas/evaluation/cache.py
-        self.backends = fit_backends(population, self.encoder, cfg_t, trainer, fit_trunk, cfg_e.curve_every, progress)
+        # per base (lmas/population/bases.py): the model on its device, prompt encoder, scorer, fit backends
+        parts = machinery(population, max_length, train_cfg, eval_cfg, trainer, progress)
+        self.encoder, self.trunk, self.scorer, self.backends = parts
         self.topology.check(population.names)
         self.transfer.bind(list(stream))  # the tasks a tuned merge scores on (transfer.scales)
-        self.evaluator = Evaluator(self.scorer, stream, [], cfg_e, self.topology, self.run_dir / "per_example")
+        self.evaluator = Evaluator(self.scorer, stream, [], eval_cfg, self.topology, self.run_dir / "per_example")
         self.plan = self.evaluator.plan = self.body.bind(self)  # task indices per round
         if not self.plan:
             raise ValueError("allocation: the plan has no rounds")
@@ -124,8 +119,8 @@ class ContinualLoop:
             self.state, first = RunState.from_dict(run), r + 1
             self.encoder.truncated = self.state.truncated
         if self.eval_cfg.initial and not resume:
-            with self.state.timed("eval_s"):  # fresh LoRA adapters are exact no-ops: one evaluation serves all agents
-                self.evaluator.initial(self.state.matrix, self.population.names[0])
+            with self.state.timed("eval_s"):  # fresh LoRA adapters are exact no-ops: one evaluation per base
+                self.evaluator.initial(self.state.matrix)
         for r in range(first, len(self.plan)):
             self.state.matrix.start_round()
             with self.state.timed("train_s"):

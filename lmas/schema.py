@@ -87,9 +87,11 @@ def show(value: Any) -> str:
 
 
 def _agents(v: Any) -> str | None:
-    allowed = "expected a positive integer or a non-empty list of agent names"
+    allowed = "expected a positive integer, a non-empty list of agent names or (population=bases) agent: base"
     if _is_int(v):
         return None if v >= 1 else allowed
+    if isinstance(v, dict) and v and all(isinstance(b, str) for b in v.values()):
+        v = list(v)
     if not isinstance(v, list) or not v:
         return allowed
     bad = [a for a in v if not isinstance(a, str) or not AGENT_NAME.match(a)]
@@ -173,7 +175,8 @@ class PopulationConfig:
     """The agents (``population.*``: :class:`lmas.population.population.Population`)."""
 
     _target_: str = "lmas.population.population.Population"
-    agents: Any = _opt(1, _agents)  # a number, or the agents' names
+    agents: Any = _opt(1, _agents)  # a number, or the agents' names (population=bases: agent -> its base's name)
+    bases: Any = None  # population=bases: more base models by name (lmas.population.bases)
     seed: Any = 0  # ${seed}: checked there
     lora: PopulationLoraConfig = field(default_factory=PopulationLoraConfig)
 

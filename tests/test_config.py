@@ -54,8 +54,8 @@ def test_train_eval_data_and_seed_values_are_checked(override, expected, problem
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("population.agents=0", "population.agents=0: expected a positive integer or a non-empty list"),
-        ("population.agents=[]", "population.agents=[]: expected a positive integer or a non-empty list"),
+        ("population.agents=0", "population.agents=0: expected a positive integer, a non-empty list"),
+        ("population.agents=[]", "population.agents=[]: expected a positive integer, a non-empty list"),
         ("population.agents=[a,b,a]", "population.agents=[a,b,a]: agent names must be unique; repeated: a"),
         ("population.agents=[a,1b]", "agent names must match"),
         ("population.lora.r=-2", "population.lora.r=-2: the LoRA rank must be an integer >= 1"),

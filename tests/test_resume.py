@@ -55,7 +55,11 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["loop=federated", "population.agents=2", "loop.aggregator=fedavgm", "loop.clients_per_round=1"],
     ["loop=evolution", "population.agents=3", "+loop.pbt.space.rank=[2,8]", "loop.pbt.quantile_fraction=0.5"],
     pytest.param(["loop=evolution", "population.agents=3", "loop.method=qd"], marks=pytest.mark.slow),
-], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated", "pbt", "qd"])
+    ["population=bases", "+population.bases.small={_target_:lmas.models.providers.tiny,hidden_size:48,seed:1}",
+     "population.agents={a:model,b:small}"],
+    ["population.agents=2", "allocation=broadcast", "transfer=consolidate", "transfer.every=1"],
+], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated", "pbt", "qd", "two_bases",
+        "consolidate"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):
     reference = run_lmas(fast_overrides + extra, tmp_path / "reference")

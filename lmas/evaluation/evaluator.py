@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lmas.data.stream import Stream
 from lmas.data.task import Task
-from lmas.evaluation.scorer import PopulationScorer
+from lmas.evaluation.scorer import PopulationScorer, RoutedScorer
 from lmas.evaluation.scoring import rank_scored
 from lmas.metrics import similarity
 from lmas.metrics.knowledge import KnowledgeMatrix
@@ -61,7 +61,7 @@ class Evaluator:
 
     def __init__(
         self,
-        scorer: PopulationScorer,
+        scorer: PopulationScorer | RoutedScorer,
         stream: Stream,
         plan: list[list[int]],
         cfg: EvalConfig,
@@ -115,8 +115,13 @@ class Evaluator:
         task = self.stream[j]
         rows = self.val_view(task).val[:shots]
         messages.send(Message("task", COORDINATOR, agent, r, rows))
-        self.scorer.population.activate(agent)
-        value = -answer_nll(self.scorer.population.model, few_shot_batches(self.scorer.encoder, rows, task.kind))
+        if isinstance(self.scorer, RoutedScorer):  # log-likelihoods of different tokenizers do not compare: the
+            view = dataclasses.replace(task, val=rows)  # metric on the shots (higher is better) does
+            value = self.scorer.score(agent, view, "val", self.stream.label_space(j, self.seen_index(r)))
+            value = -value if task.metric == "perplexity" else value
+        else:
+            self.scorer.population.activate(agent)
+            value = -answer_nll(self.scorer.population.model, few_shot_batches(self.scorer.encoder, rows, task.kind))
         messages.send(Message("report", agent, COORDINATOR, r, value))
         return value
 
@@ -127,16 +132,20 @@ class Evaluator:
         probe = similarity.probe_set(self.stream, split=self.cfg.split)
         return similarity.measure(self.scorer.population, self.scorer, agents, probe)
 
-    def initial(self, matrix: KnowledgeMatrix, agent: str) -> None:
-        """The untrained model (``agent``'s fresh adapter) on every task and probe, for every row of the matrix."""
+    def initial(self, matrix: KnowledgeMatrix) -> None:
+        """The untrained model on every task and probe, for every row of the matrix: a fresh adapter of one agent
+        per base (the scorer's ``initial_groups``) for its base's rows. Records: ``<task>`` for a population on
+        one base, ``<agent>/<task>`` (that base's scoring agent) for several."""
         records = {}
         views = [(t, self.stream.label_space(j, 0)) for j, t in enumerate(self.stream.tasks)]
-        for task, labels in views + [(p, self.probe_labels(p)) for p in self.stream.probes]:
-            scored = self.scorer.untrained(agent, task, self.cfg.split, labels)  # eval.cache: computed once per sweep
-            records[task.name] = scored.per_example
-            for row in matrix.agents:
-                matrix.record_initial(row, task.name, scored.value)
-            log.info("initial %s on %s: %.4f", task.metric, task.name, scored.value)
+        groups = self.scorer.initial_groups(matrix.agents)
+        for agent, rows in groups:
+            for task, labels in views + [(p, self.probe_labels(p)) for p in self.stream.probes]:
+                scored = self.scorer.untrained(agent, task, self.cfg.split, labels)  # eval.cache: once per sweep
+                records[task.name if len(groups) == 1 else f"{agent}/{task.name}"] = scored.per_example
+                for row in rows:
+                    matrix.record_initial(row, task.name, scored.value)
+                log.info("initial %s on %s (%s's base): %.4f", task.metric, task.name, agent, scored.value)
         self.write_records("initial", records)
 
     def evaluate_round(

@@ -31,9 +31,29 @@ from lmas.population.population import Population
 
 if TYPE_CHECKING:
     from lmas.evaluation.cache import ScoreCache
+    from lmas.population.bases import Bases
 
 
-class PopulationScorer:
+class Classifier:
+    """Accuracy from label log-likelihoods (:meth:`label_logprobs`, of the scorer that inherits this)."""
+
+    def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
+        raise NotImplementedError  # (A, N, L)
+
+    def classify(
+        self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
+    ) -> tuple[dict[str, float], Tensor, Tensor]:
+        """Accuracy of each agent, the label log-likelihoods ``(A, N, L)`` and gold indices ``(N,)`` (CPU)."""
+        examples = getattr(task, split)
+        if not examples:
+            raise ValueError(f"task {task.name!r}: the {split} split is empty, nothing to evaluate")
+        lp = self.label_logprobs(agents, [ex.prompt for ex in examples], labels)
+        gold = torch.tensor([list(labels).index(ex.answer) for ex in examples])
+        acc = (lp.argmax(-1) == gold).float().mean(-1)  # (A,)
+        return {a: acc[i].item() for i, a in enumerate(agents)}, lp, gold
+
+
+class PopulationScorer(Classifier):
     """Metrics and label log-likelihoods of a population's agents.
 
     Args:
@@ -68,6 +88,15 @@ class PopulationScorer:
         self.trunk = trunk
         autocast_dtype(precision)  # refuses an unsupported trainer.precision here
         self.precision, self.cache = precision, cache
+
+    def of(self, agent: str) -> PopulationScorer:
+        """The scorer of ``agent``'s base: this one (:class:`RoutedScorer` has one per base)."""
+        return self
+
+    def initial_groups(self, rows: list[str]) -> list[tuple[str, list[str]]]:
+        """``(agent, rows)``: whose fresh adapter scores the untrained model for which matrix rows (one base: the
+        first agent for every row; fresh LoRA adapters are exact no-ops)."""
+        return [(self.population.names[0], list(rows))]
 
     def autocast(self) -> AbstractContextManager:
         """The trainer's autocast on the model's device (a no-op at 32-true)."""
@@ -139,14 +168,40 @@ class PopulationScorer:
             return self.scored(agent, task, split, labels)
         return self.cache.scored(self, agent, task, split, labels)
 
-    def classify(
-        self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
-    ) -> tuple[dict[str, float], Tensor, Tensor]:
-        """Accuracy of each agent, the label log-likelihoods ``(A, N, L)`` and gold indices ``(N,)`` (CPU)."""
-        examples = getattr(task, split)
-        if not examples:
-            raise ValueError(f"task {task.name!r}: the {split} split is empty, nothing to evaluate")
-        lp = self.label_logprobs(agents, [ex.prompt for ex in examples], labels)
-        gold = torch.tensor([list(labels).index(ex.answer) for ex in examples])
-        acc = (lp.argmax(-1) == gold).float().mean(-1)  # (A,)
-        return {a: acc[i].item() for i, a in enumerate(agents)}, lp, gold
+
+class RoutedScorer(Classifier):
+    """The scorer of a population over several bases (:class:`lmas.population.bases.Bases`): every call goes to
+    the scorer of each agent's base; label log-likelihoods of agents on different bases are stacked in the order
+    asked (each base ranks the same label strings in its own tokenizer, so the ``(A, N, L)`` rows line up)."""
+
+    def __init__(self, population: Bases, scorers: dict[str, PopulationScorer], home: dict[str, str]) -> None:
+        self.population, self.scorers, self.home = population, scorers, home
+
+    def of(self, agent: str) -> PopulationScorer:
+        return self.scorers[self.home[agent]]
+
+    def initial_groups(self, rows: list[str]) -> list[tuple[str, list[str]]]:
+        """One fresh agent per base scores its base's untrained model for that base's rows; rows that are no agent
+        (the ``population`` row) take the first base's."""
+        firsts = {b: next(a for a in self.population.names if self.home[a] == b) for b in self.scorers}
+        groups = {a: [r for r in rows if self.home.get(r) == b] for b, a in firsts.items()}
+        groups[next(iter(groups))] += [r for r in rows if r not in self.home]
+        return [(a, rs) for a, rs in groups.items() if rs]
+
+    def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
+        return self.of(agent).score(agent, task, split, labels)
+
+    def scored(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
+        return self.of(agent).scored(agent, task, split, labels)
+
+    def untrained(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
+        return self.of(agent).untrained(agent, task, split, labels)
+
+    def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
+        """``(A, N, L)`` over every base: each base scores its agents in one call, rows back in ``agents``' order."""
+        rows: dict[str, Tensor] = {}
+        for base, scorer in self.scorers.items():
+            mine = [a for a in agents if self.home[a] == base]
+            if mine:
+                rows.update(zip(mine, scorer.label_logprobs(mine, prompts, labels), strict=True))
+        return torch.stack([rows[a] for a in agents])

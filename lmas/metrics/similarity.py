@@ -16,7 +16,7 @@ Pairs are keyed ``"<a>~<b>"`` with ``a`` before ``b`` in the given agent order.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,8 @@ from lmas.data.task import Task
 
 if TYPE_CHECKING:
     from lmas.data.stream import Stream
-    from lmas.evaluation.scorer import PopulationScorer
+    from lmas.evaluation.scorer import PopulationScorer, RoutedScorer
+    from lmas.population.bases import Bases
     from lmas.population.population import Population
 
 Factors = Mapping[str, tuple[Tensor, Tensor]]
@@ -68,9 +69,13 @@ def weight_cosine(f: Factors, g: Factors) -> float:
     return _inner(f, g) / (nf * ng)
 
 
-def weight_similarity(factors: Mapping[str, Factors]) -> dict[str, float]:
-    """``{"a~b": cosine}`` for every pair of agents (``factors``: agent -> its update's factors)."""
-    return {pair_key(a, b): weight_cosine(factors[a], factors[b]) for a, b in combinations(list(factors), 2)}
+def weight_similarity(
+    factors: Mapping[str, Factors], comparable: Callable[[str, str], bool] | None = None
+) -> dict[str, float]:
+    """``{"a~b": cosine}`` for every pair of agents (``factors``: agent -> its update's factors); ``comparable``:
+    which pairs to compare (default all; agents on different bases update different modules)."""
+    pairs = [(a, b) for a, b in combinations(list(factors), 2) if comparable is None or comparable(a, b)]
+    return {pair_key(a, b): weight_cosine(factors[a], factors[b]) for a, b in pairs}
 
 
 def agreement(pred_a: Tensor, pred_b: Tensor) -> float:
@@ -110,7 +115,9 @@ def probe_set(stream: Stream, size: int = PROBE_SIZE, split: str = "test") -> Pr
     return None
 
 
-def measure(population: Population, scorer: PopulationScorer, agents: Sequence[str], probe: Probe | None) -> dict:
+def measure(
+    population: Population | Bases, scorer: PopulationScorer | RoutedScorer, agents: Sequence[str], probe: Probe | None
+) -> dict:
     """Weight similarity and (with a ``probe`` of :func:`probe_set`) prediction agreement of ``agents``.
 
     ``scorer``: a :class:`lmas.evaluation.scorer.PopulationScorer` of ``population``.
@@ -118,8 +125,9 @@ def measure(population: Population, scorer: PopulationScorer, agents: Sequence[s
     """
     from lmas.transfer.factors import agent_factors
 
-    factors = {a: agent_factors(population, a) for a in agents}
-    out: dict = {"weights": weight_similarity(factors)}
+    factors = {a: agent_factors(population.of(a), a) for a in agents}
+    same = lambda a, b: population.of(a) is population.of(b)  # noqa: E731  # updates of one base's modules only
+    out: dict = {"weights": weight_similarity(factors, same)}
     if probe is not None:
         task, prompts, labels = probe
         lp = scorer.label_logprobs(list(agents), prompts, labels)

@@ -93,9 +93,19 @@ class Population:
         agents: number of agents (named ``agent0``, ``agent1``, ...) or their names.
         lora: options of :func:`lora_config`.
         seed: seeds the LoRA initialisation; agent ``i`` uses ``seed + i``.
+        bases: refused (several bases are :class:`lmas.population.bases.Bases`, ``population=bases``).
     """
 
-    def __init__(self, base: BaseModel, agents: int | list[str] = 1, lora: dict | None = None, seed: int = 0):
+    def __init__(
+        self,
+        base: BaseModel,
+        agents: int | list[str] = 1,
+        lora: dict | None = None,
+        seed: int = 0,
+        bases: dict | None = None,
+    ):
+        if bases:
+            raise ValueError(f"population.bases={sorted(bases)}: a Population has one base; use population=bases")
         names = [f"agent{i}" for i in range(agents)] if isinstance(agents, int) else list(agents)
         if not names:
             raise ValueError("population.agents: a population needs at least one agent")
@@ -187,6 +197,12 @@ class Population:
     @property
     def names(self) -> list[str]:
         return list(self.agents)
+
+    def of(self, name: str) -> Population:
+        """The population (one base) that holds agent ``name``: this one (a population over several bases,
+        :class:`lmas.population.bases.Bases`, has one per base)."""
+        self._check(name)
+        return self
 
     def _check(self, name: str) -> None:
         """Raise a KeyError naming the known agents if ``name`` is not one of them."""

@@ -40,7 +40,8 @@ def results(loop: ContinualLoop, partial: bool = False) -> dict[str, Any]:
     return {
         "complete": not partial, "stream": loop.stream.name, "scenario": loop.stream.scenario,
         "tasks": [t.describe() for t in loop.stream.tasks],
-        "agents": {n: {"history": a.history.to_list()} for n, a in loop.population.agents.items()},
+        "agents": {n: {"base": loop.population.of(n).base.name, "history": a.history.to_list()}
+                   for n, a in loop.population.agents.items()},
         "population": pop, "strategy": loop.strategy.name, "seed": loop.seed, **run, **loop.body.results(loop),
         "versions": versions(), "config": loop.config,
     }  # fmt: skip

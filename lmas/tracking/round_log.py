@@ -115,7 +115,7 @@ class RoundLog:
             meta = {
                 "agent": agent,
                 "round": str(r),
-                "base": population.base.name,
+                "base": population.of(agent).base.name,
                 "task": label,
                 "events": ",".join(e["event"] for e in version.events),
                 "parents": ",".join(parents),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lmas.lm.encoding import PromptEncoder
 from lmas.lm.trunk import SharedTrunk
 from lmas.population.population import Population
 from lmas.schema import TrainConfig
-from lmas.training.fit import FitBackend
+from lmas.training.fit import Experience, FitBackend, FitResult, StepHook
 
 
 def fit_backends(
@@ -28,3 +29,14 @@ def fit_backends(
         "lightning": LightningFit(population, encoder, train, trainer, trunk, curve_every, progress),
         "avalanche": AvalancheFit(population, encoder, train),
     }
+
+
+class RoutedFit:
+    """One fit backend over several bases (:mod:`lmas.population.bases`): each experience trains on its agent's
+    base with that base's backend."""
+
+    def __init__(self, backends: dict[str, FitBackend], home: dict[str, str]) -> None:
+        self.backends, self.home = backends, home
+
+    def fit(self, exp: Experience, on_loss: StepHook, curve: Callable[[], float] | None = None) -> FitResult:
+        return self.backends[self.home[exp.agent]].fit(exp, on_loss, curve)

@@ -191,7 +191,7 @@ def test_a_warm_cache_gives_the_cold_runs_results_without_running_the_model(tmp_
     calls = []
     embedding = trunk_and_head(again.population.model)[0].embed_tokens  # every forward pass starts here
     handle = embedding.register_forward_pre_hook(lambda *_: calls.append(1))
-    again.evaluator.initial(again.state.matrix, "agent0")
+    again.evaluator.initial(again.state.matrix)
     assert calls == [] and again.scorer.cache.hits == 2
     again.scorer.scored("agent0", news(), "test", LABELS)  # (the hook does count a real evaluation)
     handle.remove()

@@ -1,0 +1,217 @@
+"""A population over several base models (``population=bases``): one :class:`Population` per base, one facade.
+
+peft adapters belong to one model, so each base keeps its own :class:`Population` (its agents' adapters), and the
+run builds each base's prompt encoder (its tokenizer), scorer and fit backends once (:func:`machinery`). The loop,
+allocation, evaluator and checkpoints see the union of the agents through :class:`Bases`, which sends every
+per-agent call to the agent's own base (:meth:`Bases.of`). The run's ``model`` is the base named ``model``; others
+come from ``population.bases`` (name -> a model config, each loaded once), and ``population.agents`` maps each
+agent to its base's name. What cannot cross bases (adapter merges and exchange, agents made by a transfer, peer
+distillation, the self-learning/federated/evolution bodies) is refused by the config check (:func:`check`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # light at import: the config check (lmas.config) reads :func:`check`
+    from peft import LoraConfig
+    from torch import Tensor, nn
+
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.lm.trunk import SharedTrunk
+    from lmas.models.providers import BaseModel
+    from lmas.options import Reader
+    from lmas.population.population import Agent, Population
+    from lmas.schema import EvalConfig, TrainConfig
+
+DEFAULT = "model"  # the name of the run's ``model`` among the bases
+
+
+class Bases:
+    """Agents on several frozen bases (each held once), addressed like one :class:`Population`.
+
+    Args:
+        base: the run's ``model`` (the base named ``model``).
+        agents: agent name -> the name of its base (``model`` or a key of ``bases``), in population order; a
+            number or a list of names puts every agent on ``model`` (as :class:`Population` names them).
+        bases: the other bases by name.
+        lora, seed: as :class:`Population`; the ``i``-th base's agents are seeded from ``seed + 1000 * i``.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        agents: Mapping[str, str] | int | list[str],
+        bases: Mapping[str, BaseModel] | None = None,
+        lora: dict | None = None,
+        seed: int = 0,
+    ) -> None:
+        from lmas.population.population import Population
+
+        models = {DEFAULT: base, **dict(bases or {})}
+        if not isinstance(agents, Mapping):
+            agents = {a: DEFAULT for a in ([f"agent{i}" for i in range(agents)] if isinstance(agents, int) else agents)}
+        if not agents:
+            raise ValueError("population.agents: a population needs at least one agent (name: base)")
+        for agent, name in agents.items():
+            if name not in models:
+                raise ValueError(
+                    f"population.agents.{agent}={name!r}: no such base; the bases are {', '.join(models)} "
+                    f"('{DEFAULT}' is the run's model, the others population.bases)"
+                )
+        used = [n for n in models if n in agents.values()]
+        self.parts: dict[str, Population] = {
+            n: Population(models[n], [a for a, b in agents.items() if b == n], lora, seed + 1000 * i)
+            for i, n in enumerate(used)
+        }
+        self._order = list(agents)
+        self._home = {a: self.parts[b] for a, b in agents.items()}
+        self.agents = _Agents(self)
+        self.seed, self.lora = seed, next(iter(self.parts.values())).lora
+
+    # --- where an agent lives ---------------------------------------------------------
+    def of(self, agent: str) -> Population:
+        """The :class:`Population` (one base) that holds ``agent``."""
+        if agent not in self._home:
+            raise KeyError(f"unknown agent {agent!r}; the population has {self.names}")
+        return self._home[agent]
+
+    def base_name(self, agent: str) -> str:
+        """The name (``model`` or a key of ``population.bases``) of ``agent``'s base."""
+        home = self.of(agent)
+        return next(n for n, p in self.parts.items() if p is home)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._order)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("model", "tokenizer", "base"):  # the loop reaches these per base (machinery, of)
+            raise AttributeError(
+                f"a population over several bases ({', '.join(self.parts)}) has no single {name}; use .of(agent)"
+            )
+        raise AttributeError(name)
+
+    # --- per-agent calls, sent to the agent's base --------------------------------------
+    def activate(self, name: str) -> None:
+        self.of(name).activate(name)
+
+    def parameters_of(self, name: str, adapter: str | None = None) -> dict[str, nn.Parameter]:
+        return self.of(name).parameters_of(name, adapter)
+
+    def adapter_state(self, name: str, adapter: str | None = None) -> dict[str, Tensor]:
+        return self.of(name).adapter_state(name, adapter)
+
+    def load_adapter_state(self, name: str, state: dict[str, Tensor], adapter: str | None = None) -> None:
+        self.of(name).load_adapter_state(name, state, adapter)
+
+    def save_adapter(self, name: str, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+        return self.of(name).save_adapter(name, path, {**(metadata or {}), "base": self.of(name).base.name})
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        self.of(name).load_adapter(name, path)
+
+    def add_task_adapter(self, name: str) -> str:
+        return self.of(name).add_task_adapter(name)
+
+    def resize_adapter(self, name: str, rank: int, adapter: str | None = None) -> None:
+        self.of(name).resize_adapter(name, rank, adapter)
+
+    def lora_of(self, adapter: str) -> LoraConfig:
+        part = next((p for p in self.parts.values() if adapter in p.model.peft_config), None)
+        if part is None:
+            raise KeyError(f"no adapter {adapter!r} in any base of the population")
+        return part.lora_of(adapter)
+
+    def add_agent(self, name: str, config: LoraConfig | None = None) -> Agent:
+        raise ValueError(
+            f"cannot add agent {name!r}: agents made during a run (merges, copies) need one base, and this "
+            f"population has several ({', '.join(self.parts)}); name every agent in population.agents"
+        )
+
+
+class _Agents(Mapping[str, "Agent"]):
+    """The agents of every base, in population order (a read-only view, like ``Population.agents``)."""
+
+    def __init__(self, bases: Bases) -> None:
+        self._bases = bases
+
+    def __getitem__(self, name: str) -> Agent:
+        return self._bases.of(name).agents[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bases.names)
+
+    def __len__(self) -> int:
+        return len(self._bases.names)
+
+
+def parts(population: Population | Bases) -> dict[str, Population]:
+    """Each base's :class:`Population` by base name (a plain population is the one base ``model``)."""
+    return population.parts if isinstance(population, Bases) else {DEFAULT: population}
+
+
+def machinery(
+    population: Population | Bases,
+    max_length: int,
+    train: TrainConfig,
+    eval: EvalConfig,
+    trainer: dict[str, Any],
+    progress: bool = True,
+) -> tuple[PromptEncoder, SharedTrunk | None, Any, dict[str, Any]]:
+    """Per base: the model on the trainer's device (compiled with ``train.compile``), the prompt encoder (its
+    tokenizer), the shared trunk, the scorer and the fit backends. Returns the first base's encoder and trunk, the
+    population's scorer and its fit backends by name: the base's own for one base, routed to the agent's base for
+    several."""
+    from lmas.evaluation.cache import build_scoring
+    from lmas.evaluation.scorer import RoutedScorer
+    from lmas.lm.compiled import compile_layers
+    from lmas.lm.device import trainer_device
+    from lmas.lm.encoding import PromptEncoder
+    from lmas.training import RoutedFit, fit_backends
+
+    encoders, trunks, scorers, backends = {}, {}, {}, {}
+    for name, pop in parts(population).items():
+        pop.model.to(trainer_device(trainer))  # once; IncrementalLM.cpu keeps Lightning from moving it back
+        if train.compile:  # the decoder layers, in place: training and evaluation use them compiled
+            compile_layers(pop.model)
+        encoders[name] = enc = PromptEncoder(pop.tokenizer, max_length, pop.base.prompt_format)
+        trunks[name], scorers[name] = build_scoring(pop, enc, train, eval, trainer.get("precision"))
+        fit_trunk = trunks[name] if train.trunk_cache else None  # eval.cache: lmas/evaluation/cache.py
+        backends[name] = fit_backends(pop, enc, train, trainer, fit_trunk, eval.curve_every, progress)
+    first = next(iter(parts(population)))
+    if not isinstance(population, Bases):
+        return encoders[first], trunks[first], scorers[first], backends[first]
+    home = {a: population.base_name(a) for a in population.names}
+    routed = {k: RoutedFit({n: b[k] for n, b in backends.items()}, home) for k in backends[first]}
+    return encoders[first], trunks[first], RoutedScorer(population, scorers, home), routed
+
+
+def check(r: Reader) -> None:
+    """The config check's rules for ``population=bases``: only the continual loop; no adapter transfer, exchange
+    or peer distillation (they cross bases); each refusal names the agents on different bases."""
+    agents, known = r.get("population.agents"), [DEFAULT, *(r.get("population.bases") or {})]
+    bases = {str(v) for v in agents.values()} if isinstance(agents, dict) else set()
+    for agent, name in agents.items() if isinstance(agents, dict) and r.get("population.bases") is not None else ():
+        if name not in known:
+            r.fail(f"population.agents.{agent}", name, f"no such base; the bases are {', '.join(known)}")
+    if len(bases) < 2:
+        return
+    groups = "; ".join(f"{b}: {', '.join(a for a, v in agents.items() if v == b)}" for b in sorted(bases))
+    why = f"the agents live on different bases ({groups}), and "
+    if (body := getattr(r.target("loop"), "__name__", "")) not in ("", "Continual"):
+        r.fail("loop._target_", r.get("loop._target_"), why + f"the {body} loop shares adapters; use loop=continual")
+    transfer = r.target("transfer")
+    if transfer is not None and getattr(transfer, "__name__", "") != "Transfer":
+        r.fail("transfer._target_", r.get("transfer._target_"), why + "adapters cannot move between architectures")
+    from lmas.population.topology import Topology
+
+    topology = r.target("topology")
+    if isinstance(topology, type) and issubclass(topology, Topology) and topology.exchange is not Topology.exchange:
+        r.fail("topology._target_", r.get("topology._target_"), why + "its exchange merges adapters across them")
+    distill = r.get("distill") or {}
+    if distill.get("_target_") and distill.get("teachers") not in (None, []):
+        why_d = why + "peer teachers distil token by token in one tokenizer; use distill.teachers=[] (external only)"
+        r.fail("distill.teachers", distill.get("teachers"), why_d)

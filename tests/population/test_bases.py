@@ -1,0 +1,113 @@
+"""A population over several bases (lmas/population/bases.py): agents routed to their own base's model, scorer
+and fit; the loop, allocation and checkpoints see the union; what cannot cross bases is refused by the check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmas.evaluation.scorer import PopulationScorer
+from lmas.lm.encoding import PromptEncoder
+from lmas.models.providers import tiny
+from lmas.population.bases import Bases, parts
+from lmas.population.population import Population
+
+SMALL = "{_target_:lmas.models.providers.tiny,hidden_size:48,num_layers:2,num_heads:2,intermediate_size:64,seed:1}"
+TWO_BASES = ["population=bases", f"+population.bases.small={SMALL}", "population.agents={a:model,b:small,c:model}"]
+
+
+def _bases() -> Bases:
+    big = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    small = tiny(hidden_size=48, num_layers=2, num_heads=2, intermediate_size=64, seed=1)
+    return Bases(big, {"a": "model", "b": "small", "c": "model"}, {"small": small}, {"r": 2, "alpha": 4}, seed=3)
+
+
+def test_agents_live_on_their_own_base_and_the_facade_routes_every_call(tmp_path):
+    pop = _bases()
+    assert pop.names == ["a", "b", "c"] and list(pop.agents) == ["a", "b", "c"] and len(pop.agents) == 3
+    assert set(parts(pop)) == {"model", "small"}
+    assert pop.of("a") is pop.of("c") is not pop.of("b")
+    assert pop.of("a").names == ["a", "c"] and pop.of("b").names == ["b"]
+    assert [pop.base_name(x) for x in pop.names] == ["model", "small", "model"]
+    # each agent's adapter is in its base's model: its shapes are that base's (hidden 32 vs 48)
+    widths = {x: {v.shape[-1] for k, v in pop.adapter_state(x).items() if "lora_A" in k} for x in pop.names}
+    assert widths == {"a": {32}, "b": {48}, "c": {32}}
+    with torch.no_grad():
+        next(iter(pop.parameters_of("b").values())).add_(1.0)  # write b through the facade, read it back
+    path = pop.save_adapter("b", tmp_path / "b.safetensors")
+    other = _bases()
+    other.load_adapter("b", path)
+    for k, v in pop.adapter_state("b").items():
+        assert torch.equal(v, other.adapter_state("b")[k])
+    assert pop.lora_of("b").r == 2
+    with pytest.raises(KeyError, match="unknown agent 'z'"):
+        pop.of("z")
+    with pytest.raises(ValueError, match="need one base"):
+        pop.add_agent("d")
+    with pytest.raises(AttributeError, match="no single model"):
+        _ = pop.model
+    with pytest.raises(ValueError, match="population.agents.d='nope': no such base; the bases are model, small"):
+        Bases(pop.of("a").base, {"d": "nope"}, {"small": pop.of("b").base})
+    assert isinstance(Population(tiny(hidden_size=32, num_layers=1, num_heads=2, seed=0)).of("agent0"), Population)
+
+
+def test_routed_scores_are_each_bases_own(one_thread):
+    from lmas.evaluation.scorer import RoutedScorer
+
+    pop = _bases()
+    own = {n: PopulationScorer(p, PromptEncoder(p.tokenizer, 64)) for n, p in pop.parts.items()}
+    routed = RoutedScorer(pop, own, {x: pop.base_name(x) for x in pop.names})
+    prompts, labels = ["the cat sat on the", "one two three"], ["mat", "four", "dog"]
+    lp = routed.label_logprobs(["b", "a", "c"], prompts, labels)
+    assert lp.shape == (3, 2, 3)
+    assert torch.equal(lp[0], own["small"].label_logprobs(["b"], prompts, labels)[0])
+    assert torch.equal(lp[1:], own["model"].label_logprobs(["a", "c"], prompts, labels))
+    assert not torch.allclose(lp[0], lp[1])  # two different random bases
+    assert routed.of("b") is own["small"] and routed.initial_groups(["a", "b", "c", "population"]) == [
+        ("a", ["a", "c", "population"]),
+        ("b", ["b"]),
+    ]
+
+
+def test_a_run_over_two_bases_scores_each_base_and_selects_by_competence(fast_overrides, tmp_path, run_lmas):
+    out = tmp_path / "run"
+    res = run_lmas(fast_overrides + TWO_BASES, out)
+    assert {n: a["base"] for n, a in res["agents"].items()} == {"a": "tiny-llama", "b": "tiny-llama", "c": "tiny-llama"}
+    assert res["population"]["allocation"] == "competence"
+    assigned = [x for rnd in res["population"]["assignments"] for x, _ in rnd]
+    assert len(assigned) == 3 and set(assigned) <= {"a", "b", "c"}
+    m = res["matrix"]
+    assert m["agents"] == ["a", "b", "c"]
+    init = {row: m["initial"][m["agents"].index(row)] for row in m["agents"]}
+    assert init["a"] == init["c"] and init["a"] != init["b"]  # the untrained model of each base
+    import numpy as np
+
+    with np.load(out / "per_example" / "initial.npz") as f:
+        assert {k.split("/")[0] for k in f.files} == {"a", "b"}  # one scoring agent per base
+    saved = sorted(p.name for p in (out / "adapters").rglob("*.safetensors"))
+    assert saved  # versions of the trained agents, each from its own base
+
+
+@pytest.mark.parametrize(
+    ("extra", "bad"),
+    [
+        (["transfer=merge_init"], "transfer._target_"),
+        (["population=bases", "topology=peer_to_peer"], "topology._target_"),
+        (["loop=federated", "allocation=broadcast"], "loop._target_"),
+        (["distill=peers"], "distill.teachers"),
+    ],
+)
+def test_what_cannot_cross_bases_is_refused_naming_the_agents(extra, bad, compose):
+    from lmas.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["model=tiny", *TWO_BASES, *extra]))
+    line = next(p for p in err.value.problems if p.startswith(bad))
+    assert "model: a, c; small: b" in line
+
+
+def test_an_agent_on_an_unknown_base_is_refused_before_loading(compose):
+    from lmas.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"population.agents.b=large: no such base; the bases are model, small"):
+        validate(compose(["model=tiny", *TWO_BASES[:2], "population.agents={a:model,b:large}"]))
