@@ -71,13 +71,20 @@ def test_routed_scores_are_each_bases_own(one_thread):
 
 def test_a_run_over_two_bases_scores_each_base_and_selects_by_competence(fast_overrides, tmp_path, run_lmas):
     out = tmp_path / "run"
-    res = run_lmas(fast_overrides + TWO_BASES, out)
+    res = run_lmas(fast_overrides + TWO_BASES + ["topology=master_worker"], out)  # fused answers across bases
     assert {n: a["base"] for n, a in res["agents"].items()} == {"a": "tiny-llama", "b": "tiny-llama", "c": "tiny-llama"}
     assert res["population"]["allocation"] == "competence"
     assigned = [x for rnd in res["population"]["assignments"] for x, _ in rnd]
     assert len(assigned) == 3 and set(assigned) <= {"a", "b", "c"}
     m = res["matrix"]
-    assert m["agents"] == ["a", "b", "c"]
+    assert m["agents"] == ["a", "b", "c", "population"]
+    assert all(
+        m["values"][r][3][m["tasks"].index(t)] is not None
+        for r, rnd in enumerate(res["population"]["assignments"])
+        for _, t in rnd
+    )  # the population answered each task it met, fusing agents of both bases
+    last = res["similarity"][-1]  # all three have trained: weights only within one base, predictions of all
+    assert set(last["weights"]) == {"a~c"} and set(last["predictions"]) == {"a~b", "a~c", "b~c"}
     init = {row: m["initial"][m["agents"].index(row)] for row in m["agents"]}
     assert init["a"] == init["c"] and init["a"] != init["b"]  # the untrained model of each base
     import numpy as np
