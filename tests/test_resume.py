@@ -58,8 +58,10 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["population=bases", "+population.bases.small={_target_:lmas.models.providers.tiny,hidden_size:48,seed:1}",
      "population.agents={a:model,b:small}"],
     ["population.agents=2", "allocation=broadcast", "transfer=consolidate", "transfer.every=1"],
+    ["population=bases", "+population.bases.enc={_target_:lmas.models.providers.tiny_encoder}",
+     "population.agents={a:model,e:enc}", "allocation=broadcast", "stream=bbc_class_incremental"],
 ], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated", "pbt", "qd", "two_bases",
-        "consolidate"])
+        "consolidate", "encoder_agent"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):
     reference = run_lmas(fast_overrides + extra, tmp_path / "reference")

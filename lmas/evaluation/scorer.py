@@ -35,10 +35,20 @@ if TYPE_CHECKING:
 
 
 class Classifier:
-    """Accuracy from label log-likelihoods (:meth:`label_logprobs`, of the scorer that inherits this)."""
+    """What the evaluator asks of a scorer (:class:`PopulationScorer`, :class:`RoutedScorer`, an encoder base's
+    :class:`lmas.encoders.agents.EncoderScorer`); :meth:`classify` is accuracy from :meth:`label_logprobs`."""
 
     def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
         raise NotImplementedError  # (A, N, L)
+
+    def scored(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
+        raise NotImplementedError  # the task's metric and per-example outcomes
+
+    def untrained(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
+        return self.scored(agent, task, split, labels)  # of an agent whose adapters are fresh
+
+    def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
+        return self.scored(agent, task, split, labels).value
 
     def classify(
         self, agents: Sequence[str], task: Task, split: str, labels: Sequence[str]
@@ -140,10 +150,6 @@ class PopulationScorer(Classifier):
         finally:
             model.train(was_training)
 
-    def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
-        """The task's metric for one agent (its adapters activated)."""
-        return self.scored(agent, task, split, labels).value
-
     def scored(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
         """:meth:`score` with the per-example outcomes."""
         if task.kind == "classification" and self.through_cache:  # the trunk's bottom from eval.cache
@@ -174,10 +180,10 @@ class RoutedScorer(Classifier):
     the scorer of each agent's base; label log-likelihoods of agents on different bases are stacked in the order
     asked (each base ranks the same label strings in its own tokenizer, so the ``(A, N, L)`` rows line up)."""
 
-    def __init__(self, population: Bases, scorers: dict[str, PopulationScorer], home: dict[str, str]) -> None:
+    def __init__(self, population: Bases, scorers: dict[str, Classifier], home: dict[str, str]) -> None:
         self.population, self.scorers, self.home = population, scorers, home
 
-    def of(self, agent: str) -> PopulationScorer:
+    def of(self, agent: str) -> Classifier:
         return self.scorers[self.home[agent]]
 
     def initial_groups(self, rows: list[str]) -> list[tuple[str, list[str]]]:
@@ -187,9 +193,6 @@ class RoutedScorer(Classifier):
         groups = {a: [r for r in rows if self.home.get(r) == b] for b, a in firsts.items()}
         groups[next(iter(groups))] += [r for r in rows if r not in self.home]
         return [(a, rs) for a, rs in groups.items() if rs]
-
-    def score(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> float:
-        return self.of(agent).score(agent, task, split, labels)
 
     def scored(self, agent: str, task: Task, split: str = "test", labels: Sequence[str] | None = None) -> Scored:
         return self.of(agent).scored(agent, task, split, labels)

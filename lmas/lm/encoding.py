@@ -99,9 +99,12 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prompt_format = prompt_format
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        # a decoder's bos (else eos) and eos; a BERT-style tokenizer has neither: [CLS] and [SEP]
+        sep, cls = getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "cls_token_id", None)
+        end = next(t for t in (tokenizer.eos_token_id, sep, 0) if t is not None)
+        start = next(t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, cls, end) if t is not None)
         self.start_id: int = int(start)
-        self.eos_id: int = int(tokenizer.eos_token_id)
+        self.eos_id: int = int(end)
         self.pad_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
         if prompt_format == "chat":
             before, after = chat_template_parts(tokenizer)

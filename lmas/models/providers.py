@@ -46,7 +46,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class BaseModel:
-    """A frozen causal LM and its tokenizer, shared by every agent of a population.
+    """A frozen base model and its tokenizer, shared by every agent of a population: a causal LM, or (``kind``
+    ``encoder``) a BERT-style encoder whose agents classify with label heads (:mod:`lmas.encoders.agents`).
 
     ``prompt_format`` (``model.prompt_format``): how prompts are written for this model, ``plain``
     or ``chat`` (the tokenizer's chat template); :class:`lmas.lm.likelihood.PromptEncoder` applies it.
@@ -57,6 +58,7 @@ class BaseModel:
     name: str
     info: dict = field(default_factory=dict)
     prompt_format: str = "plain"
+    kind: str = "decoder"  # or "encoder"
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
@@ -332,3 +334,42 @@ def tiny(
     return BaseModel(
         model, tokenizer, "tiny-llama", {"parameters": n_params, "seed": seed, "layers": num_layers}, prompt_format
     )
+
+
+def encoder(name_or_path: str | None = None) -> BaseModel:
+    """A BERT-style encoder base (``kind="encoder"``): a local HF encoder folder or hub id, default the packaged
+    all-MiniLM-L6-v2 (a bare ``BertModel``: its agents add LoRA and label heads, :mod:`lmas.encoders.agents`)."""
+    from transformers import AutoModel
+
+    from lmas.distill.encoder_teacher import minilm_folder
+
+    local = absolute(name_or_path) if name_or_path else minilm_folder()
+    if name_or_path and written_as_path(name_or_path) and not local.exists():
+        raise FileNotFoundError(f"encoder name_or_path={name_or_path}: no such folder: {local}")
+    path = str(local) if local.exists() else str(name_or_path)
+    model = AutoModel.from_pretrained(path, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    name = Path(path).name if name_or_path else "all-MiniLM-L6-v2"
+    return BaseModel(model, AutoTokenizer.from_pretrained(path), name, {"parameters": n_params}, kind="encoder")
+
+
+def tiny_encoder(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2, seed: int = 0) -> BaseModel:
+    """A random tiny BERT with MiniLM's tokenizer (``kind="encoder"``): for tests, learns nothing useful."""
+    from transformers import BertConfig, BertModel
+
+    from lmas.distill.encoder_teacher import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_folder()))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=512,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = BertModel(config, add_pooling_layer=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    return BaseModel(model, tokenizer, "tiny-bert", {"parameters": n_params, "seed": seed}, kind="encoder")

@@ -48,6 +48,7 @@ class Bases:
         lora: dict | None = None,
         seed: int = 0,
     ) -> None:
+        from lmas.encoders.agents import EncoderPopulation
         from lmas.population.population import Population
 
         models = {DEFAULT: base, **dict(bases or {})}
@@ -63,7 +64,9 @@ class Bases:
                 )
         used = [n for n in models if n in agents.values()]
         self.parts: dict[str, Population] = {
-            n: Population(models[n], [a for a, b in agents.items() if b == n], lora, seed + 1000 * i)
+            n: (EncoderPopulation if models[n].kind == "encoder" else Population)(
+                models[n], [a for a, b in agents.items() if b == n], lora, seed + 1000 * i
+            )
             for i, n in enumerate(used)
         }
         self._order = list(agents)
@@ -165,6 +168,7 @@ def machinery(
     tokenizer), the shared trunk, the scorer and the fit backends. Returns the first base's encoder and trunk, the
     population's scorer and its fit backends by name: the base's own for one base, routed to the agent's base for
     several."""
+    from lmas.encoders.agents import EncoderFit, EncoderPopulation, EncoderScorer
     from lmas.evaluation.cache import build_scoring
     from lmas.evaluation.scorer import RoutedScorer
     from lmas.lm.compiled import compile_layers
@@ -172,9 +176,18 @@ def machinery(
     from lmas.lm.encoding import PromptEncoder
     from lmas.training import RoutedFit, fit_backends
 
-    encoders, trunks, scorers, backends = {}, {}, {}, {}
+    encoders: dict[str, PromptEncoder] = {}
+    trunks: dict[str, SharedTrunk | None] = {}
+    scorers: dict[str, Any] = {}
+    backends: dict[str, dict[str, Any]] = {}
     for name, pop in parts(population).items():
         pop.model.to(trainer_device(trainer))  # once; IncrementalLM.cpu keeps Lightning from moving it back
+        if isinstance(pop, EncoderPopulation):  # label heads: their own scorer and fit (lmas/encoders/agents.py)
+            encoders[name], trunks[name] = PromptEncoder(pop.tokenizer, max_length), None
+            scorers[name] = EncoderScorer(pop, max_length, eval.batch_size)
+            fit = EncoderFit(pop, train, max_length)
+            backends[name] = {"lightning": fit, "avalanche": fit}
+            continue
         if train.compile:  # the decoder layers, in place: training and evaluation use them compiled
             compile_layers(pop.model)
         encoders[name] = enc = PromptEncoder(pop.tokenizer, max_length, pop.base.prompt_format)
@@ -192,6 +205,7 @@ def machinery(
 def check(r: Reader) -> None:
     """The config check's rules for ``population=bases``: only the continual loop; no adapter transfer, exchange
     or peer distillation (they cross bases); each refusal names the agents on different bases."""
+    _encoders(r)
     agents, known = r.get("population.agents"), [DEFAULT, *(r.get("population.bases") or {})]
     bases = {str(v) for v in agents.values()} if isinstance(agents, dict) else set()
     for agent, name in agents.items() if isinstance(agents, dict) and r.get("population.bases") is not None else ():
@@ -215,3 +229,35 @@ def check(r: Reader) -> None:
     if distill.get("_target_") and distill.get("teachers") not in (None, []):
         why_d = why + "peer teachers distil token by token in one tokenizer; use distill.teachers=[] (external only)"
         r.fail("distill.teachers", distill.get("teachers"), why_d)
+
+
+def _encoders(r: Reader) -> None:
+    """Encoder agents (lmas/encoders/agents.py) need ``population=bases``, classification tasks and a data-level
+    strategy (naive, joint): the other strategies' loss terms and hooks read a causal LM's outputs."""
+    from lmas.encoders.agents import DATA_LEVEL, ENCODER_PROVIDERS
+
+    agents, bases = r.get("population.agents"), r.get("population.bases") or {}
+    models = {DEFAULT: r.get("model._target_"), **{n: (b or {}).get("_target_") for n, b in bases.items()}}
+    enc = [n for n, t in models.items() if t in ENCODER_PROVIDERS]
+    if not enc:
+        return
+    if r.get("population._target_") != "lmas.population.bases.Bases":
+        why = f"model={models[DEFAULT]} is an encoder: its agents (LoRA + a label head) need population=bases"
+        r.fail("population._target_", r.get("population._target_"), why)
+        return
+    from lmas.config import _agent_names, _strategies, _task_kind
+
+    on = dict(agents) if isinstance(agents, dict) else {a: DEFAULT for a in _agent_names(r)}
+    who = ", ".join(a for a, b in on.items() if b in enc)
+    if not who:
+        return
+
+    for path, cls in _strategies(r):
+        if cls.__name__ not in DATA_LEVEL:
+            why = f"encoder agents ({who}) train with the data-level strategies naive and joint only"
+            r.fail(f"{path}._target_", r.get(f"{path}._target_"), why)
+    tasks = r.get("stream.tasks")
+    other = [str(t.get("name")) for t in tasks if isinstance(t, dict) and _task_kind(t) not in ("classification",
+             None)] if isinstance(tasks, list) else []  # fmt: skip
+    if other:
+        r.fail("stream.tasks", "[...]", f"encoder agents ({who}) score classification tasks only, not {other}")

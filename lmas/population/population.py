@@ -25,6 +25,7 @@ from lmas.models.providers import BaseModel
 from lmas.population.events import History
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+EXTRA = "extra/"  # adapter-file keys of state beyond the LoRA weights (:meth:`Population.load_adapter` skips them)
 
 
 @dataclass
@@ -114,9 +115,14 @@ class Population:
                 raise ValueError(f"population.agents: agent name {n!r} must match {_NAME.pattern}")
         if len(set(names)) != len(names):
             raise ValueError(f"population.agents: names must be unique, got {names}")
+        if base.kind != "decoder" and type(self) is Population:
+            raise ValueError(
+                f"the base {base.name} is an {base.kind}: its agents classify with label heads "
+                "(lmas.encoders.agents); use population=bases, which gives each base its kind of agents"
+            )
         self.base = base
         self.tokenizer = base.tokenizer
-        self.lora = lora_config(**(lora or {}))
+        self.lora = self.lora_from(lora or {})
         self.seed = seed
         self.agents: dict[str, Agent] = {}
         with torch.random.fork_rng():  # the first agent's adapter comes with the peft model
@@ -125,6 +131,10 @@ class Population:
         self._register(names[0])
         for name in names[1:]:
             self.add_agent(name)
+
+    def lora_from(self, options: dict) -> LoraConfig:
+        """The agents' LoRA config from the ``population.lora`` options."""
+        return lora_config(**options)
 
     # --- agents -------------------------------------------------------------------------
     def add_agent(self, name: str, config: LoraConfig | None = None) -> Agent:
@@ -243,16 +253,23 @@ class Population:
         if unexpected:
             raise ValueError(f"adapter state for {adapter!r} has unexpected keys: {unexpected[:5]}")
 
-    def save_adapter(self, name: str, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    def save_adapter(
+        self,
+        name: str,
+        path: str | Path,
+        metadata: dict[str, str] | None = None,
+        extra: dict[str, Tensor] | None = None,
+    ) -> Path:
         """Save all of an agent's adapters into one safetensors file (never pickle), atomically.
 
-        Keys are ``<i>/<peft key>`` for the agent's ``i``-th adapter.
+        Keys are ``<i>/<peft key>`` for the agent's ``i``-th adapter; ``extra``: more tensors, keys ``extra/...``.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, adapter in enumerate(self.agents[name].adapters):
             tensors.update({f"{i}/{k}": v for k, v in self.adapter_state(name, adapter).items()})
+        tensors.update(extra or {})
         meta = {**(metadata or {}), "adapters": str(len(self.agents[name].adapters))}
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -267,6 +284,8 @@ class Population:
         self._check(name)
         states: dict[int, dict[str, Tensor]] = {}
         for key, value in load_file(str(path)).items():
+            if key.startswith(EXTRA):  # a subclass's own state (an encoder agent's label head)
+                continue
             index, _, rest = key.partition("/")
             if not index.isdigit() or not rest:
                 raise ValueError(f"{path}: key {key!r} is not '<adapter index>/<name>' (not an lmas adapter file?)")

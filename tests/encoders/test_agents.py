@@ -1,0 +1,147 @@
+"""Encoder agents (lmas/encoders/agents.py): LoRA on a BERT-style encoder plus a label head, scored and trained by
+hand-checkable rules, in a population next to decoder agents (population=bases)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmas.data.task import Example, Task
+from lmas.encoders.agents import EncoderFit, EncoderPopulation, EncoderScorer, encode
+from lmas.models.providers import tiny_encoder
+from lmas.schema import TrainConfig
+from lmas.strategies.base import Strategy
+from lmas.training.fit import Experience
+
+ENC = "{_target_:lmas.models.providers.tiny_encoder,hidden_size:32,seed:1}"
+MIXED = ["population=bases", f"+population.bases.enc={ENC}", "population.agents={a:model,e:enc}",
+         "stream=bbc_class_incremental"]  # fmt: skip
+
+
+def _pop(agents=("e0", "e1")) -> EncoderPopulation:
+    return EncoderPopulation(tiny_encoder(hidden_size=32, num_layers=2, num_heads=2, seed=0), list(agents), seed=0)
+
+
+def _task() -> Task:
+    train = [Example(f"I ate an {w} today", "fruit") for w in ("apple", "orange", "banana", "pear")]
+    train += [Example(f"I drove a {w} today", "vehicle") for w in ("car", "truck", "bus", "van")]
+    return Task("toy", "classification", train, train[:2] + train[-2:], train, labels=["fruit", "vehicle"])
+
+
+def test_the_adapters_sit_on_berts_projections_and_an_untrained_head_is_uniform():
+    pop = _pop()
+    cfg = pop.lora_of("e0")
+    assert set(cfg.target_modules) == {"query", "value"} and cfg.task_type == "FEATURE_EXTRACTION"
+    assert any(".query.lora_A.e0." in n for n in pop.parameters_of("e0"))
+    lp = EncoderScorer(pop, 32).label_logprobs(["e0"], ["a text", "another"], ["x", "y", "z"])
+    torch.testing.assert_close(lp, torch.full((1, 2, 3), -math.log(3)))  # w = 0, b = 0 for unknown labels
+
+
+def test_a_label_score_is_the_mean_pooled_state_times_the_labels_row_plus_its_bias():
+    pop = _pop()
+    g = torch.Generator().manual_seed(0)
+    pop.set_head("e0", ["fruit", "vehicle"], torch.randn(2, 33, generator=g))
+    texts = ["I ate an apple", "a much longer text about a red bus"]
+    lp = EncoderScorer(pop, 32).label_logprobs(["e0"], texts, ["vehicle", "fruit", "new"])[0]
+    enc = pop.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pop.activate("e0")
+        states = pop.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    for i in range(2):
+        n = int(enc["attention_mask"][i].sum())
+        h = states[i, :n].mean(0)  # by hand: the mean over the text's own tokens, padding left out
+        rows = pop.head("e0", ["vehicle", "fruit", "new"])
+        scores = torch.stack([h @ rows[j, :32] + rows[j, 32] for j in range(3)])
+        torch.testing.assert_close(lp[i], scores.log_softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_a_fit_learns_a_toy_task_and_the_head_and_adapter_survive_a_save(tmp_path, one_thread):
+    pop, task = _pop(), _task()
+    scorer = EncoderScorer(pop, 32)
+    before = scorer.score("e0", task, "test")
+    exp = Experience("e0", task, [(ex, task.kind) for ex in task.train], Strategy(), seed=0)
+    losses = []
+    result = EncoderFit(pop, TrainConfig(lr=0.05, batch_size=4, epochs=10), 32).fit(
+        exp, lambda step, loss: losses.append(loss)
+    )
+    assert result.steps == 20 == len(result.losses) and losses == result.losses
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    assert scorer.score("e0", task, "test") == 1.0 > before or before == 1.0
+    assert scorer.score("e1", task, "test") == before  # the other agent did not move
+    path = pop.save_adapter("e0", tmp_path / "e0.safetensors")
+    other = _pop()
+    other.load_adapter("e0", path)
+    lp = EncoderScorer(other, 32).label_logprobs(["e0"], [ex.prompt for ex in task.test], ["fruit", "vehicle"])
+    torch.testing.assert_close(lp, scorer.label_logprobs(["e0"], [ex.prompt for ex in task.test], ["fruit", "vehicle"]))
+
+
+def test_an_encoder_agent_refuses_a_generation_task():
+    pop = _pop()
+    one = [Example("1+1=", "2")]
+    task = Task("gen", "generation", one, one, one)
+    with pytest.raises(ValueError, match="'e0' is an encoder agent: it scores classification tasks only"):
+        EncoderScorer(pop, 32).scored("e0", task)
+    assert encode(pop, ["x"], 8)["input_ids"].shape[0] == 1
+
+
+def test_decoder_and_encoder_agents_in_one_run_each_scored_by_its_own_base(fast_overrides, tmp_path, run_lmas):
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    res = run_lmas(fast_overrides + MIXED + ["allocation=broadcast", "topology=master_worker"], out)
+    assert {n: a["base"] for n, a in res["agents"].items()} == {"a": "tiny-llama", "e": "tiny-bert"}
+    m = res["matrix"]
+    assert m["agents"] == ["a", "e", "population"]
+    assert m["initial"][0] != m["initial"][1]  # each base's untrained model
+    fits = [ev for ev in res["agents"]["e"]["history"] if ev["event"] == "trained"]
+    assert [ev["task"] for ev in fits] == ["bbc_business_entertainment", "bbc_politics_sports", "bbc_tech"]
+    assert [ev["labels"] for ev in fits] == [2, 2, 1]  # each task's own classes
+    with np.load(out / "per_example" / "round002.npz") as f:
+        assert {"a/bbc_tech", "e/bbc_tech", "e/bbc_business_entertainment"} <= set(f.files)
+    last = max((out / "adapters" / "e").iterdir())
+    with safe_open(str(last), "pt") as f:  # the encoder agent's saved version carries its head, every label met
+        assert sorted(json.loads(f.metadata()["head_labels"])) == ["business", "entertainment", "politics",
+                                                                  "sports", "tech"]  # fmt: skip
+    assert "population" in res["metrics"]  # the fused answer over both bases
+
+
+@pytest.mark.parametrize(
+    ("extra", "bad", "why"),
+    [
+        (["strategy=ewc"], "strategy._target_", "encoder agents (e) train with the data-level strategies"),
+        (["stream=default"], "stream.tasks", "encoder agents (e) score classification tasks only, not ['math']"),
+    ],
+)
+def test_encoder_agents_refuse_what_reads_a_causal_lm(extra, bad, why, compose):
+    from lmas.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose(["model=tiny", *MIXED, *extra]))
+    assert any(p.startswith(bad) and why in p for p in err.value.problems), err.value.problems
+
+
+def test_an_encoder_model_needs_population_bases(compose):
+    from lmas.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="population._target_=.*is an encoder: its agents .* need population=bases"):
+        validate(compose(["model=encoder", "stream=bbc_class_incremental"]))
+
+
+def test_a_minilm_agent_learns_bbc_topics(one_thread):
+    """The packaged all-MiniLM-L6-v2 as an encoder agent: 2 epochs of 40 BBC texts lift its test accuracy from
+    the untrained head's (every label scored 0: the first label wins) to well above chance."""
+    from lmas.data.sources import bbc_topics
+    from lmas.models.providers import encoder
+
+    pop = EncoderPopulation(encoder(), ["m"], seed=0)
+    task = bbc_topics(name="bbc", topics=["business", "sports", "tech"], n_train=40, n_val=8, n_test=30, max_chars=200)
+    scorer = EncoderScorer(pop, 96)
+    before = scorer.score("m", task)
+    exp = Experience("m", task, [(ex, task.kind) for ex in task.train], Strategy(), seed=0)
+    EncoderFit(pop, TrainConfig(lr=1e-2, batch_size=8, epochs=2), 96).fit(exp, lambda step, loss: None)
+    after = scorer.score("m", task)
+    assert before == pytest.approx(1 / 3, abs=0.15) and after >= 0.8, (before, after)
