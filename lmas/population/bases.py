@@ -204,17 +204,21 @@ def machinery(
 
 def check(r: Reader) -> None:
     """The config check's rules for ``population=bases``: only the continual loop; no adapter transfer, exchange
-    or peer distillation (they cross bases); each refusal names the agents on different bases."""
-    _encoders(r)
+    or peer distillation (they cross bases, or leave an encoder agent's label head behind); each refusal names the
+    agents on different bases (or the encoder agents)."""
+    encoder_agents = _encoders(r)
     agents, known = r.get("population.agents"), [DEFAULT, *(r.get("population.bases") or {})]
     bases = {str(v) for v in agents.values()} if isinstance(agents, dict) else set()
     for agent, name in agents.items() if isinstance(agents, dict) and r.get("population.bases") is not None else ():
         if name not in known:
             r.fail(f"population.agents.{agent}", name, f"no such base; the bases are {', '.join(known)}")
-    if len(bases) < 2:
+    if len(bases) < 2 and not encoder_agents:
         return
     groups = "; ".join(f"{b}: {', '.join(a for a, v in agents.items() if v == b)}" for b in sorted(bases))
-    why = f"the agents live on different bases ({groups}), and "
+    if len(bases) > 1:
+        why = f"the agents live on different bases ({groups}), and "
+    else:
+        why = f"encoder agents ({encoder_agents}) keep a label head that adapters do not carry, and "
     if (body := getattr(r.target("loop"), "__name__", "")) not in ("", "Continual"):
         r.fail("loop._target_", r.get("loop._target_"), why + f"the {body} loop shares adapters; use loop=continual")
     transfer = r.target("transfer")
@@ -231,27 +235,27 @@ def check(r: Reader) -> None:
         r.fail("distill.teachers", distill.get("teachers"), why_d)
 
 
-def _encoders(r: Reader) -> None:
+def _encoders(r: Reader) -> str:
     """Encoder agents (lmas/encoders/agents.py) need ``population=bases``, classification tasks and a data-level
-    strategy (naive, joint): the other strategies' loss terms and hooks read a causal LM's outputs."""
+    strategy (naive, joint) without a distillation term: the others' loss terms and hooks read a causal LM's
+    outputs. Returns the encoder agents' names ('' for none)."""
     from lmas.encoders.agents import DATA_LEVEL, ENCODER_PROVIDERS
 
     agents, bases = r.get("population.agents"), r.get("population.bases") or {}
     models = {DEFAULT: r.get("model._target_"), **{n: (b or {}).get("_target_") for n, b in bases.items()}}
     enc = [n for n, t in models.items() if t in ENCODER_PROVIDERS]
     if not enc:
-        return
+        return ""
     if r.get("population._target_") != "lmas.population.bases.Bases":
         why = f"model={models[DEFAULT]} is an encoder: its agents (LoRA + a label head) need population=bases"
         r.fail("population._target_", r.get("population._target_"), why)
-        return
+        return ""
     from lmas.config import _agent_names, _strategies, _task_kind
 
     on = dict(agents) if isinstance(agents, dict) else {a: DEFAULT for a in _agent_names(r)}
     who = ", ".join(a for a, b in on.items() if b in enc)
     if not who:
-        return
-
+        return ""
     for path, cls in _strategies(r):
         if cls.__name__ not in DATA_LEVEL:
             why = f"encoder agents ({who}) train with the data-level strategies naive and joint only"
@@ -261,3 +265,7 @@ def _encoders(r: Reader) -> None:
              None)] if isinstance(tasks, list) else []  # fmt: skip
     if other:
         r.fail("stream.tasks", "[...]", f"encoder agents ({who}) score classification tasks only, not {other}")
+    if r.get("distill._target_"):
+        why = f"encoder agents ({who}) train without a distillation term (it reads a causal LM's outputs); distill=none"
+        r.fail("distill._target_", r.get("distill._target_"), why)
+    return who

@@ -114,6 +114,7 @@ def test_decoder_and_encoder_agents_in_one_run_each_scored_by_its_own_base(fast_
     [
         (["strategy=ewc"], "strategy._target_", "encoder agents (e) train with the data-level strategies"),
         (["stream=default"], "stream.tasks", "encoder agents (e) score classification tasks only, not ['math']"),
+        (["distill=minilm"], "distill._target_", "encoder agents (e) train without a distillation term"),
     ],
 )
 def test_encoder_agents_refuse_what_reads_a_causal_lm(extra, bad, why, compose):
@@ -122,6 +123,16 @@ def test_encoder_agents_refuse_what_reads_a_causal_lm(extra, bad, why, compose):
     with pytest.raises(ConfigError) as err:
         validate(compose(["model=tiny", *MIXED, *extra]))
     assert any(p.startswith(bad) and why in p for p in err.value.problems), err.value.problems
+
+
+def test_agents_all_on_an_encoder_refuse_adapter_transfers(compose):
+    from lmas.config import ConfigError, validate
+
+    cfg = compose(["model=encoder", "population=bases", "population.agents=2", "stream=bbc_class_incremental",
+                   "transfer=merge"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"encoder agents \(agent0, agent1\) keep a label head that adapters"):
+        validate(cfg)
+    validate(compose(["model=encoder", "population=bases", "population.agents=2", "stream=bbc_class_incremental"]))
 
 
 def test_an_encoder_model_needs_population_bases(compose):
