@@ -65,11 +65,13 @@ def test_a_fit_learns_a_toy_task_and_the_head_and_adapter_survive_a_save(tmp_pat
     before = scorer.score("e0", task, "test")
     exp = Experience("e0", task, [(ex, task.kind) for ex in task.train], Strategy(), seed=0)
     losses = []
+    torch.manual_seed(0)  # the encoder's dropout draws from the global generator (the loop seeds it per fit)
     result = EncoderFit(pop, TrainConfig(lr=0.05, batch_size=4, epochs=10), 32).fit(
         exp, lambda step, loss: losses.append(loss)
     )
     assert result.steps == 20 == len(result.losses) and losses == result.losses
-    assert result.losses[-1] < 0.5 * result.losses[0]
+    first, last = sum(result.losses[:2]) / 2, sum(result.losses[-2:]) / 2  # the first and the last epoch
+    assert last < 0.5 * first
     assert scorer.score("e0", task, "test") == 1.0 > before or before == 1.0
     assert scorer.score("e1", task, "test") == before  # the other agent did not move
     path = pop.save_adapter("e0", tmp_path / "e0.safetensors")
