@@ -32,6 +32,7 @@ from torch import Tensor
 from lmas.data.task import Task
 from lmas.evaluation.scorer import Classifier
 from lmas.evaluation.scoring import Scored, rank_scored
+from lmas.models.providers import BaseModel
 from lmas.population.population import EXTRA, Population, lora_config
 from lmas.schema import TrainConfig
 from lmas.training.fit import Experience, FitResult, StepHook
@@ -44,7 +45,14 @@ DATA_LEVEL = ("Strategy", "Joint")  # strategies that only choose the examples (
 class EncoderPopulation(Population):
     """Agents of an encoder base: LoRA adapters plus a label head each (module docstring)."""
 
-    def __init__(self, base, agents=1, lora: dict | None = None, seed: int = 0, bases: dict | None = None):  # noqa: ANN001
+    def __init__(
+        self,
+        base: BaseModel,
+        agents: int | list[str] = 1,
+        lora: dict | None = None,
+        seed: int = 0,
+        bases: dict | None = None,
+    ) -> None:
         self.heads: dict[str, dict[str, Tensor]] = {}  # agent -> label -> (hidden + 1,): weights, then the bias
         super().__init__(base, agents, lora, seed, bases)
         self.hidden = int(base.model.config.hidden_size)
@@ -107,12 +115,6 @@ class EncoderScorer(Classifier):
 
     def __init__(self, population: EncoderPopulation, max_length: int, batch_size: int = 32) -> None:
         self.population, self.max_length, self.batch_size = population, max_length, batch_size
-
-    def of(self, agent: str) -> EncoderScorer:
-        return self
-
-    def initial_groups(self, rows: list[str]) -> list[tuple[str, list[str]]]:
-        return [(self.population.names[0], list(rows))]
 
     @torch.no_grad()
     def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:

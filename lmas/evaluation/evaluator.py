@@ -42,7 +42,6 @@ from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.population.messages import COORDINATOR, Message, MessageLog
 from lmas.population.topology import TaskView, Topology
 from lmas.schema import EvalConfig
-from lmas.transfer.lorahub import answer_nll, few_shot_batches
 
 log = logging.getLogger(__name__)
 POPULATION = "population"  # the knowledge-matrix row of the topology's joint answer
@@ -115,13 +114,8 @@ class Evaluator:
         task = self.stream[j]
         rows = self.val_view(task).val[:shots]
         messages.send(Message("task", COORDINATOR, agent, r, rows))
-        if isinstance(self.scorer, RoutedScorer):  # log-likelihoods of different tokenizers do not compare: the
-            view = dataclasses.replace(task, val=rows)  # metric on the shots (higher is better) does
-            value = self.scorer.score(agent, view, "val", self.stream.label_space(j, self.seen_index(r)))
-            value = -value if task.metric == "perplexity" else value
-        else:
-            self.scorer.population.activate(agent)
-            value = -answer_nll(self.scorer.population.model, few_shot_batches(self.scorer.encoder, rows, task.kind))
+        # one base: answer log-likelihoods; several (RoutedScorer): the metric (tokenizers' likelihoods do not compare)
+        value = self.scorer.competence(agent, task, rows, self.stream.label_space(j, self.seen_index(r)))
         messages.send(Message("report", agent, COORDINATOR, r, value))
         return value
 

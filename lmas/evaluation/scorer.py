@@ -14,14 +14,15 @@ messages are bookkeeping on ``(A, N, L)`` tensors, not model work.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from lmas.data.task import Task
+from lmas.data.task import Example, Task
 from lmas.evaluation.scoring import Scored, evaluate_scored, rank_scored
 from lmas.lm.device import autocast, autocast_dtype, model_device
 from lmas.lm.encoding import PromptEncoder
@@ -37,6 +38,23 @@ if TYPE_CHECKING:
 class Classifier:
     """What the evaluator asks of a scorer (:class:`PopulationScorer`, :class:`RoutedScorer`, an encoder base's
     :class:`lmas.encoders.agents.EncoderScorer`); :meth:`classify` is accuracy from :meth:`label_logprobs`."""
+
+    population: Any  # the agents scored (a Population; Bases for RoutedScorer)
+
+    def of(self, agent: str) -> Classifier:
+        """The scorer of ``agent``'s base: this one (:class:`RoutedScorer` has one per base)."""
+        return self
+
+    def initial_groups(self, rows: list[str]) -> list[tuple[str, list[str]]]:
+        """``(agent, rows)``: whose fresh adapter scores the untrained model for which matrix rows (one base: the
+        first agent for every row; fresh LoRA adapters are exact no-ops)."""
+        return [(self.population.names[0], list(rows))]
+
+    def competence(self, agent: str, task: Task, rows: Sequence[Example], labels: Sequence[str] | None) -> float:
+        """A coordinator's measure of ``agent`` on ``rows`` of ``task`` (higher is better): the task's metric on
+        them (perplexity negated); :class:`PopulationScorer` uses the mean answer log-likelihood per token."""
+        value = self.score(agent, dataclasses.replace(task, val=list(rows)), "val", labels)
+        return -value if task.metric == "perplexity" else value
 
     def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
         raise NotImplementedError  # (A, N, L)
@@ -99,14 +117,12 @@ class PopulationScorer(Classifier):
         autocast_dtype(precision)  # refuses an unsupported trainer.precision here
         self.precision, self.cache = precision, cache
 
-    def of(self, agent: str) -> PopulationScorer:
-        """The scorer of ``agent``'s base: this one (:class:`RoutedScorer` has one per base)."""
-        return self
+    def competence(self, agent: str, task: Task, rows: Sequence[Example], labels: Sequence[str] | None) -> float:
+        """Mean answer log-likelihood per token of ``agent`` on ``rows`` (one tokenizer: comparable across agents)."""
+        from lmas.transfer.lorahub import answer_nll, few_shot_batches
 
-    def initial_groups(self, rows: list[str]) -> list[tuple[str, list[str]]]:
-        """``(agent, rows)``: whose fresh adapter scores the untrained model for which matrix rows (one base: the
-        first agent for every row; fresh LoRA adapters are exact no-ops)."""
-        return [(self.population.names[0], list(rows))]
+        self.population.activate(agent)
+        return -answer_nll(self.population.model, few_shot_batches(self.encoder, rows, task.kind))
 
     def autocast(self) -> AbstractContextManager:
         """The trainer's autocast on the model's device (a no-op at 32-true)."""

@@ -101,7 +101,11 @@ class PromptEncoder:
         self.prompt_format = prompt_format
         # a decoder's bos (else eos) and eos; a BERT-style tokenizer has neither: [CLS] and [SEP]
         sep, cls = getattr(tokenizer, "sep_token_id", None), getattr(tokenizer, "cls_token_id", None)
-        end = next(t for t in (tokenizer.eos_token_id, sep, 0) if t is not None)
+        end = next((t for t in (tokenizer.eos_token_id, sep) if t is not None), None)
+        if end is None:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no eos or [SEP] token to end a sequence"
+            )
         start = next(t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, cls, end) if t is not None)
         self.start_id: int = int(start)
         self.eos_id: int = int(end)

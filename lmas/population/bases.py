@@ -69,26 +69,25 @@ class Bases:
             )
             for i, n in enumerate(used)
         }
-        self._order = list(agents)
-        self._home = {a: self.parts[b] for a, b in agents.items()}
+        self.home = dict(agents)  # agent -> the name of its base, in population order
         self.agents = _Agents(self)
         self.seed, self.lora = seed, next(iter(self.parts.values())).lora
 
     # --- where an agent lives ---------------------------------------------------------
     def of(self, agent: str) -> Population:
         """The :class:`Population` (one base) that holds ``agent``."""
-        if agent not in self._home:
+        if agent not in self.home:
             raise KeyError(f"unknown agent {agent!r}; the population has {self.names}")
-        return self._home[agent]
+        return self.parts[self.home[agent]]
 
     def base_name(self, agent: str) -> str:
         """The name (``model`` or a key of ``population.bases``) of ``agent``'s base."""
-        home = self.of(agent)
-        return next(n for n, p in self.parts.items() if p is home)
+        self.of(agent)
+        return self.home[agent]
 
     @property
     def names(self) -> list[str]:
-        return list(self._order)
+        return list(self.home)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("model", "tokenizer", "base"):  # the loop reaches these per base (machinery, of)
@@ -111,7 +110,7 @@ class Bases:
         self.of(name).load_adapter_state(name, state, adapter)
 
     def save_adapter(self, name: str, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-        return self.of(name).save_adapter(name, path, {**(metadata or {}), "base": self.of(name).base.name})
+        return self.of(name).save_adapter(name, path, metadata)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         self.of(name).load_adapter(name, path)
@@ -197,9 +196,8 @@ def machinery(
     first = next(iter(parts(population)))
     if not isinstance(population, Bases):
         return encoders[first], trunks[first], scorers[first], backends[first]
-    home = {a: population.base_name(a) for a in population.names}
-    routed = {k: RoutedFit({n: b[k] for n, b in backends.items()}, home) for k in backends[first]}
-    return encoders[first], trunks[first], RoutedScorer(population, scorers, home), routed
+    routed = {k: RoutedFit({n: b[k] for n, b in backends.items()}, population.home) for k in backends[first]}
+    return encoders[first], trunks[first], RoutedScorer(population, scorers, population.home), routed
 
 
 def check(r: Reader) -> None:
@@ -208,10 +206,12 @@ def check(r: Reader) -> None:
     agents on different bases (or the encoder agents)."""
     encoder_agents = _encoders(r)
     agents, known = r.get("population.agents"), [DEFAULT, *(r.get("population.bases") or {})]
-    bases = {str(v) for v in agents.values()} if isinstance(agents, dict) else set()
-    for agent, name in agents.items() if isinstance(agents, dict) and r.get("population.bases") is not None else ():
+    if not isinstance(agents, dict):
+        agents = {}  # a number or a list of names: every agent on `model`
+    for agent, name in agents.items():
         if name not in known:
             r.fail(f"population.agents.{agent}", name, f"no such base; the bases are {', '.join(known)}")
+    bases = {str(v) for v in agents.values()}
     if len(bases) < 2 and not encoder_agents:
         return
     groups = "; ".join(f"{b}: {', '.join(a for a, v in agents.items() if v == b)}" for b in sorted(bases))
