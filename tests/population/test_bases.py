@@ -118,3 +118,21 @@ def test_an_agent_on_an_unknown_base_is_refused_before_loading(compose):
 
     with pytest.raises(ConfigError, match=r"population.agents.b=large: no such base; the bases are model, small"):
         validate(compose(["model=tiny", *TWO_BASES[:2], "population.agents={a:model,b:large}"]))
+
+
+@pytest.mark.slow
+def test_smollm2_and_minilm_agents_in_one_run(tmp_path, run_lmas):
+    """The README's two-base command on the real embedded models (debug=fast): SmolLM2 answers zero-shot, MiniLM's
+    untrained head cannot, so competence gives every task to the SmolLM2 agent (docs/models.md)."""
+    out = tmp_path / "real"
+    overrides = ["debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", "population=bases",
+                 "+population.bases.minilm={_target_:lmas.models.providers.encoder}",
+                 "population.agents={agent0:model,agent1:minilm}", "stream=bbc_class_incremental"]  # fmt: skip
+    res = run_lmas(overrides, out)
+    assert {n: a["base"] for n, a in res["agents"].items()} == {"agent0": "smollm2-135m-instruct",
+                                                                "agent1": "all-MiniLM-L6-v2"}  # fmt: skip
+    assert [x for rnd in res["population"]["assignments"] for x, _ in rnd] == ["agent0"] * 3
+    m = res["matrix"]
+    # MiniLM's untrained head: every label scores 0, so the first label of the class-incremental space (business)
+    # wins: right on half of the first task's items, on none of the later tasks'
+    assert m["initial"][1] == [0.5, 0.0, 0.0] and min(m["initial"][0]) > 0.5
