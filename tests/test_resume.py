@@ -60,8 +60,9 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["population.agents=2", "allocation=broadcast", "transfer=consolidate", "transfer.every=1"],
     ["population=bases", "+population.bases.enc={_target_:lmas.models.providers.tiny_encoder}",
      "population.agents={a:model,e:enc}", "allocation=broadcast", "stream=bbc_class_incremental"],
+    ["experiment=encoder_pretraining", "model=tiny_encoder"],
 ], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated", "pbt", "qd", "two_bases",
-        "consolidate", "encoder_agent"])
+        "consolidate", "encoder_agent", "encoder_pretraining"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):
     reference = run_lmas(fast_overrides + extra, tmp_path / "reference")

@@ -138,8 +138,12 @@ def bbc_text(
     n_test: Size = 100,
     split_seed: int = 0,
     max_chars: int = 400,
+    metric: str = "",
 ) -> Task:
-    """Raw BBC News text (``lm`` kind: empty prompt, the article cut to ``max_chars`` as answer)."""
+    """Raw BBC News text (``lm`` kind: empty prompt, the article cut to ``max_chars`` as answer).
+
+    ``metric``: ``perplexity`` (default: a causal LM's), or an encoder agent's ``pseudo_perplexity`` or
+    ``masked_accuracy`` (:data:`lmas.data.task.ENCODER_METRICS`)."""
     topics = _check_choice("topics", topics, list(BBC_TOPICS))
     texts = list(dict.fromkeys(truncate(t, max_chars) for topic in topics for t in bbc_articles(topic)))
     examples = [Example("", t) for t in texts]
@@ -155,6 +159,7 @@ def bbc_text(
         meta={"topics": list(topics), "max_chars": max_chars, "split_seed": split_seed, "available": len(examples)},
         pool=non_test(examples, test),
         balanced=False,
+        metric=metric,
     )
 
 

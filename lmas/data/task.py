@@ -9,7 +9,13 @@ Three kinds exist, each with its own metric:
   ``exact_match``, the default) or by ROUGE-L (``rouge_l``, set with ``Task(metric="rouge_l")``: SuperNI);
   an example may carry several acceptable answers (``Example.references``), the best one counts.
 * ``lm``: raw text for continual pretraining; the prompt is empty and the loss covers
-  the whole text, metric ``perplexity`` (lower is better).
+  the whole text, metric ``perplexity`` (lower is better). Encoder agents train raw text by masked language
+  modelling and next-sentence prediction (:mod:`lmas.encoders.pretraining`) and score it by
+  ``pseudo_perplexity`` (lower is better) or ``masked_accuracy`` (each token masked once, the share predicted):
+  :data:`ENCODER_METRICS`, set with ``Task(metric=...)``.
+
+Metrics of :data:`TOKEN_WEIGHTED` keep, per example, a sum over its tokens and the token count, and pool them
+token-weighted: ``exp(sum NLL / sum tokens)`` for the perplexities, ``sum hits / sum tokens`` for masked accuracy.
 """
 
 from __future__ import annotations
@@ -29,9 +35,19 @@ METRIC_OF_KIND: dict[str, str] = {
 METRICS_OF_KIND: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy",),
     "generation": ("exact_match", "rouge_l"),
-    "lm": ("perplexity",),
+    "lm": ("perplexity", "pseudo_perplexity", "masked_accuracy"),
 }
-HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "rouge_l": True, "perplexity": False}
+METRICS: tuple[str, ...] = tuple(dict.fromkeys(m for ms in METRICS_OF_KIND.values() for m in ms))
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "accuracy": True,
+    "exact_match": True,
+    "rouge_l": True,
+    "perplexity": False,
+    "pseudo_perplexity": False,
+    "masked_accuracy": True,
+}
+TOKEN_WEIGHTED: dict[str, str] = {"perplexity": "exp", "pseudo_perplexity": "exp", "masked_accuracy": "ratio"}
+ENCODER_METRICS: tuple[str, ...] = ("pseudo_perplexity", "masked_accuracy")  # raw text scored by encoder agents
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,11 @@
   with the MLM head applied at the selected positions only (the same values as Hugging Face's
   ``BertForPreTraining`` loss, which scores every position; tested).
 * :func:`pseudo_perplexity` (Salazar et al. 2020): ``exp(-mean_i log p(w_i | the text with w_i masked))`` over
-  every non-special token, one masked copy per token; :func:`masked_token_accuracy`.
+  every non-special token, one masked copy per token; :func:`masked_scores` gives it per text, with the tokens
+  the head recovers (an encoder agent's ``pseudo_perplexity`` and ``masked_accuracy`` metrics);
+  :func:`masked_token_accuracy` on a masked batch.
+* :class:`PretrainingHeads`: an encoder agent's own MLM and NSP heads (the functions above take them, or the
+  heads of a ``BertForPreTraining``).
 
 :func:`load_pretraining_model` loads an encoder folder as ``BertForPreTraining``. The packaged
 all-MiniLM-L6-v2 ships a bare ``BertModel``: its MLM head (transform and bias) and NSP classifier are
@@ -25,6 +29,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -120,8 +125,47 @@ def pretraining_batch(
     }
 
 
-def _parts(model: nn.Module) -> tuple[Any, Any]:
-    """The ``bert`` body and the ``cls`` heads of a ``BertForPreTraining`` (also under a peft wrapper)."""
+class PretrainingHeads(nn.Module):
+    """BERT's MLM and NSP heads for a bare encoder (an encoder agent's own, :mod:`lmas.encoders.agents`).
+
+    :meth:`predictions`: the transform (dense, the encoder's activation, LayerNorm), then the decoder, whose weight
+    is the encoder's word embeddings (tied: shared and not a parameter of these heads), plus a bias per token.
+    :meth:`seq_relationship`: the NSP classifier on the pooled [CLS] output. Initialised as BERT initialises
+    them (normal weights with the config's ``initializer_range``, zero biases, unit LayerNorm), from ``seed``.
+    The method names are those of Hugging Face's ``BertPreTrainingHeads``: the functions below take either.
+    """
+
+    def __init__(self, config: Any, embeddings: nn.Embedding, seed: int = 0) -> None:
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        hidden, vocab = int(config.hidden_size), int(embeddings.weight.shape[0])
+        self.dense = nn.Linear(hidden, hidden)
+        self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(vocab))
+        self.nsp = nn.Linear(hidden, 2)
+        self._tied = (embeddings,)  # a tuple: not registered, so not trained, saved or counted here
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in (self.dense, self.nsp):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * config.initializer_range)
+                layer.bias.zero_()
+
+    def predictions(self, hidden: Tensor) -> Tensor:
+        """Token logits ``(..., vocab)`` of hidden states ``(..., hidden)``."""
+        return F.linear(self.norm(self.act(self.dense(hidden))), self._tied[0].weight, self.bias)
+
+    def seq_relationship(self, pooled: Tensor) -> Tensor:
+        """IsNext/NotNext logits ``(B, 2)`` of pooled outputs ``(B, hidden)``."""
+        return self.nsp(pooled)
+
+
+def _parts(model: nn.Module, heads: Any = None) -> tuple[Any, Any]:
+    """The encoder body and the heads: ``(model, heads)`` when heads are given (an encoder agent: ``model`` its
+    peft-wrapped ``BertModel``), else the ``bert`` body and ``cls`` heads of a ``BertForPreTraining``."""
+    if heads is not None:
+        return model, heads
     get_base: Any = getattr(model, "get_base_model", None)
     base: Any = get_base() if get_base is not None else model
     if not (hasattr(base, "bert") and hasattr(base, "cls")):
@@ -129,14 +173,24 @@ def _parts(model: nn.Module) -> tuple[Any, Any]:
     return base.bert, base.cls
 
 
-def pretraining_losses(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``{"mlm", "nsp", "loss" = mlm + nsp}``: cross-entropies of the masked tokens and of the NSP labels."""
-    bert, heads = _parts(model)
+def _encode(bert: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Last hidden states and the pooled output (None for an encoder without a pooler)."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    out = bert(**kwargs)
+    return out.last_hidden_state, getattr(out, "pooler_output", None)
+
+
+def pretraining_losses(model: nn.Module, batch: dict[str, Tensor], heads: Any = None) -> dict[str, Tensor]:
+    """``{"mlm", "nsp", "loss" = mlm + nsp}``: cross-entropies of the masked tokens and of the NSP labels.
+
+    ``heads``: an encoder agent's :class:`PretrainingHeads` on ``model`` (else ``model`` is a ``BertForPreTraining``).
+    """
+    bert, heads = _parts(model, heads)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    hidden, pooled = bert(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
-    )[:2]
+    hidden, pooled = _encode(bert, batch)
+    if pooled is None:
+        raise ValueError("next-sentence prediction needs the encoder's pooled [CLS] output; this encoder has no pooler")
     masked = batch["labels"] != IGNORE
     if not masked.any():
         raise ValueError("pretraining_losses: the batch has no masked token (too short, or probability too low)")
@@ -146,51 +200,73 @@ def pretraining_losses(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, 
 
 
 @torch.no_grad()
-def masked_token_accuracy(model: nn.Module, batch: dict[str, Tensor]) -> float:
+def masked_token_accuracy(model: nn.Module, batch: dict[str, Tensor], heads: Any = None) -> float:
     """The share of masked positions whose original token is the MLM head's argmax."""
-    bert, heads = _parts(model)
+    bert, heads = _parts(model, heads)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    hidden = bert(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]
-    )[0]
+    hidden, _ = _encode(bert, batch)
     masked = batch["labels"] != IGNORE
     return (heads.predictions(hidden[masked]).argmax(-1) == batch["labels"][masked]).float().mean().item()
 
 
 @torch.no_grad()
-def pseudo_perplexity(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int = 128, batch_size: int = 64
-) -> float:
-    """Pseudo-perplexity of ``texts`` (module docstring): every non-special token masked once, in its own copy."""
-    bert, heads = _parts(model)
+def masked_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 64,
+    heads: Any = None,
+) -> np.ndarray:
+    """Per text ``(N, 3)``: the NLL sum of its tokens each masked once in its own copy, the token count, and the
+    tokens the MLM head's argmax recovers (non-special tokens of the first ``max_length``; a text with none gets
+    zeros). :func:`pseudo_perplexity` and the masked accuracy pool them token-weighted."""
+    bert, heads = _parts(model, heads)
     device = next(model.parameters()).device
-    copies: list[tuple[list[int], int, int]] = []  # (ids with one token masked, its position, the token)
-    for text in texts:
+    copies: list[tuple[list[int], int, int, int]] = []  # (ids with one token masked, position, the token, its text)
+    for n, text in enumerate(texts):
         enc = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True)
         ids, special = enc["input_ids"], enc["special_tokens_mask"]
         for pos, (tok, sp) in enumerate(zip(ids, special, strict=True)):
             if not sp:
                 masked = list(ids)
                 masked[pos] = tokenizer.mask_token_id
-                copies.append((masked, pos, tok))
-    if not copies:
-        raise ValueError("pseudo_perplexity: the texts have no token to score")
-    total = 0.0
+                copies.append((masked, pos, tok, n))
+    out = np.zeros((len(texts), 3))
     for i in range(0, len(copies), batch_size):
         part = copies[i : i + batch_size]
-        width = max(len(ids) for ids, _, _ in part)
+        width = max(len(ids) for ids, _, _, _ in part)
         ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for r, (row, _, _) in enumerate(part):
+        for r, (row, _, _, _) in enumerate(part):
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
-        hidden = bert(input_ids=ids.to(device), attention_mask=mask.to(device))[0]  # (B, T, H)
+        hidden, _ = _encode(bert, {"input_ids": ids.to(device), "attention_mask": mask.to(device)})  # (B, T, H)
         rows = torch.arange(len(part), device=device)
-        at = hidden[rows, torch.tensor([p for _, p, _ in part], device=device)]  # (B, H): the masked positions
+        at = hidden[rows, torch.tensor([p for _, p, _, _ in part], device=device)]  # (B, H): the masked positions
         logp = heads.predictions(at).float().log_softmax(-1)  # (B, V)
-        total += logp[rows, torch.tensor([t for _, _, t in part], device=device)].sum().item()
-    return math.exp(-total / len(copies))
+        gold = torch.tensor([t for _, _, t, _ in part], device=device)
+        nll, hit = (-logp[rows, gold]).double().cpu().numpy(), (logp.argmax(-1) == gold).double().cpu().numpy()
+        which = np.array([n for _, _, _, n in part])
+        for col, value in enumerate((nll, np.ones_like(nll), hit)):
+            out[:, col] += np.bincount(which, weights=value, minlength=len(texts))
+    return out
+
+
+def pseudo_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int = 128,
+    batch_size: int = 64,
+    heads: Any = None,
+) -> float:
+    """Pseudo-perplexity of ``texts`` (module docstring): every non-special token masked once, in its own copy."""
+    scores = masked_scores(model, tokenizer, texts, max_length, batch_size, heads)
+    if not scores[:, 1].sum():
+        raise ValueError("pseudo_perplexity: the texts have no token to score")
+    return math.exp(scores[:, 0].sum() / scores[:, 1].sum())
 
 
 def load_pretraining_model(folder: str) -> tuple[nn.Module, list[str]]:

@@ -34,7 +34,7 @@ import numpy as np
 from torch import Tensor
 
 from lmas.data.stream import Stream
-from lmas.data.task import Task
+from lmas.data.task import HIGHER_IS_BETTER, Task
 from lmas.evaluation.scorer import PopulationScorer, RoutedScorer
 from lmas.evaluation.scoring import rank_scored
 from lmas.metrics import similarity
@@ -205,7 +205,7 @@ class Evaluator:
                 cache[a] = self.val_score(a, task, labels)
             return cache[a]
 
-        view = TaskView(task, agents, values, lp, gold, val_score, self.cfg.split, task.metric != "perplexity")
+        view = TaskView(task, agents, values, lp, gold, val_score, self.cfg.split, HIGHER_IS_BETTER[task.metric])
         answer = self.topology.answer(view, r, messages)
         assert answer is not None, f"topology {self.topology.name!r} has answers=True but gave no answer"
         value, info = answer

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lmas.data.task import Example, Task
+from lmas.data.task import HIGHER_IS_BETTER, Example, Task
 from lmas.evaluation.scoring import Scored, evaluate_scored, rank_scored
 from lmas.lm.device import autocast, autocast_dtype, model_device
 from lmas.lm.encoding import PromptEncoder
@@ -52,9 +52,10 @@ class Classifier:
 
     def competence(self, agent: str, task: Task, rows: Sequence[Example], labels: Sequence[str] | None) -> float:
         """A coordinator's measure of ``agent`` on ``rows`` of ``task`` (higher is better): the task's metric on
-        them (perplexity negated); :class:`PopulationScorer` uses the mean answer log-likelihood per token."""
+        them (negated where lower is better); :class:`PopulationScorer` uses the mean answer log-likelihood per
+        token."""
         value = self.score(agent, dataclasses.replace(task, val=list(rows)), "val", labels)
-        return -value if task.metric == "perplexity" else value
+        return value if HIGHER_IS_BETTER[task.metric] else -value
 
     def label_logprobs(self, agents: Sequence[str], prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
         raise NotImplementedError  # (A, N, L)

@@ -248,6 +248,11 @@ def evaluate_scored(
             return rouge_l_scored(model, encoder, examples, max_new_tokens, batch_size)
         if task.kind == "generation":
             return exact_match_scored(model, encoder, examples, max_new_tokens, batch_size)
+        if task.metric != "perplexity":
+            raise ValueError(
+                f"task {task.name!r}: metric={task.metric} is an encoder agent's masked-LM score of raw text "
+                "(lmas.encoders.agents); a causal LM scores raw text by perplexity"
+            )
         return perplexity_scored(model, encoder, examples, batch_size)
     finally:
         model.train(was_training)

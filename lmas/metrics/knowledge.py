@@ -20,10 +20,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from lmas.data.task import HIGHER_IS_BETTER, METRICS
 from lmas.metrics import cl
 
-METRICS: tuple[str, ...] = ("accuracy", "exact_match", "rouge_l", "perplexity")
-HIGHER_IS_BETTER: dict[str, bool] = {"accuracy": True, "exact_match": True, "rouge_l": True, "perplexity": False}
 _FORMAT_VERSION = 1
 
 
@@ -57,7 +56,8 @@ class KnowledgeMatrix:
     Args:
         agents: agent names (unique); pseudo-agents such as ``"population"`` are allowed.
         tasks: task names (unique), in stream order.
-        metrics: task name -> ``accuracy`` | ``exact_match`` | ``rouge_l`` | ``perplexity``, for every task.
+        metrics: task name -> one of :data:`lmas.data.task.METRICS` (``accuracy``, ``exact_match``, ``rouge_l``,
+            ``perplexity``, ``pseudo_perplexity``, ``masked_accuracy``), for every task.
         probes: the tasks (of ``tasks``) that are general-ability probes: scored, never trained
             (:meth:`summary`'s ``probe_*`` keys).
     """
@@ -185,13 +185,14 @@ class KnowledgeMatrix:
         :func:`lmas.metrics.cl.run_metrics` (its module docstring has the table of formulas) over
         the agent's values in every round of the matrix (the final round is the last one: the
         values after every later merge or exchange), with the first and last training round of
-        each task from :meth:`mark_trained`. Tasks scored by ``accuracy``, ``exact_match`` or ``rouge_l``
-        (all in ``[0, 1]``, higher is better; ROUGE-L is kept ×1, not the papers' ×100) are pooled into
-        ``avg_acc``, ``forgetting``, ``bwt``, ``fwt`` and ``plasticity``, as the papers average SuperNI's ROUGE-L
-        with the classification tasks' accuracy; perplexity tasks (lower is better, signs flipped) into ``avg_ppl``,
-        ``ppl_forgetting``, ``ppl_bwt`` and ``ppl_fwt``. A group is omitted when the agent trained
-        no task of it; ``fwt``/``ppl_fwt`` when no task of the group was first trained after the
-        agent's first training round or a value it needs was not evaluated. An agent that trained
+        each task from :meth:`mark_trained`. Tasks scored by ``accuracy``, ``exact_match``, ``rouge_l`` or
+        ``masked_accuracy`` (all in ``[0, 1]``, higher is better; ROUGE-L is kept ×1, not the papers' ×100) are
+        pooled into ``avg_acc``, ``forgetting``, ``bwt``, ``fwt`` and ``plasticity``, as the papers average SuperNI's
+        ROUGE-L with the classification tasks' accuracy; perplexity tasks (``perplexity``, an encoder agent's
+        ``pseudo_perplexity``; lower is better, signs flipped) into ``avg_ppl``, ``ppl_forgetting``, ``ppl_bwt`` and
+        ``ppl_fwt`` (a stream does not mix the two perplexities: the config check refuses it). A group is omitted
+        when the agent trained no task of it; ``fwt``/``ppl_fwt`` when no task of the group was first trained after
+        the agent's first training round or a value it needs was not evaluated. An agent that trained
         nothing (e.g. ``"population"`` without a topology answer) gets ``{}``. Probe tasks (never trained) add
         ``probe_acc`` and ``probe_forgetting`` (:meth:`_probe_summary`).
         results.json ``metrics``, the tracker's ``cl/*`` (``until(r).summary``: as they stood after
@@ -354,7 +355,7 @@ class KnowledgeMatrix:
                 for j in range(data.shape[1]):
                     v = data[i, j]
                     if not math.isnan(v):
-                        text = f"{v:.3g}" if self.metrics[self.tasks[j]] == "perplexity" else f"{v:.2f}"
+                        text = f"{v:.2f}" if HIGHER_IS_BETTER[self.metrics[self.tasks[j]]] else f"{v:.3g}"
                         dark = not math.isnan(score[i, j]) and not 0.15 <= score[i, j] <= 0.85
                         ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
             for r, _, t in self.trained(name):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmas.data.task import TOKEN_WEIGHTED
 from lmas.metrics.knowledge import KnowledgeMatrix
 
 
@@ -22,8 +23,9 @@ class RunRecords:
 
     ``initial``: task -> outcomes of the untrained model; ``rounds``: round -> ``"<agent>/<task>"``
     -> outcomes. Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match, the item's
-    score in ``[0, 1]`` for ROUGE-L (a mean like the others), ``(N, 2)`` (answer NLL sum, token count) for
-    perplexity. ``None`` without records.
+    score in ``[0, 1]`` for ROUGE-L (a mean like the others), ``(N, 2)`` (a sum over the item's tokens, its token
+    count) for the token-weighted metrics (:data:`lmas.data.task.TOKEN_WEIGHTED`: the NLL sum for perplexity and
+    pseudo-perplexity, the hits for masked accuracy). ``None`` without records.
     """
 
     path: Path
@@ -105,10 +107,10 @@ class Slot:
         self.tasks += km.probes  # the general-ability probes, resampled like the trained tasks
         self.a = km.agents.index(self.agent)
         self.cols = [km.tasks.index(t) for t in self.tasks]
-        self.ppl = [km.metrics[t] == "perplexity" for t in self.tasks]
+        self.pool = [TOKEN_WEIGHTED.get(km.metrics[t], "") for t in self.tasks]  # "exp" | "ratio" | "" (a mean)
         values, initial = km.values(), km.initial()
         self.x: dict[str, np.ndarray] = {}
-        for t, j, ppl in zip(self.tasks, self.cols, self.ppl, strict=True):
+        for t, j, pool in zip(self.tasks, self.cols, self.pool, strict=True):
             wanted = [initial[self.a, j]] + [values[r, self.a, j] for r in range(km.n_rounds)]
             where = [("initial.npz", t, run.initial)] + [
                 (f"round{r:03d}.npz", f"{self.agent}/{t}", run.rounds.get(r, {})) for r in range(km.n_rounds)
@@ -124,7 +126,7 @@ class Slot:
                         )
                     cols.append(None)
                     continue
-                cols.append(self._outcomes(arr, ppl, f"{run.path}/per_example/{fname}[{key!r}]"))
+                cols.append(self._outcomes(arr, bool(pool), f"{run.path}/per_example/{fname}[{key!r}]"))
             sizes = {len(c) for c in cols if c is not None}
             if len(sizes) != 1:
                 raise ValueError(
@@ -132,21 +134,22 @@ class Slot:
                     f"{sorted(sizes)} (or none at all)"
                 )
             (n,) = sizes
-            c = 2 if ppl else 1
+            c = 2 if pool else 1
             self.x[t] = np.stack([np.full((n, c), np.nan) if v is None else v for v in cols], axis=1)
         self._check(initial, values)
 
     @staticmethod
-    def _outcomes(arr: np.ndarray, ppl: bool, where: str) -> np.ndarray:
+    def _outcomes(arr: np.ndarray, weighted: bool, where: str) -> np.ndarray:
         """Per-item outcomes as ``(N, c)`` floats; a wrong shape is an error naming the array."""
         a = np.asarray(arr, dtype=float)
-        if ppl and (a.ndim != 2 or a.shape[1] != 2):
-            raise ValueError(f"{where}: a perplexity task needs (N, 2) = (NLL sum, tokens) per item, got {a.shape}")
-        if not ppl and a.ndim != 1:
+        if weighted and (a.ndim != 2 or a.shape[1] != 2):
+            why = "a perplexity or masked-accuracy task needs (N, 2) = (sum over tokens, tokens) per item"
+            raise ValueError(f"{where}: {why}, got {a.shape}")
+        if not weighted and a.ndim != 1:
             raise ValueError(f"{where}: an accuracy/exact-match/ROUGE-L task needs (N,) scores per item, got {a.shape}")
         if len(a) == 0:
             raise ValueError(f"{where}: no test items")
-        return a if ppl else a[:, None]
+        return a if weighted else a[:, None]
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -156,12 +159,13 @@ class Slot:
     def entries(self, w: Mapping[str, np.ndarray]) -> np.ndarray:
         """``(B, E, T)``: every entry's value under item weights ``w[task]`` of shape ``(B, N)``."""
         out = []
-        for t, ppl in zip(self.tasks, self.ppl, strict=True):
+        for t, pool in zip(self.tasks, self.pool, strict=True):
             x, wt = self.x[t], np.asarray(w[t], dtype=float)
             n, E, c = x.shape
             sums = (wt @ x.reshape(n, E * c)).reshape(len(wt), E, c)
             with np.errstate(invalid="ignore", divide="ignore"):
-                out.append(np.exp(sums[..., 0] / sums[..., 1]) if ppl else sums[..., 0] / wt.sum(1)[:, None])
+                ratio = sums[..., 0] / (sums[..., 1] if pool else wt.sum(1)[:, None])
+                out.append(np.exp(ratio) if pool == "exp" else ratio)
         return np.stack(out, axis=-1)
 
     def summaries(self, w: Mapping[str, np.ndarray], keys: Sequence[str]) -> np.ndarray:

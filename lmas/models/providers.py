@@ -370,6 +370,6 @@ def tiny_encoder(hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = BertModel(config, add_pooling_layer=False)
+        model = BertModel(config)  # with BERT's pooler: next-sentence prediction reads it
     n_params = sum(p.numel() for p in model.parameters())
     return BaseModel(model, tokenizer, "tiny-bert", {"parameters": n_params, "seed": seed}, kind="encoder")

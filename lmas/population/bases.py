@@ -236,23 +236,31 @@ def check(r: Reader) -> None:
 
 
 def _encoders(r: Reader) -> str:
-    """Encoder agents (lmas/encoders/agents.py) need ``population=bases``, classification tasks and a data-level
-    strategy (naive, joint) without a distillation term: the others' loss terms and hooks read a causal LM's
-    outputs. Returns the encoder agents' names ('' for none)."""
+    """Encoder agents (lmas/encoders/agents.py) need ``population=bases``, classification tasks or raw text scored
+    by an encoder metric (``pseudo_perplexity``, ``masked_accuracy``), and a data-level strategy (naive, joint)
+    without a distillation term: the others' loss terms and hooks read a causal LM's outputs. Raw text scored by
+    an encoder metric needs every agent on an encoder base. Returns the encoder agents' names ('' for none)."""
+    from lmas.config import _agent_names, _strategies, _task_kind
+    from lmas.data.task import ENCODER_METRICS
     from lmas.encoders.agents import DATA_LEVEL, ENCODER_PROVIDERS
 
     agents, bases = r.get("population.agents"), r.get("population.bases") or {}
     models = {DEFAULT: r.get("model._target_"), **{n: (b or {}).get("_target_") for n, b in bases.items()}}
     enc = [n for n, t in models.items() if t in ENCODER_PROVIDERS]
+    on = dict(agents) if isinstance(agents, dict) else {a: DEFAULT for a in _agent_names(r)}
+    tasks = r.get("stream.tasks")
+    tasks = [t for t in tasks if isinstance(t, dict)] if isinstance(tasks, list) else []
+    masked = [str(t.get("name")) for t in tasks if _task_kind(t) == "lm" and t.get("metric") in ENCODER_METRICS]
+    decoders = ", ".join(a for a, b in on.items() if b not in enc)
+    if masked and decoders:
+        why = f"tasks {masked} are scored by an encoder's masked LM, which agents {decoders} (causal LMs) lack"
+        r.fail("stream.tasks", "[...]", why + "; leave their metric at perplexity or put every agent on an encoder")
     if not enc:
         return ""
     if r.get("population._target_") != "lmas.population.bases.Bases":
         why = f"model={models[DEFAULT]} is an encoder: its agents (LoRA + a label head) need population=bases"
         r.fail("population._target_", r.get("population._target_"), why)
         return ""
-    from lmas.config import _agent_names, _strategies, _task_kind
-
-    on = dict(agents) if isinstance(agents, dict) else {a: DEFAULT for a in _agent_names(r)}
     who = ", ".join(a for a, b in on.items() if b in enc)
     if not who:
         return ""
@@ -260,11 +268,11 @@ def _encoders(r: Reader) -> str:
         if cls.__name__ not in DATA_LEVEL:
             why = f"encoder agents ({who}) train with the data-level strategies naive and joint only"
             r.fail(f"{path}._target_", r.get(f"{path}._target_"), why)
-    tasks = r.get("stream.tasks")
-    other = [str(t.get("name")) for t in tasks if isinstance(t, dict) and _task_kind(t) not in ("classification",
-             None)] if isinstance(tasks, list) else []  # fmt: skip
+    other = [str(t.get("name")) for t in tasks if _task_kind(t) not in ("classification", None)
+             and str(t.get("name")) not in masked]  # fmt: skip
     if other:
-        r.fail("stream.tasks", "[...]", f"encoder agents ({who}) score classification tasks only, not {other}")
+        why = f"encoder agents ({who}) score classification tasks, and raw text by {' or '.join(ENCODER_METRICS)}"
+        r.fail("stream.tasks", "[...]", why + f"; not {other} (raw text: set the task's metric)")
     if r.get("distill._target_"):
         why = f"encoder agents ({who}) train without a distillation term (it reads a causal LM's outputs); distill=none"
         r.fail("distill._target_", r.get("distill._target_"), why)

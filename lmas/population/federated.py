@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmas.data.task import Example, Task
+from lmas.data.task import HIGHER_IS_BETTER, Example, Task
 from lmas.loop import RoundBody
 from lmas.population.messages import COORDINATOR, Message
 from lmas.strategies.base import Strategy
@@ -247,7 +247,7 @@ class Federated(RoundBody):
     def results(self, loop: ContinualLoop) -> dict[str, Any]:
         out = {"federated": self.records, "federated_setup": self.describe()}
         if self.target is not None:
-            lower = {t.name for t in loop.stream if t.metric == "perplexity"}
+            lower = {t.name for t in loop.stream if not HIGHER_IS_BETTER[t.metric]}
             out["federated_to_target"] = bytes_to_target(self.records, self.target, lower)
         return out
 

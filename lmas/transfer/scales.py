@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lmas.data.task import Task
+from lmas.data.task import HIGHER_IS_BETTER, Task
 from lmas.evaluation.scoring import evaluate
 from lmas.lm.encoding import PromptEncoder
 from lmas.transfer.merge import merge_adapters
@@ -84,7 +84,7 @@ def tune_scale(
     for lam in scales:
         write(lam)
         scores[str(lam)] = {t.name: evaluate(population.model, encoder, t, "val") for t in tasks}
-    best, relative = pick_scale(scales, scores, {t.name: t.metric == "perplexity" for t in tasks})
+    best, relative = pick_scale(scales, scores, {t.name: not HIGHER_IS_BETTER[t.metric] for t in tasks})
     log.info("merge scale for %s on %s: %s (val %s)", target, [t.name for t in tasks], best, scores)
     return best, scores, relative
 

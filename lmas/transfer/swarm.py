@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from lmas.data.task import Task
+from lmas.data.task import HIGHER_IS_BETTER, Task
 from lmas.evaluation.scoring import evaluate
 from lmas.lm.encoding import PromptEncoder
 from lmas.population.search import SwarmOptions, swarm_search
@@ -89,12 +89,12 @@ class SwarmInit(FromRound):
             population.load_adapter_state(agent, state)
             population.activate(agent)
             score = evaluate(population.model, encoder, task, "val")
-            return -score if task.metric == "perplexity" else score
+            return score if HIGHER_IS_BETTER[task.metric] else -score
 
         rng = random.Random(self.seed * 1_000_003 + r * 1_009 + population.names.index(agent))
         out = swarm_search({s: population.adapter_state(s) for s in sources}, fitness, self.options, rng)
         population.load_adapter_state(agent, out["g"])
-        sign = -1.0 if task.metric == "perplexity" else 1.0
+        sign = 1.0 if HIGHER_IS_BETTER[task.metric] else -1.0
         log.info("swarm round %d: %s starts from the swarm's best on %s (val %s %.4f, from %s)", r, agent, task.name,
                  task.metric, sign * out["f_g"], out["owner"])  # fmt: skip
         return {

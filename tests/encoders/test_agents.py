@@ -3,12 +3,14 @@ hand-checkable rules, in a population next to decoder agents (population=bases).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmas.data.task import Example, Task
 from lmas.encoders.agents import EncoderFit, EncoderPopulation, EncoderScorer, encode
@@ -85,7 +87,7 @@ def test_an_encoder_agent_refuses_a_generation_task():
     pop = _pop()
     one = [Example("1+1=", "2")]
     task = Task("gen", "generation", one, one, one)
-    with pytest.raises(ValueError, match="'e0' is an encoder agent: it scores classification tasks only"):
+    with pytest.raises(ValueError, match="'e0' is an encoder agent: it scores classification and raw-text tasks"):
         EncoderScorer(pop, 32).scored("e0", task)
     assert encode(pop, ["x"], 8)["input_ids"].shape[0] == 1
 
@@ -115,7 +117,9 @@ def test_decoder_and_encoder_agents_in_one_run_each_scored_by_its_own_base(fast_
     ("extra", "bad", "why"),
     [
         (["strategy=ewc"], "strategy._target_", "encoder agents (e) train with the data-level strategies"),
-        (["stream=default"], "stream.tasks", "encoder agents (e) score classification tasks only, not ['math']"),
+        (["stream=default"], "stream.tasks", "encoder agents (e) score classification tasks, and raw text by"),
+        (["stream=bbc_pretraining"], "stream.tasks", "not ['text_business', 'text_sports', 'text_tech'] (raw text"),
+        (["stream=bbc_encoder_pretraining"], "stream.tasks", "are scored by an encoder's masked LM, which agents a"),
         (["distill=minilm"], "distill._target_", "encoder agents (e) train without a distillation term"),
     ],
 )
@@ -144,6 +148,97 @@ def test_an_encoder_model_needs_population_bases(compose):
         validate(compose(["model=encoder", "stream=bbc_class_incremental"]))
 
 
+TEXTS = [
+    "Shares rose in London. The bank held its rates. Investors were calm.",
+    "The striker scored twice. The coach praised the team! Fans sang until late.",
+    "A new phone was launched. Its battery lasts two days? Reviewers liked the camera.",
+    "Oil prices fell again. Traders sold their stock. Markets closed lower.",
+]
+
+
+def _raw(metric: str = "pseudo_perplexity") -> Task:
+    rows = [Example("", t) for t in TEXTS]
+    return Task("raw", "lm", rows, rows[:1], rows[:2], metric=metric)
+
+
+def test_fresh_agents_share_mlm_heads_whose_decoder_is_the_word_embeddings():
+    pop = _pop()
+    h0, h1 = pop.mlm_heads("e0"), pop.mlm_heads("e1")
+    assert h0 is not h1
+    for (name, p0), p1 in zip(h0.state_dict().items(), h1.state_dict().values(), strict=True):
+        torch.testing.assert_close(p0, p1, msg=name)  # the same fresh heads: an untrained agent is the base
+    emb = pop.base.model.get_input_embeddings().weight
+    assert all(p.data_ptr() != emb.data_ptr() for p in h0.parameters())  # tied, not owned (and not trained)
+    h = torch.randn(3, 32)
+    want = F.layer_norm(F.gelu(h0.dense(h)), (32,), h0.norm.weight, h0.norm.bias, eps=1e-12)  # BertConfig eps
+    torch.testing.assert_close(h0.predictions(h), want @ emb.T + h0.bias)
+
+
+@pytest.mark.parametrize("metric", ["pseudo_perplexity", "masked_accuracy"])
+def test_raw_text_is_scored_with_every_token_masked_once_as_by_hand(metric, one_thread):
+    pop = _pop()
+    heads = pop.mlm_heads("e0")
+    with torch.no_grad():
+        heads.bias.copy_(torch.randn(heads.bias.shape, generator=torch.Generator().manual_seed(1)))
+    got = EncoderScorer(pop, 32, batch_size=5).scored("e0", _raw(metric))
+    nll, hits, tokens = [], [], []
+    pop.activate("e0")
+    for text in TEXTS[:2]:  # the test split
+        ids = pop.tokenizer(text)["input_ids"]
+        n = h = t = 0.0
+        for pos in range(1, len(ids) - 1):  # every token but [CLS] and [SEP], one copy each
+            masked = torch.tensor([ids[:pos] + [pop.tokenizer.mask_token_id] + ids[pos + 1 :]])
+            with torch.no_grad():
+                state = pop.model(input_ids=masked, attention_mask=torch.ones_like(masked)).last_hidden_state[0, pos]
+                logp = heads.predictions(state).log_softmax(-1)
+            n, h, t = n - logp[ids[pos]].item(), h + float(logp.argmax().item() == ids[pos]), t + 1
+        nll.append(n), hits.append(h), tokens.append(t)
+    first = nll if metric == "pseudo_perplexity" else hits
+    np.testing.assert_allclose(got.per_example, np.array([first, tokens]).T, rtol=1e-5)
+    want = math.exp(sum(nll) / sum(tokens)) if metric == "pseudo_perplexity" else sum(hits) / sum(tokens)
+    assert got.value == pytest.approx(want, rel=1e-5)
+
+
+def test_an_encoder_agent_refuses_raw_text_scored_by_a_causal_perplexity():
+    with pytest.raises(ValueError, match="scores raw text by pseudo_perplexity or masked_accuracy, and task 'raw'"):
+        EncoderScorer(_pop(), 32).scored("e0", _raw("perplexity"))
+
+
+def test_mlm_nsp_fit_lowers_the_pseudo_perplexity_and_the_heads_survive_a_save(tmp_path, one_thread):
+    pop, task = _pop(), _raw()
+    scorer = EncoderScorer(pop, 32)
+    train = dataclasses.replace(task, test=task.train)
+    before = scorer.score("e0", train)
+    exp = Experience("e0", task, [(ex, task.kind) for ex in task.train], Strategy(), seed=0)
+    torch.manual_seed(0)
+    result = EncoderFit(pop, TrainConfig(lr=0.01, batch_size=4, epochs=30), 32).fit(exp, lambda step, loss: None)
+    assert result.steps == 60 and result.info["pairs"] == 8  # 2 pairs per text, 2 batches per epoch
+    assert result.info["mlm_loss"] > 0 and result.info["nsp_loss"] > 0
+    after = scorer.score("e0", train)
+    assert after < 0.5 * before, (before, after)
+    assert scorer.score("e1", train) == pytest.approx(before)  # the other agent's heads and adapter did not move
+    other = _pop()
+    other.load_adapter("e0", pop.save_adapter("e0", tmp_path / "e0.safetensors"))
+    assert EncoderScorer(other, 32).score("e0", train) == pytest.approx(after, rel=1e-6)
+
+
+TINY_ENCODER = ["model=tiny_encoder"]
+
+
+def test_an_encoder_agent_pretrains_on_raw_text_in_a_run(tmp_path, run_lmas):
+    """experiment=encoder_pretraining on a tiny encoder: MLM + NSP per topic, pseudo-perplexity in the matrix and
+    the causal preset's CL metrics."""
+    fast = ["debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", "experiment=encoder_pretraining"]
+    res = run_lmas([*fast, *TINY_ENCODER], tmp_path / "run")
+    assert set(res["matrix"]["metrics"].values()) == {"pseudo_perplexity"}
+    fits = [ev for ev in res["agents"]["agent0"]["history"] if ev["event"] == "trained"]
+    assert [ev["task"] for ev in fits] == ["text_business", "text_sports", "text_tech"]
+    assert all(ev["mlm_loss"] > 0 and ev["nsp_loss"] > 0 for ev in fits)
+    assert {"avg_ppl", "ppl_forgetting", "ppl_bwt"} <= set(res["metrics"]["agent0"])
+    with np.load(tmp_path / "run" / "per_example" / "round002.npz") as f:
+        assert f["agent0/text_tech"].shape == (6, 2)  # per text: NLL sum, tokens (debug=fast: 6 test texts)
+
+
 def test_a_minilm_agent_learns_bbc_topics(one_thread):
     """The packaged all-MiniLM-L6-v2 as an encoder agent: 2 epochs of 40 BBC texts lift its test accuracy from
     the untrained head's (every label scored 0: the first label wins) to well above chance."""
@@ -158,3 +253,22 @@ def test_a_minilm_agent_learns_bbc_topics(one_thread):
     EncoderFit(pop, TrainConfig(lr=1e-2, batch_size=8, epochs=2), 96).fit(exp, lambda step, loss: None)
     after = scorer.score("m", task)
     assert before == pytest.approx(1 / 3, abs=0.15) and after >= 0.8, (before, after)
+
+
+@pytest.mark.slow
+def test_a_minilm_agent_pretrained_on_raw_text_lowers_its_held_out_pseudo_perplexity(one_thread):
+    """The packaged MiniLM as an encoder agent: its MLM/NSP heads start untrained (the checkpoint has none), and one
+    epoch of MLM + NSP on 64 business texts (LoRA + heads) lowers the pseudo-perplexity of held-out ones."""
+    from lmas.data.sources import bbc_text
+    from lmas.models.providers import encoder
+
+    pop = EncoderPopulation(encoder(), ["m"], seed=0)
+    task = bbc_text("text_business", ["business"], n_train=64, n_val=4, n_test=8, max_chars=300,
+                    metric="pseudo_perplexity")  # fmt: skip
+    scorer = EncoderScorer(pop, 96)
+    before = scorer.score("m", task)
+    exp = Experience("m", task, [(ex, task.kind) for ex in task.train], Strategy(), seed=0)
+    torch.manual_seed(0)
+    EncoderFit(pop, TrainConfig(lr=1e-3, batch_size=8, epochs=1), 96).fit(exp, lambda step, loss: None)
+    after = scorer.score("m", task)
+    assert after < 0.2 * before, (before, after)

@@ -22,10 +22,14 @@ from lmas.metrics.stats import Interval, holm, item_intervals, load_run, paired_
 AGENT = "agent0"
 
 
-def _value(outcomes: np.ndarray) -> float:
-    """A task's metric from its per-item outcomes: mean (1/0) or exp(sum NLL / sum tokens)."""
+def _value(outcomes: np.ndarray, metric: str = "") -> float:
+    """A task's metric from its per-item outcomes: mean (1/0), exp(sum NLL / sum tokens), or (masked accuracy)
+    sum hits / sum tokens."""
     a = np.asarray(outcomes, dtype=float)
-    return float(np.exp(a[:, 0].sum() / a[:, 1].sum())) if a.ndim == 2 else float(a.mean())
+    if a.ndim == 1:
+        return float(a.mean())
+    ratio = a[:, 0].sum() / a[:, 1].sum()
+    return float(ratio if metric == "masked_accuracy" else np.exp(ratio))
 
 
 def write_run(
@@ -41,11 +45,11 @@ def write_run(
     tasks = list(metrics)
     km = KnowledgeMatrix([AGENT], tasks, metrics)
     for t, arr in initial.items():
-        km.record_initial(AGENT, t, _value(arr))
+        km.record_initial(AGENT, t, _value(arr, metrics[t]))
     for r, (outs, trained) in enumerate(zip(rounds, plan, strict=True)):
         km.start_round()
         for t, arr in outs.items():
-            km.record(r, AGENT, t, _value(arr))
+            km.record(r, AGENT, t, _value(arr, metrics[t]))
         for t in trained:
             km.mark_trained(r, AGENT, t)
     path.mkdir(parents=True)
@@ -119,6 +123,29 @@ def test_item_weights_rebuild_a_resampled_matrix(tmp_path):
     assert vals[0, 2] == pytest.approx(math.exp((2 * nll[0] + nll[2:].sum()) / (2 * tok[0] + tok[2:].sum())))
 
 
+def test_an_encoders_raw_text_metrics_resample_token_weighted(tmp_path):
+    """pseudo_perplexity pools like perplexity (exp of NLL over tokens); masked_accuracy as hits over tokens."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, 9, 6).astype(float)
+    hits = np.floor(tokens * rng.random(6))
+    mask = np.stack([hits, tokens], 1)
+    pppl = np.stack([tokens * rng.uniform(1, 4, 6), tokens], 1)
+    metrics = {"m": "masked_accuracy", "p": "pseudo_perplexity"}
+    path = write_run(tmp_path / "r", metrics, {"m": mask * [0.5, 1], "p": pppl * [2, 1]}, [{"m": mask, "p": pppl}],
+                     [["m", "p"]])  # fmt: skip
+    run = load_run(path)
+    assert {"avg_acc", "avg_ppl"} <= set(run.results["metrics"][AGENT])
+    slot = Slot(run)
+    w = {t: np.array([[3.0, 0.0, 1.0, 0.0, 1.0, 1.0]]) for t in slot.sizes}
+    vals = slot.entries(w)[0]  # (initial + 1 round, tasks m, p)
+    wt = w["m"][0]
+    assert vals[1, 0] == pytest.approx((wt @ hits) / (wt @ tokens))
+    assert vals[1, 1] == pytest.approx(math.exp((wt @ pppl[:, 0]) / (wt @ tokens)))
+    ones = {t: np.ones((1, 6)) for t in slot.sizes}
+    got = slot.summaries(ones, ["avg_acc", "avg_ppl"])[0]
+    assert got == pytest.approx([hits.sum() / tokens.sum(), math.exp(pppl[:, 0].sum() / tokens.sum())])
+
+
 def test_missing_or_foreign_records_are_errors_naming_the_file(tmp_path):
     path = sequence_run(tmp_path / "r")
     (path / "per_example" / "round001.npz").unlink()
@@ -144,7 +171,7 @@ def test_a_perplexity_array_of_the_wrong_shape_is_an_error(tmp_path):
     arrays = dict(np.load(f))
     arrays["agent0/c"] = arrays["agent0/c"][:, 0]
     np.savez(f, **arrays)
-    with pytest.raises(ValueError, match=r"round000\.npz\['agent0/c'\]: a perplexity task needs \(N, 2\)"):
+    with pytest.raises(ValueError, match=r"round000\.npz\['agent0/c'\]: a perplexity or masked-accuracy task needs \(N, 2\)"):
         item_intervals(path)
 
 
