@@ -19,7 +19,7 @@ from lmas.data.task import Task
 from lmas.evaluation.evaluator import POPULATION, Evaluator
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.population.allocation import Allocation
-from lmas.population.bases import Bases, machinery
+from lmas.population.bases import Bases, bind_teachers, machinery
 from lmas.population.events import Event
 from lmas.population.messages import COORDINATOR, Message
 from lmas.population.population import Population
@@ -101,6 +101,7 @@ class ContinualLoop:
         # per base (lmas/population/bases.py): the model on its device, prompt encoder, scorer, fit backends
         parts = machinery(population, max_length, train_cfg, eval_cfg, trainer, progress)
         self.encoder, self.trunk, self.scorer, self.backends = parts
+        bind_teachers(strategy, population, self.scorer)  # several bases: teachers on another one, label level
         self.topology.check(population.names)
         self.transfer.bind(list(stream))  # the tasks a tuned merge scores on (transfer.scales)
         self.evaluator = Evaluator(self.scorer, stream, [], eval_cfg, self.topology, self.run_dir / "per_example")

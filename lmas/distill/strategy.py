@@ -14,6 +14,11 @@ Teachers (``teachers``):
 * a list of agent names;
 * plus ``external`` teachers (label distributions from another architecture, e.g. MiniLM).
 
+In a population over several bases (``population=bases``) the teachers above that live on another base than the
+student (an encoder agent, a decoder of another tokenizer) teach classification tasks at the label level, like
+external teachers: their label log-likelihoods from their own base's scorer (:attr:`Distill.cross`, bound by
+:func:`lmas.population.bases.bind_teachers`), fresh at every experience.
+
 With ``cache=True`` every teacher's outputs for the whole experience are computed once before
 training (label distributions for classification, top-``k`` token probabilities per answer token
 for generation), so the student's epochs never run the teachers again. ``cache=False`` computes
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -168,6 +173,9 @@ class Distill(Strategy):
         self._label_ids: Tensor | None = None  # (L,) when every label of the task is one token
         # external teacher -> task -> split -> accuracy, for every task it was fitted on
         self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}
+        # population=bases: (student, task) -> the teachers on other bases, label level (bind_teachers sets it)
+        self.cross: Callable[[str, Task], list[ExternalTeacher]] | None = None
+        self.everyone: list[str] = []  # population=bases: every agent of every base (bind_teachers sets it)
 
     @property
     def _task(self) -> Task:
@@ -187,10 +195,11 @@ class Distill(Strategy):
                 for n, a in population.agents.items()
                 if n != agent and any(e.event == "trained" and e.task == task.name for e in a.history)
             ]
-        unknown = [t for t in self.teachers if t not in population.agents]
+        everyone = self.everyone or population.names
+        unknown = [t for t in self.teachers if t not in everyone]
         if unknown:
-            raise ValueError(f"distill.teachers: unknown agents {unknown}; the population has {population.names}")
-        return [t for t in self.teachers if t != agent]
+            raise ValueError(f"distill.teachers: unknown agents {unknown}; the population has {everyone}")
+        return [t for t in self.teachers if t != agent and t in population.agents]  # others teach through `cross`
 
     # --- hooks -------------------------------------------------------------------------------
     def before_task(self, module: IncrementalLM, task: Task) -> None:
@@ -207,9 +216,10 @@ class Distill(Strategy):
                 "with the student's tokenizer (agents of the population); external teachers give "
                 "label distributions only"
             )
-        external = self.external if task.kind == "classification" else []
+        cross = self.cross(agent, task) if self.cross is not None and task.kind == "classification" else []
+        external = [*self.external, *cross] if task.kind == "classification" else []
         for t in external:
-            if task.name not in self.external_accuracy.get(t.name, {}):
+            if task.name not in self.external_accuracy.get(t.name, {}) or t in cross:  # an agent keeps learning
                 t.fit(task)
                 acc = {
                     split: external_accuracy(t, rows, task.class_labels)

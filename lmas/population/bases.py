@@ -5,26 +5,31 @@ run builds each base's prompt encoder (its tokenizer), scorer and fit backends o
 allocation, evaluator and checkpoints see the union of the agents through :class:`Bases`, which sends every
 per-agent call to the agent's own base (:meth:`Bases.of`). The run's ``model`` is the base named ``model``; others
 come from ``population.bases`` (name -> a model config, each loaded once), and ``population.agents`` maps each
-agent to its base's name. What cannot cross bases (adapter merges and exchange, agents made by a transfer, peer
-distillation, the self-learning/federated/evolution bodies) is refused by the config check (:func:`check`).
+agent to its base's name. What cannot cross bases (adapter merges and exchange, agents made by a transfer,
+token-level distillation, the self-learning/federated/evolution bodies) is refused by the config check
+(:func:`check`); a distillation teacher on another base than its student teaches classification tasks through its
+label distribution (:func:`bind_teachers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # light at import: the config check (lmas.config) reads :func:`check`
     from peft import LoraConfig
     from torch import Tensor, nn
 
+    from lmas.data.task import Task
+    from lmas.distill.teachers import ExternalTeacher
     from lmas.lm.encoding import PromptEncoder
     from lmas.lm.trunk import SharedTrunk
     from lmas.models.providers import BaseModel
     from lmas.options import Reader
     from lmas.population.population import Agent, Population
     from lmas.schema import EvalConfig, TrainConfig
+    from lmas.strategies.base import Strategy
 
 DEFAULT = "model"  # the name of the run's ``model`` among the bases
 
@@ -200,6 +205,40 @@ def machinery(
     return encoders[first], trunks[first], RoutedScorer(population, scorers, population.home), routed
 
 
+class AgentTeacher:
+    """An agent of another base as a label-level distillation teacher (an :class:`ExternalTeacher`): its label
+    log-likelihoods from its own base's scorer, as it stands when asked; it learns in the loop, not here."""
+
+    def __init__(self, name: str, scorer: Any) -> None:
+        self.name, self.scorer = name, scorer
+
+    def fit(self, task: Task) -> None:
+        """Nothing: the agent trains its own tasks in the loop."""
+
+    def label_scores(self, prompts: Sequence[str], labels: Sequence[str]) -> Tensor:
+        return self.scorer.label_logprobs([self.name], prompts, labels)[0]
+
+
+def bind_teachers(strategy: Strategy, population: Population | Bases, scorer: Any) -> None:
+    """``population=bases`` with distillation: the teachers of a student that live on another base teach it
+    classification tasks through their label distributions (:class:`AgentTeacher`); its own base's teachers
+    teach as usual. Nothing to bind for one base or without :class:`lmas.distill.strategy.Distill`."""
+    from lmas.distill.strategy import Distill
+
+    if not isinstance(population, Bases):
+        return
+    for part in getattr(strategy, "parts", [strategy]):
+        if isinstance(part, Distill):
+            part.everyone = population.names
+
+            def cross(agent: str, task: Task, d: Distill = part) -> list[ExternalTeacher]:
+                own = population.of(agent).agents
+                names = d.teachers_for(cast("Population", population), agent, task)
+                return [AgentTeacher(n, scorer.of(n)) for n in names if n not in own]
+
+            part.cross = cross
+
+
 def check(r: Reader) -> None:
     """The config check's rules for ``population=bases``: only the continual loop; no adapter transfer, exchange
     or peer distillation (they cross bases, or leave an encoder agent's label head behind); each refusal names the
@@ -229,10 +268,15 @@ def check(r: Reader) -> None:
     topology = r.target("topology")
     if isinstance(topology, type) and issubclass(topology, Topology) and topology.exchange is not Topology.exchange:
         r.fail("topology._target_", r.get("topology._target_"), why + "its exchange merges adapters across them")
-    distill = r.get("distill") or {}
-    if distill.get("_target_") and distill.get("teachers") not in (None, []):
-        why_d = why + "peer teachers distil token by token in one tokenizer; use distill.teachers=[] (external only)"
-        r.fail("distill.teachers", distill.get("teachers"), why_d)
+    distill, tasks = r.get("distill") or {}, r.get("stream.tasks")
+    from lmas.config import _task_kind
+
+    kinds = [t for t in tasks if isinstance(t, dict) and _task_kind(t) != "classification"] if isinstance(tasks,
+             list) else []  # fmt: skip
+    if distill.get("_target_") and distill.get("teachers") not in (None, []) and kinds:
+        names = [str(t.get("name")) for t in kinds]
+        why_d = why + f"teachers on another base teach label distributions only, and tasks {names} would be "
+        r.fail("distill.teachers", distill.get("teachers"), why_d + "distilled token by token (one tokenizer)")
 
 
 def _encoders(r: Reader) -> str:
@@ -273,7 +317,10 @@ def _encoders(r: Reader) -> str:
     if other:
         why = f"encoder agents ({who}) score classification tasks, and raw text by {' or '.join(ENCODER_METRICS)}"
         r.fail("stream.tasks", "[...]", why + f"; not {other} (raw text: set the task's metric)")
-    if r.get("distill._target_"):
-        why = f"encoder agents ({who}) train without a distillation term (it reads a causal LM's outputs); distill=none"
-        r.fail("distill._target_", r.get("distill._target_"), why)
+    students = r.get("distill.students")
+    taught = [a for a in on if a in who.split(", ") and (students is None or a in students)]
+    if r.get("distill._target_") and taught:
+        why = f"encoder agents ({', '.join(taught)}) train without a distillation term (it reads a causal LM's "
+        hint = ", ".join(a for a in on if a not in who.split(", ")) or "none: distill=none"
+        r.fail("distill.students", students, why + f"outputs); they teach, and the students are decoders ({hint})")
     return who

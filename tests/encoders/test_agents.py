@@ -113,6 +113,17 @@ def test_decoder_and_encoder_agents_in_one_run_each_scored_by_its_own_base(fast_
     assert "population" in res["metrics"]  # the fused answer over both bases
 
 
+def test_an_encoder_agent_teaches_a_decoder_student_its_label_distribution(fast_overrides, tmp_path, run_lmas):
+    """distill=peers across bases: the decoder student 'a' distils the encoder agent's label distribution once
+    'e' has learnt something (round 0: 'a' trains first, nobody teaches); 'e' trains with its task loss alone."""
+    extra = ["allocation=broadcast", "distill=peers", "distill.students=[a]"]
+    res = run_lmas(fast_overrides + MIXED + extra, tmp_path / "run")
+    fits = {n: [ev for ev in res["agents"][n]["history"] if ev["event"] == "trained"] for n in ("a", "e")}
+    assert [ev.get("teachers") for ev in fits["a"]] == [None, ["e"], ["e"]]
+    assert all("teachers" not in ev for ev in fits["e"])
+    assert all(0.0 <= acc <= 1.0 for ev in fits["a"][1:] for acc in ev["external_teacher_accuracy"]["e"].values())
+
+
 @pytest.mark.parametrize(
     ("extra", "bad", "why"),
     [
@@ -120,7 +131,9 @@ def test_decoder_and_encoder_agents_in_one_run_each_scored_by_its_own_base(fast_
         (["stream=default"], "stream.tasks", "encoder agents (e) score classification tasks, and raw text by"),
         (["stream=bbc_pretraining"], "stream.tasks", "not ['text_business', 'text_sports', 'text_tech'] (raw text"),
         (["stream=bbc_encoder_pretraining"], "stream.tasks", "are scored by an encoder's masked LM, which agents a"),
-        (["distill=minilm"], "distill._target_", "encoder agents (e) train without a distillation term"),
+        (["distill=minilm"], "distill.students", "encoder agents (e) train without a distillation term"),
+        (["distill=peers", "distill.students=[a]", "stream=default"], "distill.teachers",
+         "teach label distributions only, and tasks ['math'] would be distilled token by token"),
     ],
 )
 def test_encoder_agents_refuse_what_reads_a_causal_lm(extra, bad, why, compose):

@@ -136,3 +136,35 @@ def test_smollm2_and_minilm_agents_in_one_run(tmp_path, run_lmas):
     # MiniLM's untrained head: every label scores 0, so the first label of the class-incremental space (business)
     # wins: right on half of the first task's items, on none of the later tasks'
     assert m["initial"][1] == [0.5, 0.0, 0.0] and min(m["initial"][0]) > 0.5
+
+
+def test_a_teacher_on_another_base_teaches_its_label_distribution(one_thread):
+    """bind_teachers: a student's peers on another base teach classification through their own scorer's label
+    log-likelihoods (AgentTeacher); its own base's peers stay agent teachers; untrained peers do not teach."""
+    from lmas.data.task import Example, Task
+    from lmas.distill.strategy import Distill
+    from lmas.models.providers import tiny_encoder
+    from lmas.population.bases import AgentTeacher, bind_teachers, machinery
+    from lmas.population.events import Event
+    from lmas.schema import EvalConfig, TrainConfig
+    from lmas.strategies.base import Strategy
+    from lmas.strategies.compose import Compose
+
+    big = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)
+    bases = Bases(big, {"a": "model", "c": "model", "e": "enc"}, {"enc": tiny_encoder(seed=1)}, {"r": 2}, seed=0)
+    _, _, scorer, _ = machinery(bases, 32, TrainConfig(), EvalConfig(), {}, progress=False)
+    distill = Distill(teachers="peers", students=["a"])
+    bind_teachers(Compose([Strategy(), distill]), bases, scorer)
+    rows = [Example("an apple", "fruit"), Example("a bus", "vehicle")]
+    task = Task("toy", "classification", rows, rows, rows, labels=["fruit", "vehicle"])
+    assert distill.cross is not None and distill.cross("a", task) == []  # nobody has learnt anything yet
+    for name in ("c", "e"):
+        bases.agents[name].history.append(Event(0, "trained", "toy"))
+    (teacher,) = distill.cross("a", task)
+    assert isinstance(teacher, AgentTeacher) and teacher.name == "e"
+    assert distill.teachers_for(bases.of("a"), "a", task) == ["c"]  # same base: an agent teacher as before
+    bases.of("e").set_head("e", ["fruit", "vehicle"], torch.randn(2, 33, generator=torch.Generator().manual_seed(0)))
+    want = scorer.of("e").label_logprobs(["e"], ["an apple", "a bus"], ["fruit", "vehicle"])[0]
+    torch.testing.assert_close(teacher.label_scores(["an apple", "a bus"], ["fruit", "vehicle"]), want)
+    assert not torch.allclose(want, want.new_full(want.shape, -0.6931), atol=1e-3)  # a head that says something
+    bind_teachers(distill, bases.of("a"), scorer)  # one base: nothing to bind
