@@ -63,7 +63,7 @@ from lmas.data.task import Example, Task
 from lmas.distill.strategy import Distill
 from lmas.loop import ContinualLoop, RoundBody
 from lmas.population.events import Event
-from lmas.population.fusion import FUSIONS, fuse
+from lmas.population.fusion import FUSIONS, NEEDS_VAL, fuse
 from lmas.population.messages import COORDINATOR, Message
 from lmas.strategies.compose import Compose
 from lmas.transfer.merge import merge_adapters
@@ -107,7 +107,7 @@ class SelfLearning(RoundBody):
             raise ValueError(f"loop.labelling={labelling!r}: expected one of {LABELLING}")
         if consolidate not in CONSOLIDATION:
             raise ValueError(f"loop.consolidate={consolidate!r}: expected one of {CONSOLIDATION}")
-        if fusion not in FUSIONS or fusion == "val_acc":
+        if fusion not in FUSIONS or fusion in NEEDS_VAL:
             raise ValueError(f"loop.fusion={fusion!r}: expected uniform, confidence or best")
         if cycles < 1 or seed_labels < 1 or chunk < 1 or tolerance < 0:
             raise ValueError("loop (self_learning): need cycles, seed_labels, chunk >= 1 and tolerance >= 0")

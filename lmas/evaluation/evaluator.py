@@ -40,7 +40,7 @@ from lmas.evaluation.scoring import rank_scored
 from lmas.metrics import similarity
 from lmas.metrics.knowledge import KnowledgeMatrix
 from lmas.population.messages import COORDINATOR, Message, MessageLog
-from lmas.population.topology import TaskView, Topology
+from lmas.population.topology import PREDICTIONS, TaskView, Topology
 from lmas.schema import EvalConfig
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,15 @@ class Evaluator:
     def initial(self, matrix: KnowledgeMatrix) -> None:
         """The untrained model on every task and probe, for every row of the matrix: a fresh adapter of one agent
         per base (the scorer's ``initial_groups``) for its base's rows. Records: ``<task>`` for a population on
-        one base, ``<agent>/<task>`` (that base's scoring agent) for several."""
+        one base, ``<row>/<task>`` for every row (agents and the ``population`` row) for several."""
         records = {}
         views = [(t, self.stream.label_space(j, 0)) for j, t in enumerate(self.stream.tasks)]
         groups = self.scorer.initial_groups(matrix.agents)
         for agent, rows in groups:
             for task, labels in views + [(p, self.probe_labels(p)) for p in self.stream.probes]:
                 scored = self.scorer.untrained(agent, task, self.cfg.split, labels)  # eval.cache: once per sweep
-                records[task.name if len(groups) == 1 else f"{agent}/{task.name}"] = scored.per_example
+                keys = [task.name] if len(groups) == 1 else [f"{row}/{task.name}" for row in rows]
+                records.update(dict.fromkeys(keys, scored.per_example))
                 for row in rows:
                     matrix.record_initial(row, task.name, scored.value)
                 log.info("initial %s on %s (%s's base): %.4f", task.metric, task.name, agent, scored.value)
@@ -155,7 +156,9 @@ class Evaluator:
             task, labels = self.stream[j], self.stream.label_space(j, seen)
             values, lp, gold = self._score(r, matrix, agents, task, labels, records)
             if self.topology.answers:
-                answers[task.name] = self._answer(r, matrix, agents, task, labels, values, lp, gold, messages)
+                answers[task.name] = self._answer(
+                    r, matrix, agents, task, labels, (values, lp, gold), messages, records
+                )
         for probe in self.stream.probes:
             self._score(r, matrix, agents, probe, self.probe_labels(probe), records)
         self.write_records(f"round{r:03d}", records)
@@ -192,12 +195,14 @@ class Evaluator:
         agents: list[str],
         task: Task,
         labels: list[str] | None,
-        values: dict[str, float],
-        lp: Tensor | None,
-        gold: Tensor | None,
+        scored: tuple[dict[str, float], Tensor | None, Tensor | None],
         messages: MessageLog,
+        records: dict[str, np.ndarray],
     ) -> dict:
-        """The topology's joint answer on ``task`` (the ``population`` row) and its details."""
+        """The topology's joint answer on ``task`` (the ``population`` row) and its details; its per-example
+        outcomes into ``records``: right or wrong per item for a fused classification answer (the topology's
+        ``predictions``), the chosen agent's own for a routed one."""
+        values, lp, gold = scored
         cache: dict[str, float] = {}
 
         def val_score(a: str) -> float:
@@ -209,6 +214,11 @@ class Evaluator:
         answer = self.topology.answer(view, r, messages)
         assert answer is not None, f"topology {self.topology.name!r} has answers=True but gave no answer"
         value, info = answer
+        pred = info.pop(PREDICTIONS, None)
+        if pred is not None and gold is not None:
+            records[f"{POPULATION}/{task.name}"] = (pred.cpu() == gold.cpu()).numpy().astype(np.uint8)
+        elif info.get("routed_to") in agents:
+            records[f"{POPULATION}/{task.name}"] = records[f"{info['routed_to']}/{task.name}"]
         matrix.record(r, POPULATION, task.name, value)
         log.info("round %d: %s on %s: %s=%.4f %s", r, POPULATION, task.name, task.metric, value, info)
         return {"value": value, **info}

@@ -21,8 +21,8 @@ from lmas.metrics.knowledge import KnowledgeMatrix
 class RunRecords:
     """A finished run: its results.json and, when it has them, its per-example records.
 
-    ``initial``: task -> outcomes of the untrained model; ``rounds``: round -> ``"<agent>/<task>"``
-    -> outcomes. Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match, the item's
+    ``initial``: task (``"<row>/<task>"`` with several bases) -> outcomes of the untrained model; ``rounds``:
+    round -> ``"<agent>/<task>"`` -> outcomes (the ``population`` row's too, where a topology answers). Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match, the item's
     score in ``[0, 1]`` for ROUGE-L (a mean like the others), ``(N, 2)`` (a sum over the item's tokens, its token
     count) for the token-weighted metrics (:data:`lmas.data.task.TOKEN_WEIGHTED`: the NLL sum for perplexity and
     pseudo-perplexity, the hits for masked accuracy). ``None`` without records.
@@ -112,7 +112,8 @@ class Slot:
         self.x: dict[str, np.ndarray] = {}
         for t, j, pool in zip(self.tasks, self.cols, self.pool, strict=True):
             wanted = [initial[self.a, j]] + [values[r, self.a, j] for r in range(km.n_rounds)]
-            where = [("initial.npz", t, run.initial)] + [
+            own = f"{self.agent}/{t}"  # several bases: the untrained model of the row's own base
+            where = [("initial.npz", own if own in (run.initial or {}) else t, run.initial)] + [
                 (f"round{r:03d}.npz", f"{self.agent}/{t}", run.rounds.get(r, {})) for r in range(km.n_rounds)
             ]
             cols: list[np.ndarray | None] = []

@@ -120,10 +120,14 @@ def paired_difference(
     n_resamples: int = 4999,
     confidence: float = 0.95,
     seed: int = 0,
+    agent_b: str | None = None,
 ) -> dict[str, Interval]:
     """``a - b`` per metric over runs paired by stream, task order and seed: mean difference, CI, p-value.
 
     The pairs are ``a``'s runs: each needs a partner in ``b``; runs of ``b`` that ``a`` lacks are left out.
+    ``agent`` is the row compared (default: each run's first); ``agent_b`` another row for ``b`` (default
+    ``agent``): ``a`` and ``b`` may be the same runs, comparing two rows of each run (e.g. the population's
+    answer and one of its agents), paired over the same test items.
 
     ``level="runs"``: paired t-test over the run pairs (training noise, seeds x orders);
     ``"items"``: paired bootstrap over test items of the mean difference over the pairs (item noise,
@@ -136,14 +140,14 @@ def paired_difference(
     if level == "runs":
         out = {}
         for k in keys:
-            d = [x.metric(k, agent) - y.metric(k, agent) for x, y in pairs]
+            d = [x.metric(k, agent) - y.metric(k, agent_b or agent) for x, y in pairs]
             if any(not math.isnan(v) for v in d):
                 iv = run_interval(d, confidence)
                 out[k] = Interval(iv.estimate, iv.low, iv.high, iv.n, f"paired t, {iv.n} run pairs", iv.p)
         return out
     if level != "items":
         raise ValueError(f"paired_difference: level must be 'auto', 'runs' or 'items', got {level!r}")
-    slots = [Slot(r, agent) for pair in pairs for r in pair]
+    slots = [Slot(r, who) for pair in pairs for r, who in zip(pair, (agent, agent_b or agent), strict=True)]
     n = len(pairs)
     point, res = item_bootstrap(
         slots, keys, lambda v: (v[0::2] - v[1::2]).mean(0),

@@ -7,7 +7,11 @@ distributions over the labels. Weights ``(A, N)`` sum to one over the agents for
 * ``uniform``: ``1/A``;
 * ``val_acc``: proportional to each agent's validation accuracy on the task (uniform if all are 0);
 * ``confidence``: ``softmax_a(-H(p_a,n))``, per example, from the entropy of each agent's distribution;
-* ``best``: all weight on the most confident agent of each example (lowest entropy).
+* ``best``: all weight on the most confident agent of each example (lowest entropy);
+* ``select``: all weight on the agent with the best validation accuracy on the task (the first on ties): model
+  selection per task, e.g. among agents of different bases (``population=bases``).
+
+``val_acc`` and ``select`` need each agent's validation accuracy (:data:`NEEDS_VAL`).
 
 :func:`cascade` is the hierarchical answer: the first agent whose top probability reaches the
 threshold answers, otherwise the example escalates to the next; the last agent always answers.
@@ -20,7 +24,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-FUSIONS = ("uniform", "val_acc", "confidence", "best")
+FUSIONS = ("uniform", "val_acc", "confidence", "best", "select")
+NEEDS_VAL = ("val_acc", "select")
 
 
 def label_distributions(logprobs: Tensor) -> Tensor:
@@ -40,10 +45,12 @@ def fusion_weights(method: str, probs: Tensor, val_acc: Sequence[float] | None =
     n_agents, n = probs.shape[:2]
     if method == "uniform":
         return torch.full((n_agents, n), 1.0 / n_agents, device=probs.device)
-    if method == "val_acc":
+    if method in NEEDS_VAL:
         if val_acc is None or len(val_acc) != n_agents:
-            raise ValueError(f"fusion='val_acc' needs one validation accuracy per agent ({n_agents})")
+            raise ValueError(f"fusion={method!r} needs one validation accuracy per agent ({n_agents})")
         acc = torch.tensor([float(a) for a in val_acc], device=probs.device).clamp_min(0)
+        if method == "select":
+            return torch.nn.functional.one_hot(acc.argmax(), n_agents).float()[:, None].expand(n_agents, n).clone()
         w = acc / acc.sum() if acc.sum() > 0 else torch.full((n_agents,), 1.0 / n_agents, device=probs.device)
         return w[:, None].expand(n_agents, n).clone()
     h = entropy(probs)  # (A, N)

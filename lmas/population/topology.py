@@ -22,7 +22,8 @@ The topologies:
 
 Classification tasks are fused from label distributions. Generation and perplexity tasks have
 no label distribution to fuse: every topology routes them to the agent with the best validation
-score (what a coordinator or a cascade can do without one).
+score (what a coordinator or a cascade can do without one). A fused answer's info carries its predicted labels
+(:data:`PREDICTIONS`), from which the evaluator keeps the population row's per-example outcomes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from lmas.data.task import Task
-from lmas.population.fusion import FUSIONS, cascade, fuse
+from lmas.population.fusion import FUSIONS, NEEDS_VAL, cascade, fuse
 from lmas.population.messages import COORDINATOR, Message, MessageLog
 from lmas.transfer.merge import agent_factors, stack_sets, write_knowledge
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from lmas.population.population import Population
 
 GRAPHS = ("ring", "all_to_all", "gossip")
+PREDICTIONS = "predictions"  # an answer's info key: the (N,) predicted label indices (the evaluator's records)
 
 
 @dataclass
@@ -128,12 +130,12 @@ class MasterWorker(Topology):
         for i, a in enumerate(view.agents):
             log.send(Message("label_distribution", a, COORDINATOR, round_idx, view.logprobs[i].float()))
         val = None
-        if self.fusion == "val_acc":
+        if self.fusion in NEEDS_VAL:
             val = [view.val_score(a) for a in view.agents]
             for a, v in zip(view.agents, val, strict=True):
                 log.send(Message("report", a, COORDINATOR, round_idx, v))
         probs = fuse(view.logprobs, self.fusion, val)
-        return self.accuracy(probs, view.gold), {"fusion": self.fusion, "val_acc": val}
+        return self.accuracy(probs, view.gold), {"fusion": self.fusion, "val_acc": val, PREDICTIONS: probs.argmax(-1)}
 
 
 class PeerToPeer(Topology):
@@ -184,9 +186,9 @@ class PeerToPeer(Topology):
             raise ValueError(f"topology.self_weight={self_weight}: must be in [0, 1]")
         if fanout < 1 or every < 1:
             raise ValueError("topology: fanout and every must be >= 1")
-        if fusion not in FUSIONS or fusion == "val_acc":
+        if fusion not in FUSIONS or fusion in NEEDS_VAL:
             raise ValueError(
-                f"topology.fusion={fusion!r}: peers vote with one of {[f for f in FUSIONS if f != 'val_acc']}"
+                f"topology.fusion={fusion!r}: peers vote with one of {[f for f in FUSIONS if f not in NEEDS_VAL]}"
             )
         if max_rank is not None and max_rank < 1:
             raise ValueError(f"topology.max_rank={max_rank}: must be >= 1 (null keeps the LoRA rank)")
@@ -267,7 +269,7 @@ class PeerToPeer(Topology):
                 if b != a:
                     log.send(Message("label_distribution", a, b, round_idx, view.logprobs[i].float()))
         probs = fuse(view.logprobs, self.fusion)
-        return self.accuracy(probs, view.gold), {"fusion": self.fusion}
+        return self.accuracy(probs, view.gold), {"fusion": self.fusion, PREDICTIONS: probs.argmax(-1)}
 
 
 class Hierarchical(Topology):
@@ -313,4 +315,5 @@ class Hierarchical(Topology):
             "answered_by": counts,
             "escalation_rate": rate,
             "threshold": self.threshold,
+            PREDICTIONS: pred,
         }

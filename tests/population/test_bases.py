@@ -168,3 +168,31 @@ def test_a_teacher_on_another_base_teaches_its_label_distribution(one_thread):
     torch.testing.assert_close(teacher.label_scores(["an apple", "a bus"], ["fruit", "vehicle"]), want)
     assert not torch.allclose(want, want.new_full(want.shape, -0.6931), atol=1e-3)  # a head that says something
     bind_teachers(distill, bases.of("a"), scorer)  # one base: nothing to bind
+
+
+def test_model_selection_answers_with_the_best_agent_on_validation_and_keeps_every_rows_records(tmp_path, run_lmas):
+    """experiment=model_selection on tiny bases: the population row answers each task with the agent of the better
+    validation accuracy (fusion=select); every row has per-example records (the untrained model of its own base,
+    the population's fused answers), so paired differences between rows of the same runs come out of the items."""
+    import numpy as np
+
+    from lmas.metrics.stats import item_intervals, load_run, paired_difference
+
+    enc = "population.bases.minilm={_target_:lmas.models.providers.tiny_encoder}"
+    res = run_lmas(["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}",
+                    "experiment=model_selection", enc], tmp_path / "run")  # fmt: skip
+    m = res["matrix"]
+    assert m["agents"] == ["smollm2", "minilm", "population"]
+    values = np.array(m["values"], dtype=float)  # (round, row, task)
+    for r, answers in enumerate(res["population"]["answers"]):
+        for task, answer in answers.items():
+            j, best = m["tasks"].index(task), int(np.argmax(answer["val_acc"]))
+            assert answer["fusion"] == "select" and "predictions" not in answer
+            assert values[r, 2, j] == values[r, best, j]  # the selected agent's own answers
+    run = load_run(tmp_path / "run")
+    with np.load(tmp_path / "run" / "per_example" / "initial.npz") as f:
+        assert {"smollm2/bbc_tech", "minilm/bbc_tech", "population/bbc_tech"} <= set(f.files)
+    rows = {a: item_intervals(run, agent=a, n_resamples=99)["avg_acc"].estimate for a in m["agents"]}
+    assert rows == pytest.approx({a: res["metrics"][a]["avg_acc"] for a in m["agents"]})
+    diff = paired_difference([run], [run], agent="population", agent_b="minilm", n_resamples=99)["avg_acc"]
+    assert diff.estimate == pytest.approx(rows["population"] - rows["minilm"])

@@ -53,6 +53,15 @@ def test_best_picks_the_lowest_entropy_agent_per_example():
     torch.testing.assert_close(fused, torch.tensor([[0.9, 0.1], [0.99, 0.01]]))
 
 
+def test_select_answers_with_the_agent_best_on_validation_for_every_example():
+    lp = _lp([[[0.9, 0.1], [0.6, 0.4]], [[0.2, 0.8], [0.3, 0.7]], [[0.5, 0.5], [0.5, 0.5]]])
+    torch.testing.assert_close(fuse(lp, "select", [0.5, 0.75, 0.75]), lp[1].exp())  # ties: the first best
+    torch.testing.assert_close(fusion_weights("select", lp.exp(), [0.9, 0.1, 0.0]), torch.tensor([[1.0, 1.0],
+                               [0.0, 0.0], [0.0, 0.0]]))  # fmt: skip
+    with pytest.raises(ValueError, match="fusion='select' needs one validation accuracy per agent"):
+        fuse(lp, "select")
+
+
 def test_unknown_fusion_is_named():
     with pytest.raises(ValueError, match="fusion='vote'"):
         fuse(torch.zeros(2, 1, 2), "vote")
