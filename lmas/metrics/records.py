@@ -22,9 +22,10 @@ class RunRecords:
     """A finished run: its results.json and, when it has them, its per-example records.
 
     ``initial``: task (``"<row>/<task>"`` with several bases) -> outcomes of the untrained model; ``rounds``:
-    round -> ``"<agent>/<task>"`` -> outcomes (the ``population`` row's too, where a topology answers). Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match, the item's
-    score in ``[0, 1]`` for ROUGE-L (a mean like the others), ``(N, 2)`` (a sum over the item's tokens, its token
-    count) for the token-weighted metrics (:data:`lmas.data.task.TOKEN_WEIGHTED`: the NLL sum for perplexity and
+    round -> ``"<agent>/<task>"`` -> outcomes (the ``population`` row's too, where a topology answers).
+    Outcomes per test item (fixed order): ``(N,)`` 1/0 for accuracy and exact match, the item's score in
+    ``[0, 1]`` for ROUGE-L (a mean like the others), ``(N, 2)`` (a sum over the item's tokens, its token count)
+    for the token-weighted metrics (:data:`lmas.data.task.TOKEN_WEIGHTED`: the NLL sum for perplexity and
     pseudo-perplexity, the hits for masked accuracy). ``None`` without records.
     """
 
