@@ -5,6 +5,7 @@
     python experiments/tables.py distillation <specialists runs> ... [--joint <joint runs> ...]
     python experiments/tables.py minilm <run or multirun dir> ...
     python experiments/tables.py self_learning <run or multirun dir> ...
+    python experiments/tables.py model_selection <runs dir>
     python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
         [--strategies naive,olora,...] [--out table.csv]
 
@@ -201,6 +202,48 @@ def self_learning(runs: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+# --- model_selection ------------------------------------------------------------------------------
+def _ci(iv) -> str:
+    return f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]" + (f" p={iv.p:.3f}" if iv.p == iv.p else "")
+
+
+def model_selection(runs_dir: str) -> str:
+    """Which base wins which task, and the population's per-task selection against each base alone.
+
+    Per task, each row's accuracy after the last round (mean over seeds, t-interval) and how many seeds selected
+    each agent for it (``val_acc`` of the last round's answer); then ``avg_acc`` and ``forgetting`` of the
+    population minus each base, and of one base minus the other, paired within each run: over the seeds (paired t)
+    and over the test items of all seeds (paired bootstrap; item noise given these trained models).
+    """
+    from lmas.metrics.stats import load_run, paired_difference, run_interval
+
+    runs = [load_run(f.parent) for f in sorted(Path(runs_dir).glob("*/results.json"))]
+    if not runs:
+        raise SystemExit(f"{runs_dir}: no finished runs (*/results.json)")
+    m0 = runs[0].results["matrix"]
+    agents, tasks = [a for a in m0["agents"] if a != "population"], m0["tasks"]
+    n_test = {t["name"]: t["n_test"] for t in runs[0].results["tasks"]}
+    rows = []
+    for t in tasks:
+        cells = []
+        for row in [*agents, "population"]:
+            vals = [final(r.results)[row][t] for r in runs]
+            cells.append(f"{statistics.mean(vals):.3f} [{run_interval(vals).low:.3f}, {run_interval(vals).high:.3f}]")
+        picks = [agents[max(range(len(agents)), key=lambda i, r=r: r.results["population"]["answers"][-1][t]
+                            ["val_acc"][i])] for r in runs]  # fmt: skip
+        rows.append([t, str(n_test[t]), *cells, ", ".join(f"{a} {picks.count(a)}" for a in agents)])
+    head = ["task", "n test", *agents, "population (select)", "selected (seeds)"]
+    parts = [f"Accuracy after the last round, mean over {len(runs)} seeds [95% t-interval]:", table(head, rows)]
+    pairs = [("population", a) for a in agents] + [(agents[0], agents[1])]
+    diff_rows = []
+    for x, y in pairs:
+        for level in ("runs", "items"):
+            d = paired_difference(runs, runs, agent=x, agent_b=y, keys=["avg_acc", "forgetting"], level=level)
+            diff_rows.append([f"{x} − {y}", level, _ci(d["avg_acc"]), _ci(d["forgetting"]), d["avg_acc"].method])
+    parts += ["Paired differences [95% CI], p:", table(["difference", "level", "avg_acc", "forgetting", "how"], diff_rows)]
+    return "\n\n".join(parts)
+
+
 def reproduction_table() -> ModuleType:
     """``experiments/reproduction/table.py``, loaded by path (this script is run as a file, not a package)."""
     import importlib.util
@@ -221,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("distillation")
     d.add_argument("runs", nargs="+")
     d.add_argument("--joint", nargs="*", default=[])
+    sub.add_parser("model_selection", help="which base wins which task; selection vs each base (CIs)").add_argument(
+        "runs_dir", help="the study's runs folder, e.g. experiments/model_selection/runs")
     r = sub.add_parser("reproduction", help="the reproduction study's main table (statistics from lmas.metrics.stats)")
     r.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/reproduction/runs")
     r.add_argument("--baseline", default="strategy=naive", help="SeqLoRA's runs (default strategy=naive)")
@@ -230,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.what == "reproduction":
         reproduction_table().main(args)
+        return
+    if args.what == "model_selection":
+        print(model_selection(args.runs_dir))
         return
     runs = load_runs(args.runs)
     if args.what == "forward_transfer":

@@ -44,6 +44,31 @@ def test_forward_transfer_and_topologies(run_lmas, fast_overrides, tmp_path):
     assert row[8] == str(sum(c["messages"] for c in res["population"]["communication"]))
 
 
+def test_model_selection_tables_the_rows_of_tiny_runs(run_lmas, tmp_path):
+    """Per task: each row's final accuracy (mean over seeds) and which agent each seed selected; the paired
+    differences between rows come from lmas.metrics.stats on the same runs."""
+    from lmas.metrics.stats import load_run, paired_difference
+
+    enc = "population.bases.minilm={_target_:lmas.models.providers.tiny_encoder}"
+    res = [run_lmas(["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", f"seed={s}",
+                     "experiment=model_selection", enc], tmp_path / "runs" / f"seed={s}") for s in (0, 1)]  # fmt: skip
+    md = tables.model_selection(str(tmp_path / "runs"))
+    first = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.split("\n\n")[1].splitlines()[2:]]
+    tasks = res[0]["matrix"]["tasks"]
+    for row, task in zip(first, tasks, strict=True):
+        j = tasks.index(task)
+        for col, agent in ((2, 0), (3, 1), (4, 2)):  # smollm2, minilm, population
+            mean = sum(r["matrix"]["values"][-1][agent][j] for r in res) / 2
+            assert row[col].startswith(f"{mean:.3f} [")
+        picks = [int(max(range(2), key=lambda i, r=r: r["population"]["answers"][-1][task]["val_acc"][i]))
+                 for r in res]  # fmt: skip
+        assert row[5] == f"smollm2 {picks.count(0)}, minilm {picks.count(1)}"
+    runs = [load_run(tmp_path / "runs" / f"seed={s}") for s in (0, 1)]
+    want = paired_difference(runs, runs, agent="population", agent_b="minilm", keys=["avg_acc"], level="runs")
+    diffs = _rows(md)
+    assert diffs[2][:2] == ["population − minilm", "runs"] and diffs[2][2].startswith(f"{want['avg_acc'].estimate:+.3f}")
+
+
 @pytest.mark.slow  # long (a subprocess or a sweep); the slow suite runs it (docs/testing.md)
 def test_distillation_minilm_and_self_learning(run_lmas, fast_overrides, tmp_path):
     res = run_lmas(fast_overrides + ["experiment=distillation/specialists"], tmp_path / "spec")
