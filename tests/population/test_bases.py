@@ -90,7 +90,8 @@ def test_a_run_over_two_bases_scores_each_base_and_selects_by_competence(fast_ov
     import numpy as np
 
     with np.load(out / "per_example" / "initial.npz") as f:
-        assert {k.split("/")[0] for k in f.files} == {"a", "b"}  # one scoring agent per base
+        assert {k.split("/")[0] for k in f.files} == {"a", "b", "c", "population"}  # every row, its own base's
+        assert all((f[f"c/{t}"] == f[f"a/{t}"]).all() for t in m["tasks"])  # one scoring agent per base
     saved = sorted(p.name for p in (out / "adapters").rglob("*.safetensors"))
     assert saved  # versions of the trained agents, each from its own base
 
