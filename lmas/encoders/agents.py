@@ -16,7 +16,8 @@
   is scored by the task's metric, ``pseudo_perplexity`` or ``masked_accuracy`` (every token masked once in its
   own copy, :func:`lmas.encoders.pretraining.masked_scores`); generation tasks are refused.
 * :class:`EncoderFit`: one experience. Classification: cross-entropy over the experience's labels, AdamW on the
-  trainable adapter and those labels' head rows. Raw text: BERT's MLM + NSP loss on next-sentence pairs of the
+  trainable adapter and those labels' head rows (older labels' rows are left as they are, which protects them in
+  a class-incremental stream; an experience of a single label has a constant loss and learns nothing: logged). Raw text: BERT's MLM + NSP loss on next-sentence pairs of the
   experience's texts (drawn anew each epoch, masked anew each batch: 15%, 80/10/10), AdamW on the adapter and
   the agent's MLM/NSP heads. Both read ``train.lr``, ``batch_size``, ``epochs``, ``max_steps`` and
   ``weight_decay`` and shuffle by the fit's seed. Strategies: the data-level ones (naive, joint); the config
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -54,6 +56,7 @@ from lmas.population.population import EXTRA, Population, lora_config
 from lmas.schema import TrainConfig
 from lmas.training.fit import Experience, FitResult, StepHook
 
+log = logging.getLogger(__name__)
 BERT_NAMES = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
 ENCODER_PROVIDERS = ("lmas.models.providers.encoder", "lmas.models.providers.tiny_encoder")
 DATA_LEVEL = ("Strategy", "Joint")  # strategies that only choose the examples (encoder agents train with these)
@@ -216,6 +219,14 @@ class EncoderFit:
         pop, cfg = self.population, self.train
         examples = [ex for ex, _ in exp.examples]
         labels = list(dict.fromkeys([*exp.task.class_labels, *(ex.answer for ex in examples)]))
+        if len(labels) == 1:
+            log.warning(
+                "encoder agent %s: task %r has one label (%r): cross-entropy over the experience's labels is constant, "
+                "so this fit changes nothing (a class-incremental task of one new class)",
+                exp.agent,
+                exp.task.name,
+                labels[0],
+            )
         pop.activate(exp.agent)
         device = next(pop.model.parameters()).device
         head = torch.nn.Parameter(pop.head(exp.agent, labels).to(device))

@@ -285,3 +285,16 @@ def test_a_minilm_agent_pretrained_on_raw_text_lowers_its_held_out_pseudo_perple
     EncoderFit(pop, TrainConfig(lr=1e-3, batch_size=8, epochs=1), 96).fit(exp, lambda step, loss: None)
     after = scorer.score("m", task)
     assert after < 0.2 * before, (before, after)
+
+
+def test_a_one_label_experience_learns_nothing_and_says_so(caplog, one_thread):
+    pop = _pop()
+    rows = [Example(f"I ate an {w}", "fruit") for w in ("apple", "pear")]
+    task = Task("one", "classification", rows, rows, rows, labels=["fruit"])
+    before = {k: v.clone() for k, v in pop.parameters_of("e0").items()}
+    exp = Experience("e0", task, [(ex, task.kind) for ex in rows], Strategy(), seed=0)
+    with caplog.at_level("WARNING", logger="lmas.encoders.agents"):
+        result = EncoderFit(pop, TrainConfig(lr=0.1, batch_size=2, epochs=2), 32).fit(exp, lambda step, loss: None)
+    assert "task 'one' has one label ('fruit')" in caplog.text
+    assert result.losses == [0.0, 0.0]  # log_softmax over one label
+    assert all(torch.equal(before[k], v) for k, v in pop.parameters_of("e0").items())
