@@ -17,9 +17,9 @@
   own copy, :func:`lmas.encoders.pretraining.masked_scores`); generation tasks are refused.
 * :class:`EncoderFit`: one experience. Classification: cross-entropy over the experience's labels, AdamW on the
   trainable adapter and those labels' head rows (older labels' rows are left as they are, which protects them in
-  a class-incremental stream; an experience of a single label has a constant loss and learns nothing: logged). Raw text: BERT's MLM + NSP loss on next-sentence pairs of the
-  experience's texts (drawn anew each epoch, masked anew each batch: 15%, 80/10/10), AdamW on the adapter and
-  the agent's MLM/NSP heads. Both read ``train.lr``, ``batch_size``, ``epochs``, ``max_steps`` and
+  a class-incremental stream; an experience of a single label has a constant loss and learns nothing: logged).
+  Raw text: BERT's MLM + NSP loss on next-sentence pairs of the experience's texts (drawn anew each epoch, masked
+  anew each batch: 15%, 80/10/10), AdamW on the adapter and the agent's MLM/NSP heads. Both read ``train.lr``, ``batch_size``, ``epochs``, ``max_steps`` and
   ``weight_decay`` and shuffle by the fit's seed. Strategies: the data-level ones (naive, joint); the config
   check refuses the rest, whose loss terms and hooks read a causal LM's outputs.
 """
