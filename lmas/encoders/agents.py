@@ -20,8 +20,9 @@
   a class-incremental stream; an experience of a single label has a constant loss and learns nothing: logged).
   Raw text: BERT's MLM + NSP loss on next-sentence pairs of the experience's texts (drawn anew each epoch, masked
   anew each batch: 15%, 80/10/10), AdamW on the adapter and the agent's MLM/NSP heads. Both read ``train.lr``,
-  ``batch_size``, ``epochs``, ``max_steps`` and ``weight_decay`` and shuffle by the fit's seed. Strategies: the data-level ones (naive, joint); the config
-  check refuses the rest, whose loss terms and hooks read a causal LM's outputs.
+  ``batch_size``, ``epochs``, ``max_steps`` and ``weight_decay`` and shuffle by the fit's seed. Strategies: the
+  data-level ones (naive, joint); the config check refuses the rest, whose loss terms and hooks read a causal
+  LM's outputs.
 """
 
 from __future__ import annotations
