@@ -78,6 +78,8 @@ def test_every_experiment_preset_runs_fast(preset, fast_overrides, tmp_path, run
         extra = [f"stream.data_dir={_tiny_cl_benchmark(tmp_path / 'CL_Benchmark')}"]
         if preset != "reproduction/all_layers":  # the others restrict LoRA to the top layers
             extra.append("population.lora.layers_to_transform=[1]")
+    if preset == "encoder_pretraining":  # its agents are encoders: the tiny BERT instead of the tiny Llama
+        extra = ["model=tiny_encoder"]
     results = run_lmas(fast_overrides + [f"experiment={preset}", *extra], tmp_path / preset)
     assert results["complete"]
     assert len(results["tasks"]) >= 2
