@@ -204,8 +204,10 @@ def build_file_task(
     n_test: Size = None,
     split_seed: int = 0,
     meta: dict | None = None,
+    metric: str = "",
 ) -> Task:
-    """Cut the splits (see module doc), check the labels and build the :class:`Task`."""
+    """Cut the splits (see module doc), check the labels and build the :class:`Task` (``metric``: the kind's
+    default when empty, e.g. ``pseudo_perplexity`` for raw text scored by encoder agents)."""
     _check_kind(name, kind)
     seen: set[Example] = set()
     pool = []
@@ -255,6 +257,7 @@ def build_file_task(
         labels=labels if kind == "classification" else None,
         source=source,
         meta={"split_seed": split_seed, "available": len(pool), "duplicates_dropped": duplicates, **(meta or {})},
+        metric=metric,
     )
 
 
@@ -301,10 +304,12 @@ def jsonl_task(
     n_test: Size = None,
     split_seed: int = 0,
     max_chars: int | None = None,
+    metric: str = "",
 ) -> Task:
     """Task from a JSON Lines file (one object per line); see the module doc for fields and splits."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
-    split = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test, "split_seed": split_seed}
+    split: dict[str, Any] = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test}
+    split |= {"split_seed": split_seed, "metric": metric}
     return _file_task(name, kind, read_jsonl, path, val_path, test_path, conv, **split, meta={"format": "jsonl"})
 
 
@@ -324,10 +329,12 @@ def csv_task(
     split_seed: int = 0,
     max_chars: int | None = None,
     delimiter: str = ",",
+    metric: str = "",
 ) -> Task:
     """Task from a CSV file with a header row (``delimiter``: ``","``, ``"\\t"``, ...)."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
-    split = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test, "split_seed": split_seed}
+    split: dict[str, Any] = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test}
+    split |= {"split_seed": split_seed, "metric": metric}
     reader = functools.partial(read_csv, delimiter=delimiter)
     return _file_task(name, kind, reader, path, val_path, test_path, conv, **split, meta={"format": "csv"})
 
@@ -351,6 +358,7 @@ def hf_task(
     split_seed: int = 0,
     max_chars: int | None = None,
     cache_dir: str | None = None,
+    metric: str = "",
 ) -> Task:
     """Task from ``datasets.load_dataset(path, config_name, data_files=..., split=...)``.
 
@@ -396,4 +404,5 @@ def hf_task(
         n_test=n_test,
         split_seed=split_seed,
         meta={"format": "hf", "config_name": config_name, "split": split},
+        metric=metric,
     )

@@ -100,6 +100,12 @@ def test_jsonl_lm_kind_reads_answer_field(tmp_path):
     path = _write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"document {i} " * 20} for i in range(10)])
     task = jsonl_task("lm", path, "lm", answer_field="text", max_chars=30)
     assert task.labels is None and all(ex.prompt == "" and len(ex.answer) <= 30 for ex in _all(task))
+    assert task.metric == "perplexity"
+    for build, file in ((jsonl_task, path), (csv_task, _write_csv(tmp_path / "c.csv", [{"text": f"a {i}. b."} for i in range(3)]))):
+        encoder_text = build("raw", file, "lm", answer_field="text", metric="pseudo_perplexity", n_val=0, n_test=1)
+        assert encoder_text.metric == "pseudo_perplexity"  # raw text for encoder agents
+    with pytest.raises(ValueError, match="metric='rouge_l' does not score a lm task"):
+        jsonl_task("lm", path, "lm", answer_field="text", metric="rouge_l")
 
 
 def test_jsonl_bad_json_names_file_and_line(tmp_path):
