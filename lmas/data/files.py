@@ -2,42 +2,37 @@
 
 Every record goes through :func:`record_to_example`:
 
-* ``classification`` / ``generation``: prompt = ``template`` filled with the record's fields plus
-  ``prompt`` (the ``prompt_field`` value cut to ``max_chars``); answer = ``answer_field`` value,
-  stripped (no leading space; the tokenizer layer adds it).
-* ``lm``: prompt ``""``, answer = the ``answer_field`` value cut to ``max_chars``
-  (``prompt_field`` and ``template`` are not used).
+* ``classification`` / ``generation``: prompt = ``template`` filled with the record's fields plus ``prompt`` (the
+  ``prompt_field`` value cut to ``max_chars``); answer = ``answer_field`` value, stripped.
+* ``lm``: prompt ``""``, answer = the ``answer_field`` value cut to ``max_chars``; ``metric`` picks perplexity
+  (the default) or an encoder agent's ``pseudo_perplexity`` / ``masked_accuracy``.
 
-Splits: ``path`` (exact repeats of a prompt/answer pair kept once) is split by ``split_seed`` into
-test, val and train (cut in that order, so growing ``n_train`` keeps the evaluation splits).
-``val_path`` / ``test_path`` give a split its own file instead; then it is the whole file, or a
-seeded sample of ``n_val`` / ``n_test`` records.
-Sizes: an int is a count, a float in (0, 1) a fraction, ``None`` the default (10 % val, 10 % test,
-the rest train). For classification, ``labels`` default to the sorted answers of the train split.
+Splits: ``path`` (exact repeats of a prompt/answer pair kept once) is split by ``split_seed`` into test, val and
+train (cut in that order, so growing ``n_train`` keeps the evaluation splits). ``val_path`` / ``test_path`` give a
+split its own file instead; then it is the whole file, or a seeded sample of ``n_val`` / ``n_test`` records. Sizes:
+an int is a count, a float in (0, 1) a fraction, ``None`` the default (10 % val, 10 % test, the rest train). For
+classification, ``labels`` default to the sorted answers of the train split.
 
-A file that does not exist (or is a folder) -> ``FileNotFoundError`` naming the option and the
-absolute path, ``task 'NAME': val_path=data/v.jsonl: no such file: /abs/data/v.jsonl``
-(:func:`lmas.paths.require`; ``lmas-train`` reports it earlier, from the config check, with the full
-option path ``stream.tasks[i].val_path``). For ``hf_task`` the same holds for every ``data_files``
-entry (a glob must match a file) and for a ``path`` written as a path.
+A file that does not exist (or is a folder) -> ``FileNotFoundError`` naming the option and the absolute path,
+``task 'NAME': val_path=data/v.jsonl: no such file: /abs/data/v.jsonl`` (:func:`lmas.paths.require`; ``lmas-train``
+reports it earlier, from the config check, with the full option path ``stream.tasks[i].val_path``). For
+``hf_task`` the same holds for every ``data_files`` entry (a glob must match a file) and for a ``path`` written as
+a path.
 
 Bad input -> what happens. Every other error is a ``ValueError`` whose message starts with the place:
 ``<file> line N`` (1-based; for CSV the line where the row starts, the header being line 1),
 ``<dataset> split 'S' row I`` for ``hf_task``, or ``task 'NAME'``:
 
-* bytes that are not UTF-8 -> error naming file and line.
-* JSONL line that is not valid JSON, or valid JSON but not an object -> error naming file and line.
-  Blank lines are skipped (and still counted).
-* CSV row with more or fewer values than the header has columns, a header that repeats a
-  column, or a row the ``csv`` module cannot parse -> error naming file and line. Blank rows
-  are skipped.
+* bytes that are not UTF-8 -> error naming file and line; a JSONL line that is not valid JSON, or valid JSON but
+  not an object -> error naming file and line. Blank lines are skipped (and still counted).
+* CSV row with more or fewer values than the header has columns, a header that repeats a column, or a row the
+  ``csv`` module cannot parse -> error naming file and line. Blank rows are skipped.
 * record without the ``prompt_field`` / ``answer_field`` (absent or JSON ``null``), or without a
   field the ``template`` needs -> error naming file, line and field, listing the fields present.
 * field that is a JSON object or list (not a string or number) -> error naming file, line and
   field; an answer that is empty after stripping -> error naming file, line and field.
-* empty file (nothing but blank lines, or only a CSV header) -> error naming the file; a task
-  whose train or test split ends up empty after splitting -> error naming the task, the
-  source file and the split sizes.
+* empty file (nothing but blank lines, or only a CSV header) -> error naming the file; a task whose train or test
+  split ends up empty after splitting -> error naming the task, the source file and the split sizes.
 * classification labels: with ``labels=None`` the label set is the train split's answers, so a
   val/test answer never seen in training -> error naming the task, split, labels and file (pass
   ``labels=[...]`` to keep it); with explicit ``labels`` an answer outside them -> error naming
@@ -206,8 +201,7 @@ def build_file_task(
     meta: dict | None = None,
     metric: str = "",
 ) -> Task:
-    """Cut the splits (see module doc), check the labels and build the :class:`Task` (``metric``: the kind's
-    default when empty, e.g. ``pseudo_perplexity`` for raw text scored by encoder agents)."""
+    """Cut the splits (see module doc), check the labels and build the :class:`Task` (``metric``: "" = the kind's)."""
     _check_kind(name, kind)
     seen: set[Example] = set()
     pool = []
@@ -261,6 +255,11 @@ def build_file_task(
     )
 
 
+def _sizes(labels: list[str] | None, n_train: Size, n_val: Size, n_test: Size, seed: int, metric: str) -> dict:
+    sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
+    return {"labels": labels, **sizes, "split_seed": seed, "metric": metric}
+
+
 def _file_task(
     name: str,
     kind: str,
@@ -308,8 +307,7 @@ def jsonl_task(
 ) -> Task:
     """Task from a JSON Lines file (one object per line); see the module doc for fields and splits."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
-    split: dict[str, Any] = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test}
-    split |= {"split_seed": split_seed, "metric": metric}
+    split = _sizes(labels, n_train, n_val, n_test, split_seed, metric)
     return _file_task(name, kind, read_jsonl, path, val_path, test_path, conv, **split, meta={"format": "jsonl"})
 
 
@@ -333,8 +331,7 @@ def csv_task(
 ) -> Task:
     """Task from a CSV file with a header row (``delimiter``: ``","``, ``"\\t"``, ...)."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
-    split: dict[str, Any] = {"labels": labels, "n_train": n_train, "n_val": n_val, "n_test": n_test}
-    split |= {"split_seed": split_seed, "metric": metric}
+    split = _sizes(labels, n_train, n_val, n_test, split_seed, metric)
     reader = functools.partial(read_csv, delimiter=delimiter)
     return _file_task(name, kind, reader, path, val_path, test_path, conv, **split, meta={"format": "csv"})
 
@@ -398,11 +395,6 @@ def hf_task(
         test_rows=loaded.get(test_split) if test_split else None,
         val_source=val_split and f"{label} split {val_split!r}",
         test_source=test_split and f"{label} split {test_split!r}",
-        labels=labels,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        split_seed=split_seed,
         meta={"format": "hf", "config_name": config_name, "split": split},
-        metric=metric,
+        **_sizes(labels, n_train, n_val, n_test, split_seed, metric),
     )

@@ -4,20 +4,16 @@
 task (replayed rows of other tasks carry no distillation term); ``D`` is one of
 :mod:`lmas.distill.losses` (forward/reverse KL, JSD, GKD's generalized JSD, DistiLLM's skew KLs), and on
 generation tasks a fraction ``on_policy`` of the batches is distilled on the student's own samples (GKD).
-Compose it with any CL strategy
-(``distill=<preset>`` does ``Compose([strategy, distill])``).
+Compose it with any CL strategy (``distill=<preset>`` does ``Compose([strategy, distill])``).
 
 Teachers (``teachers``):
 
 * ``peers`` — every other agent that has learnt something (trained or received knowledge);
 * ``specialists`` — per-task routing: the agents that trained the current task teach it;
 * a list of agent names;
-* plus ``external`` teachers (label distributions from another architecture, e.g. MiniLM).
-
-In a population over several bases (``population=bases``) the teachers above that live on another base than the
-student (an encoder agent, a decoder of another tokenizer) teach classification tasks at the label level, like
-external teachers: their label log-likelihoods from their own base's scorer (:attr:`Distill.cross`, bound by
-:func:`lmas.population.bases.bind_teachers`), fresh at every experience.
+* plus ``external`` teachers (label distributions from another architecture, e.g. MiniLM). With several bases
+  (``population=bases``), teachers on another base than the student teach classification like external ones, by
+  their own scorer's label distribution (:func:`lmas.population.bases.bind_teachers`).
 
 With ``cache=True`` every teacher's outputs for the whole experience are computed once before
 training (label distributions for classification, top-``k`` token probabilities per answer token
@@ -173,9 +169,9 @@ class Distill(Strategy):
         self._label_ids: Tensor | None = None  # (L,) when every label of the task is one token
         # external teacher -> task -> split -> accuracy, for every task it was fitted on
         self.external_accuracy: dict[str, dict[str, dict[str, float]]] = {}
-        # population=bases: (student, task) -> the teachers on other bases, label level (bind_teachers sets it)
+        # population=bases (bind_teachers): (student, task) -> its teachers on other bases; every agent of every base
         self.cross: Callable[[str, Task], list[ExternalTeacher]] | None = None
-        self.everyone: list[str] = []  # population=bases: every agent of every base (bind_teachers sets it)
+        self.everyone: list[str] = []
 
     @property
     def _task(self) -> Task:
