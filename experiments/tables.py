@@ -227,8 +227,8 @@ def model_selection(runs_dir: str) -> str:
     for t in tasks:
         cells = []
         for row in [*agents, "population"]:
-            vals = [final(r.results)[row][t] for r in runs]
-            cells.append(f"{statistics.mean(vals):.3f} [{run_interval(vals).low:.3f}, {run_interval(vals).high:.3f}]")
+            iv = run_interval([final(r.results)[row][t] for r in runs])
+            cells.append(f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]")
         picks = [agents[max(range(len(agents)), key=lambda i, r=r: r.results["population"]["answers"][-1][t]
                             ["val_acc"][i])] for r in runs]  # fmt: skip
         rows.append([t, str(n_test[t]), *cells, ", ".join(f"{a} {picks.count(a)}" for a in agents)])
