@@ -1,9 +1,11 @@
 """``lmas-compare DIR...``: aggregate the results.json of runs into one comparison table.
 
 Runs are grouped by the Hydra overrides they differ in (the ``seed`` and the task order ``stream.order`` are what
-repeats inside a group); each group reports mean ± std over its runs of the continual-learning metrics (read from
-each results.json's ``metrics``, computed once by ``KnowledgeMatrix.summary``; never recomputed here) and the
-training time. Writes ``comparison.csv``, ``comparison.md`` and ``comparison.png``.
+repeats inside a group; runs without recorded overrides, such as a study's committed runs, by their strategy and
+the strategy settings that differ between its runs); each group reports mean ± std over its runs of the
+continual-learning metrics (read from each results.json's ``metrics``, computed once by
+``KnowledgeMatrix.summary``; never recomputed here) and the training time. Writes ``comparison.csv``,
+``comparison.md`` and ``comparison.png``.
 
 With ``--baseline GROUP`` it also writes the statistics (:mod:`lmas.metrics.stats`, docs/statistics.md): each
 metric with its 95% CI, each group's paired difference from the baseline with its CI, p-value and Holm-corrected
@@ -41,11 +43,46 @@ class Run:
     path: Path
     results: dict
     overrides: list[str]
+    settings: tuple[str, ...] = ()
+    """Without recorded overrides: the strategy settings that tell this run from other runs of its strategy
+    (:func:`strategy_settings`)."""
 
     @property
     def group(self) -> str:
         kept = [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
-        return ",".join(sorted(kept)) or f"strategy={self.results.get('strategy', '?')}"
+        return ",".join(sorted(kept)) or ",".join([f"strategy={self.results.get('strategy', '?')}", *self.settings])
+
+
+def _flat(d: dict, prefix: str) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _override_value(v: object) -> str:
+    return json.dumps(v) if v is None or isinstance(v, bool) else str(v)
+
+
+def strategy_settings(results: list[dict]) -> list[tuple[str, ...]]:
+    """Per run, ``strategy.<key>=<value>`` for every strategy setting (results.json ``config.strategy``) whose
+    value differs between runs of the same strategy, so that runs without recorded overrides (a study's committed
+    runs) at two values of a weight are two groups, never pooled. Seeds are what repeats inside a group and are
+    ignored; a key that only some runs have (written by a later version) does not split them."""
+    cfgs = [_flat((r.get("config") or {}).get("strategy") or {}, "strategy.") for r in results]
+    by_name: dict[object, list[int]] = {}
+    for i, r in enumerate(results):
+        by_name.setdefault(r.get("strategy"), []).append(i)
+    out: list[tuple[str, ...]] = [()] * len(results)
+    for idx in by_name.values():
+        keys = sorted({k for i in idx for k in cfgs[i]} - {"strategy._target_"})
+        varying = [
+            k for k in keys
+            if not k.endswith("seed") and all(k in cfgs[i] for i in idx) and len({repr(cfgs[i][k]) for i in idx}) > 1
+        ]  # fmt: skip
+        for i in idx:
+            out[i] = tuple(f"{k}={_override_value(cfgs[i][k])}" for k in varying)
+    return out
 
 
 def overrides_of(group: str) -> set[str]:
@@ -88,6 +125,9 @@ def find_runs(dirs: list[str | Path]) -> list[Run]:
             runs.append(Run(f.parent, results, list(overrides or [])))
     if not runs:
         raise ValueError(f"no complete runs under {', '.join(map(str, dirs))}")
+    bare = [r for r in runs if not r.overrides]
+    for r, settings in zip(bare, strategy_settings([r.results for r in bare]), strict=True):
+        r.settings = settings
     streams: dict[str, list[str]] = {}
     for r in runs:
         streams.setdefault(r.results["stream"], []).append(str(r.path))

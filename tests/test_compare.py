@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmas.compare import compare, find_runs, main, mean_std
+from lmas.compare import compare, find_runs, main, mean_std, strategy_settings
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], seed: int, acc: float, stream: str = "s") -> None:
@@ -171,3 +171,28 @@ def test_a_baseline_may_name_only_the_overrides_that_single_out_its_group():
         resolve_group("strategy=olora", groups)
     with pytest.raises(ValueError, match="no group has the overrides \\['strategy=ewc'\\]"):
         resolve_group("strategy=ewc", groups)
+
+
+def test_runs_without_overrides_are_grouped_by_strategy_and_the_settings_that_differ(tmp_path):
+    """A study's committed runs keep no .hydra/overrides.yaml: two λ of one strategy must not pool into one row."""
+    def result(name: str, seed: int, **settings) -> dict:
+        return {"strategy": name, "config": {"strategy": {"_target_": name, "seed": seed, **settings}}}
+
+    found = strategy_settings([result("nlora", 0, lambda_l1=0.4, lambda_orth=0.0),
+                               result("nlora", 1, lambda_l1=0.4, lambda_orth=0.0),
+                               result("nlora", 0, lambda_l1=0.0013, lambda_orth=0.0),
+                               result("naive", 0), result("naive", 1, buffer={"size": 2}),  # only in one run
+                               result("ewc", 0, ewc_lambda=None), result("ewc", 1, ewc_lambda=726)])  # fmt: skip
+    assert found == [("strategy.lambda_l1=0.4",), ("strategy.lambda_l1=0.4",), ("strategy.lambda_l1=0.0013",),
+                     (), (), ("strategy.ewc_lambda=null",), ("strategy.ewc_lambda=726",)]  # fmt: skip
+    for i, (lam, seed, acc) in enumerate([(0.4, 0, 0.3), (0.4, 1, 0.3), (0.0013, 0, 0.6), (0.0013, 1, 0.8)]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        results = {"complete": True, "stream": "s", "strategy": "nlora", "seed": seed,
+                   "config": {"strategy": {"lambda_l1": lam, "seed": seed}},
+                   "metrics": {"agent0": {"avg_acc": acc}}}  # fmt: skip
+        (d / "results.json").write_text(json.dumps(results))
+    rows = {r["group"]: r for r in compare(find_runs([tmp_path]))}
+    assert set(rows) == {"strategy=nlora,strategy.lambda_l1=0.4", "strategy=nlora,strategy.lambda_l1=0.0013"}
+    assert rows["strategy=nlora,strategy.lambda_l1=0.0013"]["avg_acc_mean"] == pytest.approx(0.7)
+    assert rows["strategy=nlora,strategy.lambda_l1=0.4"]["n"] == 2

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lmas.compare import strategy_settings
 from lmas.metrics import stats
 from lmas.metrics.records import Slot
 
@@ -60,9 +61,10 @@ CSV_FIELDS = ("strategy", "paper_name", "metric", "paper", "runs", "seeds", "ord
 
 
 def strategy_of(spec: str, option: str) -> str:
-    """``strategy=naive`` (as lmas-compare takes it) or ``naive`` -> ``naive``; any other key is an error."""
+    """``strategy=naive`` (as lmas-compare takes it) or ``naive`` -> ``naive``; a group's name (``nlora
+    lambda_l1=0.4``) as it is; any other key is an error."""
     key, sep, value = spec.partition("=")
-    if not sep:
+    if not sep or " " in key:
         return spec
     if key != "strategy" or not value:
         raise ValueError(
@@ -72,30 +74,40 @@ def strategy_of(spec: str, option: str) -> str:
 
 
 def load_groups(runs_dir: str | os.PathLike) -> dict[str, list[stats.RunRecords]]:
-    """Every complete run under ``runs_dir`` (with its per-example records), by strategy, in :data:`ORDER`."""
+    """Every complete run under ``runs_dir`` (with its per-example records), by strategy, in :data:`ORDER`. Runs of
+    one strategy at different settings are separate groups, named ``<strategy> <key>=<value>`` (e.g. ``nlora
+    lambda_l1=0.4``: :func:`lmas.compare.strategy_settings`)."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory (expected the study's runs/ folder)")
     found = sorted(root.rglob("results.json"))
     if not found:
         raise ValueError(f"{root}: no results.json under it (no finished run of the study is there)")
-    groups: dict[str, list[stats.RunRecords]] = {}
+    runs: list[stats.RunRecords] = []
     streams: dict[str, str] = {}
     for f in found:
         run = stats.load_run(f.parent)
         if not run.results.get("complete"):
             print(f"reproduction: skipping {f.parent} (run not complete)", file=sys.stderr)
             continue
-        name = run.results.get("strategy")
-        if not isinstance(name, str):
+        if not isinstance(run.results.get("strategy"), str):
             raise ValueError(f"{f}: no `strategy` name (expected an lmas run's results.json)")
-        groups.setdefault(name, []).append(run)
+        runs.append(run)
         streams.setdefault(str(run.results.get("stream")), str(f.parent))
+    groups: dict[str, list[stats.RunRecords]] = {}
+    for run, settings in zip(runs, strategy_settings([r.results for r in runs]), strict=True):
+        label = " ".join([run.results["strategy"], *(k.removeprefix("strategy.") for k in settings)])
+        groups.setdefault(label, []).append(run)
     if len(streams) > 1:
         raise ValueError(f"{root}: runs on different streams cannot be paired: " +
                          "; ".join(f"{s} (e.g. {p})" for s, p in streams.items()))  # fmt: skip
     rank = {s: i for i, s in enumerate(ORDER)}
-    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(method(kv[0]), len(ORDER)), kv[0])))
+
+
+def method(group: str) -> str:
+    """A group's strategy: ``nlora`` of ``nlora lambda_l1=0.4``."""
+    return group.split(" ")[0]
 
 
 def describe(runs: Sequence[stats.RunRecords]) -> dict[str, Any]:
@@ -119,8 +131,9 @@ def published_ratios(strategy: str) -> list[tuple[float, dict[str, Any]]]:
     out = []
     for entry in PUBLISHED:
         acc = entry["avg_acc"]
-        if strategy in acc and "naive" in acc and "joint" in acc and strategy not in ("naive", "joint"):
-            out.append(((acc[strategy] - acc["naive"]) / (acc["joint"] - acc["naive"]), entry))
+        name = method(strategy)
+        if name in acc and "naive" in acc and "joint" in acc and name not in ("naive", "joint"):
+            out.append(((acc[name] - acc["naive"]) / (acc["joint"] - acc["naive"]), entry))
     return out
 
 
@@ -197,7 +210,7 @@ def markdown(table: dict[str, Any]) -> str:
            "|---|---|---|" + "---|" * len(KEYS)]  # fmt: skip
     for s, i in info.items():
         cells = [_ci(at[s, k]["mean"], at[s, k]["low"], at[s, k]["high"]) if (s, k) in at else "–" for k in KEYS]
-        out.append(f"| {s} | {PAPER_METHOD.get(s, '')} | {_runs_cell(i)} | " + " | ".join(cells) + " |")
+        out.append(f"| {s} | {PAPER_METHOD.get(method(s), '')} | {_runs_cell(i)} | " + " | ".join(cells) + " |")
     items = info[base]["items"]
     if items:
         out += ["", "Test items per task (the same in every run): " + ", ".join(f"{t} {n}" for t, n in items.items())]
@@ -245,8 +258,8 @@ def to_csv(table: dict[str, Any], path: str | os.PathLike) -> Path:
         w.writeheader()
         for r in table["rows"]:
             i = table["info"][r["group"]]
-            row = {**r, "strategy": r["group"], "paper_name": PAPER_METHOD.get(r["group"], ""), "runs": i["runs"],
-                   "seeds": i["seeds"], "orders": i["orders"],
+            row = {**r, "strategy": r["group"], "paper_name": PAPER_METHOD.get(method(r["group"]), ""),
+                   "runs": i["runs"], "seeds": i["seeds"], "orders": i["orders"],
                    "items_per_task": " ".join(f"{t}:{n}" for t, n in i["items"].items())}  # fmt: skip
             if "verdict" in r:
                 row["verdict"] = verdict(r)

@@ -156,3 +156,33 @@ def test_missing_strategies_or_baseline_are_clear_errors(runs, tmp_path):
         table.build(lone, n_resamples=99)
     with pytest.raises(ValueError, match="no results.json under it"):
         table.build(tmp_path / "partial" / "strategy=naive,seed=0" / "per_example")
+
+
+def test_one_strategy_at_two_settings_is_two_rows_never_pooled(runs, tmp_path):
+    """The protocol check keeps N-LoRA at the authors' λ1 and at the tuned one in one folder: runs of one strategy
+    whose settings differ are separate rows (named by the setting), each paired with SeqLoRA on its own seeds."""
+    import json
+
+    both = tmp_path / "both"
+    for d in runs.iterdir():
+        shutil.copytree(d, both / d.name)
+    for d in runs.glob("strategy=replay,*"):  # the same runs again, as if at another buffer size
+        copy = both / d.name.replace("replay", "replay,strategy.capacity=7")
+        shutil.copytree(d, copy)
+        results = json.loads((copy / "results.json").read_text())
+        results["config"]["strategy"]["capacity"] = 7
+        (copy / "results.json").write_text(json.dumps(results))
+    capacity = stats.load_run(next(runs.glob("strategy=replay,*"))).results["config"]["strategy"]["capacity"]
+    groups = table.load_groups(both)
+    assert list(groups) == ["naive", "inclora", f"replay capacity={capacity}", "replay capacity=7", "joint"]
+    assert all(len(g) == 2 for g in groups.values())
+    built = table.build(both, n_resamples=99)
+    at = {(r["group"], r["metric"]): r for r in built["rows"]}
+    # identical records: both settings have the same difference from SeqLoRA as the one-setting table
+    one = {(r["group"], r["metric"]): r for r in table.build(runs, n_resamples=99)["rows"]}
+    for name in (f"replay capacity={capacity}", "replay capacity=7"):
+        assert at[name, "avg_acc"]["diff"] == pytest.approx(one["replay", "avg_acc"]["diff"])
+    md = table.markdown(built)
+    assert "| replay capacity=7 | Replay |" in md
+    assert table.build(both, strategies=["replay capacity=7"], n_resamples=99)["info"].keys() == {
+        "naive", "replay capacity=7", "joint"}
