@@ -8,6 +8,7 @@
     python experiments/tables.py model_selection <runs dir>
     python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
         [--strategies naive,olora,...] [--out table.csv]
+    python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir>
 
 ``reproduction`` is the reproduction study's main table with 95% CIs, paired differences from SeqLoRA (Holm) and
 gap-closure ratios beside the published ones, all computed by ``lmas.metrics.stats`` from the committed runs'
@@ -272,7 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--upper", default="strategy=joint", help="the multitask runs (default strategy=joint)")
     r.add_argument("--strategies", help="comma-separated strategies to show (default: every one found)")
     r.add_argument("--out", help="also write the table as CSV to this file")
+    c = sub.add_parser("protocol_check", help="the reproduction study's protocol check: both protocols' verdicts")
+    c.add_argument("runs_dirs", nargs=2, metavar="DIR", help="the fast and the all-layer runs folders, in that order")
+    c.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
     args = parser.parse_args(argv)
+    if args.what == "protocol_check":
+        reproduction_table().check_main(args)
+        return
     if args.what == "reproduction":
         reproduction_table().main(args)
         return

@@ -15,6 +15,7 @@ multitask in one setting).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import sys
@@ -73,10 +74,11 @@ def strategy_of(spec: str, option: str) -> str:
     return value
 
 
-def load_groups(runs_dir: str | os.PathLike) -> dict[str, list[stats.RunRecords]]:
+def load_groups(runs_dir: str | os.PathLike, context: Sequence[dict] = ()) -> dict[str, list[stats.RunRecords]]:
     """Every complete run under ``runs_dir`` (with its per-example records), by strategy, in :data:`ORDER`. Runs of
     one strategy at different settings are separate groups, named ``<strategy> <key>=<value>`` (e.g. ``nlora
-    lambda_l1=0.4``: :func:`lmas.compare.strategy_settings`)."""
+    lambda_l1=0.4``: :func:`lmas.compare.strategy_settings`); ``context``: results.json of runs elsewhere whose
+    settings count too (so that two folders compared with each other name the same setting alike)."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory (expected the study's runs/ folder)")
@@ -95,7 +97,8 @@ def load_groups(runs_dir: str | os.PathLike) -> dict[str, list[stats.RunRecords]
         runs.append(run)
         streams.setdefault(str(run.results.get("stream")), str(f.parent))
     groups: dict[str, list[stats.RunRecords]] = {}
-    for run, settings in zip(runs, strategy_settings([r.results for r in runs]), strict=True):
+    every = strategy_settings([r.results for r in runs] + list(context))
+    for run, settings in zip(runs, every[: len(runs)], strict=True):
         label = " ".join([run.results["strategy"], *(k.removeprefix("strategy.") for k in settings)])
         groups.setdefault(label, []).append(run)
     if len(streams) > 1:
@@ -145,11 +148,13 @@ def build(
     *,
     n_resamples: int = 4999,
     seed: int = 0,
+    context: Sequence[dict] = (),
 ) -> dict[str, Any]:
     """The table's content: ``rows`` (:func:`stats.comparison_table`), ``info`` per strategy (:func:`describe`),
-    ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors."""
+    ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors.
+    ``context``: as for :func:`load_groups`."""
     base, up = strategy_of(baseline, "--baseline"), strategy_of(upper, "--upper")
-    groups = load_groups(runs_dir)
+    groups = load_groups(runs_dir, context)
     wanted = list(strategies) if strategies else list(groups)
     for name, why in [(base, "--baseline (SeqLoRA)"), (up, "--upper (multitask)")] + [
         (s, "--strategies") for s in wanted
@@ -269,6 +274,64 @@ def to_csv(table: dict[str, Any], path: str | os.PathLike) -> Path:
                 row["published_source"] = " | ".join(f"{e['source']} ({e['setting']})" for _, e in pubs)
             w.writerow(row)
     return out
+
+
+def _call(row: dict[str, Any] | None) -> str:
+    """A difference's verdict in one word: ``better``/``worse`` where resolved (CI and Holm), ``unresolved``."""
+    if row is None:
+        return "missing"
+    return row["verdict"] if row["verdict"] in ("better", "worse") else "unresolved"
+
+
+def agreement(tables: dict[str, dict[str, Any]], keys: Sequence[str] = ("avg_acc", "forgetting")) -> list[dict]:
+    """The protocol check: per strategy (in every table) and metric, each protocol's paired difference from
+    SeqLoRA with its verdict (:func:`_call`), ``agree`` (the same verdict in every protocol) and ``same_sign``
+    (the point estimates on the same side of 0). ``tables``: protocol name -> :func:`build`'s table."""
+    at = {name: {(r["group"], r["metric"]): r for r in t["rows"] if "diff" in r} for name, t in tables.items()}
+    first = next(iter(tables.values()))
+    shared = [s for s in first["info"] if s != first["baseline"] and all(s in t["info"] for t in tables.values())]
+    out = []
+    for s in shared:
+        for k in keys:
+            cells = {name: at[name].get((s, k)) for name in tables}
+            calls = {name: _call(r) for name, r in cells.items()}
+            signs = {math.copysign(1, r["diff"]) if r and r["diff"] else 0 for r in cells.values()}
+            out.append({"strategy": s, "metric": k, "cells": cells, "calls": calls,
+                        "agree": len(set(calls.values())) == 1 and "missing" not in calls.values(),
+                        "same_sign": len(signs) == 1 and 0 not in signs})  # fmt: skip
+    return out
+
+
+def agreement_markdown(tables: dict[str, dict[str, Any]]) -> str:
+    """:func:`agreement` as a markdown table, with how many verdicts agree."""
+    rows = agreement(tables)
+    names = list(tables)
+    out = ["| strategy | metric | " + " | ".join(f"{n}: difference from SeqLoRA [95% CI]" for n in names) +
+           " | verdicts | agree | same sign |", "|---|---|" + "---|" * len(names) + "---|---|---|"]  # fmt: skip
+    for r in rows:
+        cells = r["cells"].values()
+        diffs = [_ci(c["diff"], c["diff_low"], c["diff_high"], signed=True) if c else "–" for c in cells]
+        out.append(f"| {r['strategy']} | {_head(r['metric'])} | " + " | ".join(diffs) +
+                   f" | {' / '.join(r['calls'].values())} | {'yes' if r['agree'] else 'no'} | "
+                   f"{'yes' if r['same_sign'] else 'no'} |")  # fmt: skip
+    runs = "; ".join(f"{n}: {sum(i['runs'] for i in t['info'].values())} runs under `{t['dir']}`"
+                     for n, t in tables.items())  # fmt: skip
+    agree = sum(r["agree"] for r in rows)
+    return "\n".join([f"Protocol check ({runs}). Verdicts: resolved better/worse (CI excludes 0 and Holm keeps it) "
+                      "or unresolved.", "", *out, "",
+                      f"The verdicts agree on {agree} of {len(rows)} comparisons; the point estimates lie on the same "
+                      f"side of 0 in {sum(r['same_sign'] for r in rows)}."])  # fmt: skip
+
+
+def check_main(args: Any) -> None:
+    """``experiments/tables.py protocol_check FAST ALL_LAYERS``: the two protocols' verdicts side by side."""
+    dirs = dict(zip(("fast", "all layers"), args.runs_dirs, strict=True))
+    every = [json.loads(f.read_text()) for d in dirs.values() for f in sorted(Path(d).rglob("results.json"))]
+    try:
+        built = {name: build(d, n_resamples=args.resamples, context=every) for name, d in dirs.items()}
+    except ValueError as err:
+        raise SystemExit(f"protocol_check: {err}") from err
+    print(agreement_markdown(built))
 
 
 def main(args: Any) -> None:

@@ -186,3 +186,33 @@ def test_one_strategy_at_two_settings_is_two_rows_never_pooled(runs, tmp_path):
     assert "| replay capacity=7 | Replay |" in md
     assert table.build(both, strategies=["replay capacity=7"], n_resamples=99)["info"].keys() == {
         "naive", "replay capacity=7", "joint"}
+    # a folder with one setting, compared with one that has two, names its runs as the other folder does
+    every = [json.loads(f.read_text()) for f in both.rglob("results.json")]
+    assert f"replay capacity={capacity}" in table.load_groups(runs, context=every)
+    assert "replay" in table.load_groups(runs)
+
+
+def test_protocol_check_sets_the_two_protocols_verdicts_side_by_side(runs, capsys):
+    def row(group: str, metric: str, diff: float, lo: float, hi: float, verdict: str) -> dict:
+        return {"group": group, "metric": metric, "diff": diff, "diff_low": lo, "diff_high": hi, "verdict": verdict}
+
+    def built(rows: list[dict], strategies: tuple[str, ...]) -> dict:
+        return {"rows": rows, "baseline": "naive", "dir": "x", "info": {s: {"runs": 2} for s in strategies}}
+
+    fast = built([row("joint", "avg_acc", 0.2, 0.1, 0.3, "better"), row("joint", "forgetting", -0.1, -0.2, 0.1, "n"),
+                  row("olora", "avg_acc", 0.01, -0.1, 0.1, "n"), row("olora", "forgetting", 0.0, -0.1, 0.1, "n")],
+                 ("naive", "olora", "joint", "replay"))  # fmt: skip
+    every = built([row("joint", "avg_acc", 0.1, -0.1, 0.3, "not resolved at this sample size"),
+                   row("joint", "forgetting", -0.2, -0.3, -0.1, "better"),
+                   row("olora", "avg_acc", -0.02, -0.1, 0.1, "n"), row("olora", "forgetting", 0.03, -0.1, 0.1, "n")],
+                  ("naive", "olora", "joint"))  # fmt: skip
+    got = table.agreement({"fast": fast, "all layers": every})
+    assert [(r["strategy"], r["metric"]) for r in got] == [("olora", "avg_acc"), ("olora", "forgetting"),
+                                                           ("joint", "avg_acc"), ("joint", "forgetting")]  # fmt: skip
+    assert [r["agree"] for r in got] == [True, True, False, False]  # replay: only in one protocol, left out
+    assert [r["same_sign"] for r in got] == [False, False, True, True]  # a difference of exactly 0 has no side
+    assert got[2]["calls"] == {"fast": "better", "all layers": "unresolved"}
+    # on real runs (the same folder twice): every verdict agrees with itself
+    tables.main(["protocol_check", str(runs), str(runs), "--resamples", "99"])
+    printed = capsys.readouterr().out
+    assert "| inclora | avg_acc (AP) |" in printed and "The verdicts agree on 6 of 6 comparisons" in printed
