@@ -18,7 +18,9 @@ A study file (YAML) names the fixed overrides and the axes of its grid::
 A job runs in a scratch directory (``--scratch``, default ``outputs/studies/<name>/<job>``) and, once complete,
 its ``results.json``, ``config.yaml`` and ``per_example/`` (small) are copied to ``<runs>/<job>/``. A job whose
 ``<runs>/<job>/results.json`` is complete is skipped, so a study continues on another machine from what the
-repository holds; an interrupted job resumes from its scratch checkpoint when the scratch dir is still there.
+repository holds; an interrupted job resumes from its scratch checkpoint when the scratch dir is still there. A
+kept run whose config.yaml differs from what its job composes to now (the study or a preset edited since) is
+reported as stale, never skipped as done nor overwritten.
 Tables regenerate from ``<runs>`` alone (``lmas-compare``, ``experiments/tables.py``).
 """
 
@@ -36,6 +38,10 @@ from typing import Any
 import yaml
 
 KEPT = ("results.json", "config.yaml", "per_example")  # what a finished run keeps in the repository
+NOT_COMPARED = ("paths.", "logger.", "progress", "resume", "stream.data_dir", "eval.mixed_adapters",
+                "eval.shared_trunk", "eval.cache", "train.trunk_cache", "train.compile", "distill.cache")  # fmt: skip
+"""Options that say where files are or how fast a run goes, never what it computes (the performance options of
+benchmarks/README.md whose results are identical): a kept run made with other values of them is not stale."""
 
 
 def load_study(path: str | Path) -> dict[str, Any]:
@@ -78,6 +84,37 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def composed(overrides: list[str]) -> dict[str, Any]:
+    """The config lmas-train composes from ``overrides`` now, resolved and flat (``train.lr``: value)."""
+    import lmas  # noqa: F401 - registers the typed config sections with Hydra's ConfigStore
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lmas.confdir import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return _flat(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+
+
+def stale(job: dict[str, Any], run_dir: Path, compose: Any = composed) -> list[str]:
+    """How the finished run in ``run_dir`` differs from what ``job`` composes to now: ``key: kept -> now`` for every
+    option both configs have, except :data:`NOT_COMPARED` (an option only one side has comes from another lmas
+    version and is not compared). Empty: the kept run is this job's. A study edited after some of its runs finished
+    (another preset, a changed override) would otherwise mix two protocols in one table."""
+    kept = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    now = compose(job["overrides"])
+    return [f"{k}: {kept[k]!r} -> {now[k]!r}" for k in kept
+            if k in now and kept[k] != now[k] and not k.startswith(NOT_COMPARED)]  # fmt: skip
+
+
 def keep(scratch: Path, dest: Path) -> None:
     """Copy a finished run's kept files (:data:`KEPT`) from ``scratch`` to ``dest`` (results.json last)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -118,9 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = study["dir"] / study.get("runs", "runs")
     scratch = Path(args.scratch or Path("outputs") / "studies" / study["name"])
     selected = [j for j in jobs(study) if all(o in j["overrides"] for o in args.only)]
-    failed = []
+    failed, outdated = [], []
     for job in selected:
         done = finished(runs / job["name"])
+        changed = stale(job, runs / job["name"]) if done else []
+        if changed:
+            outdated.append(job["name"])
+            print(f"stale {job['name']}: kept in {runs / job['name']} with other options than the study gives now "
+                  f"({'; '.join(changed)}); it is neither skipped as done nor overwritten: restore the study's "
+                  "options, or move the run away to run the job again", flush=True)  # fmt: skip
+            continue
         if args.list:
             print(f"{'done' if done else 'todo'}  {job['name']}")
             continue
@@ -131,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(job["name"])
     if failed:
         print(f"study: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    if outdated:
+        print(f"study: {len(outdated)} kept run(s) stale: {', '.join(outdated)}", file=sys.stderr)
+    return 1 if failed or outdated else 0
 
 
 if __name__ == "__main__":

@@ -57,6 +57,18 @@ def test_a_study_keeps_finished_runs_and_skips_them(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 2
     assert study.main([str(path), "--list"]) == 0
     assert capsys.readouterr().out.split() == ["done", "seed=0", "done", "seed=1"]
+    # the study edited after its runs finished: they are stale, neither skipped as done nor run again
+    before = {f: f.read_bytes() for f in (path.parent / "runs").rglob("*") if f.is_file()}
+    path.write_text(yaml.safe_dump({**spec, "overrides": [*spec["overrides"][:3], "stream.max_train=16",
+                                                          "train.max_steps=1"]}))  # fmt: skip
+    assert study.main([str(path), "--list"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("stale seed=") == 2 and "stream.max_train: 8 -> 16" in out and "neither skipped" in out
+    assert study.main([str(path), "--scratch", str(tmp_path / "gone"), "--train", "false"]) == 1
+    assert {f: f.read_bytes() for f in (path.parent / "runs").rglob("*") if f.is_file()} == before
+    # an option that only changes speed or where files go does not make a run stale
+    path.write_text(yaml.safe_dump({**spec, "overrides": [*spec["overrides"], "eval.mixed_adapters=false"]}))
+    assert study.main([str(path), "--list"]) == 0
 
 
 STUDIES = sorted(p for p in (ROOT / "experiments").rglob("*.yaml") if "grid" in yaml.safe_load(p.read_text()) or {})
@@ -74,3 +86,15 @@ def test_every_job_of_every_committed_study_composes_and_passes_the_config_check
         if kept not in checked:
             checked.add(kept)
             validate(compose(list(kept)))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[str(p.relative_to(ROOT / "experiments")) for p in STUDIES])
+def test_every_committed_run_is_what_its_study_gives_now(path):
+    """A preset or a study edited after some of its runs were committed would mix two protocols in one table:
+    every kept run's config.yaml must still be what its job composes to (speed and path options aside)."""
+    study = _study_module()
+    spec = study.load_study(path)
+    runs = spec["dir"] / spec.get("runs", "runs")
+    for job in study.jobs(spec):
+        if study.finished(runs / job["name"]):
+            assert study.stale(job, runs / job["name"]) == [], f"{path.name}: {job['name']}"
