@@ -324,11 +324,15 @@ def agreement_markdown(tables: dict[str, dict[str, Any]]) -> str:
 
 
 def check_main(args: Any) -> None:
-    """``experiments/tables.py protocol_check FAST ALL_LAYERS``: the two protocols' verdicts side by side."""
+    """``experiments/tables.py protocol_check FAST ALL_LAYERS``: the two protocols' verdicts side by side, each
+    table built on the strategies both folders hold (so that Holm's correction runs over the same family)."""
     dirs = dict(zip(("fast", "all layers"), args.runs_dirs, strict=True))
     every = [json.loads(f.read_text()) for d in dirs.values() for f in sorted(Path(d).rglob("results.json"))]
     try:
-        built = {name: build(d, n_resamples=args.resamples, context=every) for name, d in dirs.items()}
+        names = [set(load_groups(d, every)) for d in dirs.values()]
+        common = [s for s in load_groups(args.runs_dirs[0], every) if all(s in n for n in names)]
+        built = {name: build(d, strategies=common, n_resamples=args.resamples, context=every)
+                 for name, d in dirs.items()}  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"protocol_check: {err}") from err
     print(agreement_markdown(built))
