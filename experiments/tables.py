@@ -8,7 +8,7 @@
     python experiments/tables.py model_selection <runs dir>
     python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
         [--strategies naive,olora,...] [--out table.csv]
-    python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir>
+    python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir> [--seeds 0,1]
 
 ``reproduction`` is the reproduction study's main table with 95% CIs, paired differences from SeqLoRA (Holm) and
 gap-closure ratios beside the published ones, all computed by ``lmas.metrics.stats`` from the committed runs'
@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("protocol_check", help="the reproduction study's protocol check: both protocols' verdicts")
     c.add_argument("runs_dirs", nargs=2, metavar="DIR", help="the fast and the all-layer runs folders, in that order")
     c.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
+    c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], help="only these seeds, e.g. 0 or 0,1")
     args = parser.parse_args(argv)
     if args.what == "protocol_check":
         reproduction_table().check_main(args)

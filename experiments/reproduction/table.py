@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +74,14 @@ def strategy_of(spec: str, option: str) -> str:
     return value
 
 
-def load_groups(runs_dir: str | os.PathLike, context: Sequence[dict] = ()) -> dict[str, list[stats.RunRecords]]:
+def load_groups(
+    runs_dir: str | os.PathLike, context: Sequence[dict] = (), seeds: Collection[int] | None = None
+) -> dict[str, list[stats.RunRecords]]:
     """Every complete run under ``runs_dir`` (with its per-example records), by strategy, in :data:`ORDER`. Runs of
     one strategy at different settings are separate groups, named ``<strategy> <key>=<value>`` (e.g. ``nlora
     lambda_l1=0.4``: :func:`lmas.compare.strategy_settings`); ``context``: results.json of runs elsewhere whose
-    settings count too (so that two folders compared with each other name the same setting alike)."""
+    settings count too (so that two folders compared with each other name the same setting alike); ``seeds``: only
+    the runs of these seeds."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory (expected the study's runs/ folder)")
@@ -99,6 +102,8 @@ def load_groups(runs_dir: str | os.PathLike, context: Sequence[dict] = ()) -> di
     groups: dict[str, list[stats.RunRecords]] = {}
     every = strategy_settings([r.results for r in runs] + list(context))
     for run, settings in zip(runs, every[: len(runs)], strict=True):
+        if seeds is not None and run.results.get("seed") not in seeds:
+            continue
         label = " ".join([run.results["strategy"], *(k.removeprefix("strategy.") for k in settings)])
         groups.setdefault(label, []).append(run)
     if len(streams) > 1:
@@ -149,12 +154,13 @@ def build(
     n_resamples: int = 4999,
     seed: int = 0,
     context: Sequence[dict] = (),
+    seeds: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """The table's content: ``rows`` (:func:`stats.comparison_table`), ``info`` per strategy (:func:`describe`),
     ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors.
-    ``context``: as for :func:`load_groups`."""
+    ``context``, ``seeds``: as for :func:`load_groups`."""
     base, up = strategy_of(baseline, "--baseline"), strategy_of(upper, "--upper")
-    groups = load_groups(runs_dir, context)
+    groups = load_groups(runs_dir, context, seeds)
     wanted = list(strategies) if strategies else list(groups)
     for name, why in [(base, "--baseline (SeqLoRA)"), (up, "--upper (multitask)")] + [
         (s, "--strategies") for s in wanted
@@ -320,7 +326,9 @@ def agreement_markdown(tables: dict[str, dict[str, Any]]) -> str:
     return "\n".join([f"Protocol check ({runs}). Verdicts: resolved better/worse (CI excludes 0 and Holm keeps it) "
                       "or unresolved.", "", *out, "",
                       f"The verdicts agree on {agree} of {len(rows)} comparisons; the point estimates lie on the same "
-                      f"side of 0 in {sum(r['same_sign'] for r in rows)}."])  # fmt: skip
+                      f"side of 0 in {sum(r['same_sign'] for r in rows)}. Tests: " + "; ".join(
+                          f"{n}: {', '.join(sorted({c['test'] for r in rows if (c := r['cells'][n])}))}"
+                          for n in names)])  # fmt: skip
 
 
 def check_main(args: Any) -> None:
@@ -329,9 +337,9 @@ def check_main(args: Any) -> None:
     dirs = dict(zip(("fast", "all layers"), args.runs_dirs, strict=True))
     every = [json.loads(f.read_text()) for d in dirs.values() for f in sorted(Path(d).rglob("results.json"))]
     try:
-        names = [set(load_groups(d, every)) for d in dirs.values()]
-        common = [s for s in load_groups(args.runs_dirs[0], every) if all(s in n for n in names)]
-        built = {name: build(d, strategies=common, n_resamples=args.resamples, context=every)
+        names = [list(load_groups(d, every, args.seeds)) for d in dirs.values()]
+        common = [s for s in names[0] if all(s in n for n in names)]
+        built = {name: build(d, strategies=common, n_resamples=args.resamples, context=every, seeds=args.seeds)
                  for name, d in dirs.items()}  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"protocol_check: {err}") from err

@@ -194,7 +194,8 @@ def test_one_strategy_at_two_settings_is_two_rows_never_pooled(runs, tmp_path):
 
 def test_protocol_check_sets_the_two_protocols_verdicts_side_by_side(runs, tmp_path, capsys):
     def row(group: str, metric: str, diff: float, lo: float, hi: float, verdict: str) -> dict:
-        return {"group": group, "metric": metric, "diff": diff, "diff_low": lo, "diff_high": hi, "verdict": verdict}
+        return {"group": group, "metric": metric, "diff": diff, "diff_low": lo, "diff_high": hi, "verdict": verdict,
+                "test": "t"}
 
     def built(rows: list[dict], strategies: tuple[str, ...]) -> dict:
         return {"rows": rows, "baseline": "naive", "dir": "x", "info": {s: {"runs": 2} for s in strategies}}
@@ -224,3 +225,9 @@ def test_protocol_check_sets_the_two_protocols_verdicts_side_by_side(runs, tmp_p
     tables.main(["protocol_check", str(runs), str(partial), "--resamples", "99"])
     printed = capsys.readouterr().out
     assert "| inclora |" not in printed and "The verdicts agree on 4 of 4 comparisons" in printed
+    # one seed: each strategy's single run against SeqLoRA's of that seed (an item bootstrap)
+    tables.main(["protocol_check", str(runs), str(partial), "--resamples", "99", "--seeds", "1"])
+    printed = capsys.readouterr().out
+    assert "fast: 3 runs" in printed and "Tests: fast: paired item bootstrap" in printed
+    one = table.build(runs, seeds=[1], n_resamples=99)
+    assert {i["runs"] for i in one["info"].values()} == {1} and "item bootstrap" in one["rows"][-2]["test"]
