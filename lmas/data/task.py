@@ -20,6 +20,7 @@ token-weighted: ``exp(sum NLL / sum tokens)`` for the perplexities, ``sum hits /
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Sequence
@@ -68,6 +69,14 @@ class Example:
     def answers(self) -> tuple[str, ...]:
         """The acceptable answers: ``references``, or ``(answer,)`` when there are none."""
         return self.references or (self.answer,)
+
+
+def items_digest(rows: Sequence[Example]) -> str:
+    """A short fingerprint of ``rows`` in order (prompts, answers, references): equal digests, the same items."""
+    h = hashlib.sha256()
+    for ex in rows:
+        h.update(repr((ex.prompt, ex.answer, ex.references)).encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -138,8 +147,9 @@ class Task:
                     )
 
     def describe(self) -> dict:
-        """Name, kind, metric, source, split sizes and the loader's notes (``meta`` keys ending in ``_note``, e.g.
-        how a missing split was cut): results.json's ``tasks`` entry."""
+        """Name, kind, metric, source, split sizes, the test items' digest (:func:`items_digest`: runs are paired
+        item by item only where it is equal) and the loader's notes (``meta`` keys ending in ``_note``, e.g. how a
+        missing split was cut): results.json's ``tasks`` entry."""
         notes = {k: v for k, v in self.meta.items() if k.endswith("_note")}
         return {
             "name": self.name,
@@ -149,6 +159,7 @@ class Task:
             "n_train": len(self.train),
             "n_val": len(self.val),
             "n_test": len(self.test),
+            "test_digest": items_digest(self.test),
             **notes,
         }
 

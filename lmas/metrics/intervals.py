@@ -105,6 +105,11 @@ def _weights(idx: Sequence[np.ndarray], sizes: Sequence[int]) -> tuple[list[np.n
     return out, batch
 
 
+def _digests(slot: Slot) -> dict[str, str]:
+    """``{task: test_digest}`` of the slot's run (runs written before lmas recorded it have none)."""
+    return {t["name"]: t["test_digest"] for t in slot.run.results.get("tasks") or [] if "test_digest" in t}
+
+
 def item_bootstrap(
     slots: Sequence[Slot],
     keys: Sequence[str],
@@ -122,12 +127,19 @@ def item_bootstrap(
     (``paired=False``: each task is resampled on its own, a stratified bootstrap); every slot gets
     the same items, so runs stay paired.
     """
-    sizes = slots[0].sizes
+    sizes, digests = slots[0].sizes, _digests(slots[0])
     for s in slots[1:]:
         if s.sizes != sizes:
             raise ValueError(
                 f"{s.run.path} and {slots[0].run.path} are not paired item by item: test items per trained task "
                 f"{s.sizes} vs {sizes} (same stream, same test set needed)"
+            )
+        other = _digests(s)
+        differ = sorted(t for t in digests.keys() & other.keys() if digests[t] != other[t])
+        if differ:
+            raise ValueError(
+                f"{s.run.path} and {slots[0].run.path} are not paired item by item: the test items of {differ} "
+                "differ (results.json tasks[].test_digest; same test set needed)"
             )
     tasks = list(sizes)
 

@@ -183,3 +183,7 @@ def test_describe_carries_the_loaders_notes_into_results():
     d = task.describe()
     assert d["split_note"] == "test cut from train" and "answers" not in d
     assert (d["n_train"], d["n_val"], d["n_test"], d["metric"]) == (1, 0, 1, "exact_match")
+    # the test items' fingerprint: the same items give the same digest, any other item or order another
+    assert d["test_digest"] == Task("u", "generation", rows, [], [Example("q", "a")]).describe()["test_digest"]
+    for other in ([Example("q", "b")], [Example("q", "a", ("a", "c"))], [Example("q", "a")] * 2, [Example("p", "a")]):
+        assert Task("t", "generation", rows, [], other).describe()["test_digest"] != d["test_digest"]

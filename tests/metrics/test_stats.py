@@ -257,6 +257,16 @@ def test_unpaired_runs_are_an_error(tmp_path):
     other = [load_run(single_task_run(tmp_path / "c0", np.ones(7, dtype=np.uint8)))]
     with pytest.raises(ValueError, match="not paired item by item"):
         paired_difference(a[:1], other, level="items")
+    # as many items, but not the same ones (another test subsample): the digests in results.json tell them apart
+    for name, digest in (("d0", "1111"), ("e0", "2222"), ("f0", "1111")):
+        sequence_run(tmp_path / name, seed=0)
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        results["tasks"] = [{"name": "a", "test_digest": digest}, {"name": "b", "test_digest": "3333"}]
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    d, e, f = (load_run(tmp_path / n) for n in ("d0", "e0", "f0"))
+    with pytest.raises(ValueError, match=r"e0 and .*d0 are not paired item by item: the test items of \['a'\] differ"):
+        paired_difference([d], [e], level="items", n_resamples=99)
+    assert paired_difference([d], [f], level="items", n_resamples=99)["avg_acc"].estimate == 0.0
 
 
 def test_gap_closure_by_hand(tmp_path):
