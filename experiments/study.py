@@ -16,7 +16,8 @@ A study file (YAML) names the fixed overrides and the axes of its grid::
       - {strategy: [seqft], seed: [0, 1]}
 
 A job runs in a scratch directory (``--scratch``, default ``outputs/studies/<name>/<job>``) and, once complete,
-its ``results.json``, ``config.yaml`` and ``per_example/`` (small) are copied to ``<runs>/<job>/``. A job whose
+its ``results.json``, ``config.yaml`` and ``per_example/`` (small) are copied to ``<runs>/<job>/``, with the
+job's overrides in ``overrides.yaml`` (what lmas-compare groups the runs by). A job whose
 ``<runs>/<job>/results.json`` is complete is skipped, so a study continues on another machine from what the
 repository holds; an interrupted job resumes from its scratch checkpoint when the scratch dir is still there. A
 kept run whose config.yaml differs from what its job composes to now (the study or a preset edited since) is
@@ -37,11 +38,11 @@ from typing import Any
 
 import yaml
 
+from lmas.compare import WHERE_AND_SPEED, flat_config
+
 KEPT = ("results.json", "config.yaml", "per_example")  # what a finished run keeps in the repository
-NOT_COMPARED = ("paths.", "logger.", "progress", "resume", "stream.data_dir", "eval.mixed_adapters",
-                "eval.shared_trunk", "eval.cache", "train.trunk_cache", "train.compile", "distill.cache")  # fmt: skip
-"""Options that say where files are or how fast a run goes, never what it computes (the performance options of
-benchmarks/README.md whose results are identical): a kept run made with other values of them is not stale."""
+NOT_COMPARED = WHERE_AND_SPEED
+"""Options that say where files are or how fast a run goes (a kept run made with other values is not stale)."""
 
 
 def load_study(path: str | Path) -> dict[str, Any]:
@@ -84,13 +85,6 @@ def finished(run_dir: Path) -> bool:
         return False
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def composed(overrides: list[str]) -> dict[str, Any]:
     """The config lmas-train composes from ``overrides`` now, resolved and flat (``train.lr``: value)."""
     import lmas  # noqa: F401 - registers the typed config sections with Hydra's ConfigStore
@@ -101,7 +95,7 @@ def composed(overrides: list[str]) -> dict[str, Any]:
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
-    return _flat(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return flat_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 
 def stale(job: dict[str, Any], run_dir: Path, compose: Any = composed) -> list[str]:
@@ -109,15 +103,17 @@ def stale(job: dict[str, Any], run_dir: Path, compose: Any = composed) -> list[s
     option both configs have, except :data:`NOT_COMPARED` (an option only one side has comes from another lmas
     version and is not compared). Empty: the kept run is this job's. A study edited after some of its runs finished
     (another preset, a changed override) would otherwise mix two protocols in one table."""
-    kept = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    kept = flat_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     now = compose(job["overrides"])
     return [f"{k}: {kept[k]!r} -> {now[k]!r}" for k in kept
             if k in now and kept[k] != now[k] and not k.startswith(NOT_COMPARED)]  # fmt: skip
 
 
-def keep(scratch: Path, dest: Path) -> None:
-    """Copy a finished run's kept files (:data:`KEPT`) from ``scratch`` to ``dest`` (results.json last)."""
+def keep(scratch: Path, dest: Path, overrides: list[str]) -> None:
+    """Copy a finished run's kept files (:data:`KEPT`) from ``scratch`` to ``dest`` and write the job's
+    ``overrides`` to ``dest/overrides.yaml`` (lmas-compare groups runs by them); results.json last."""
     dest.mkdir(parents=True, exist_ok=True)
+    (dest / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     for name in KEPT[1:]:
         src = scratch / name
         if src.is_dir():
@@ -130,7 +126,7 @@ def keep(scratch: Path, dest: Path) -> None:
 def run_job(job: dict[str, Any], scratch: Path, dest: Path, train: list[str]) -> int:
     """Run (or resume) one job with lmas-train in ``scratch``; keep its files in ``dest`` once complete."""
     if finished(scratch):
-        keep(scratch, dest)
+        keep(scratch, dest, job["overrides"])
         return 0
     if (scratch / "checkpoint").is_dir() or (scratch / "checkpoint.new").is_dir():
         cmd = [*train, f"resume='{scratch}'"]  # quoted: job names hold '=' and ','
@@ -139,7 +135,7 @@ def run_job(job: dict[str, Any], scratch: Path, dest: Path, train: list[str]) ->
     print("study:", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd)
     if rc == 0 and finished(scratch):
-        keep(scratch, dest)
+        keep(scratch, dest, job["overrides"])
     return rc
 
 
@@ -169,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'done' if done else 'todo'}  {job['name']}")
             continue
         if done:
+            if not (runs / job["name"] / "overrides.yaml").is_file():  # kept by an older study.py: it matches the job
+                (runs / job["name"] / "overrides.yaml").write_text(yaml.safe_dump(job["overrides"]))
             print(f"study: {job['name']} finished (kept in {runs / job['name']}); skipped", flush=True)
             continue
         if run_job(job, scratch / job["name"], runs / job["name"], args.train.split()) != 0:

@@ -1,8 +1,9 @@
 """``lmas-compare DIR...``: aggregate the results.json of runs into one comparison table.
 
-Runs are grouped by the Hydra overrides they differ in (the ``seed`` and the task order ``stream.order`` are what
-repeats inside a group; runs without recorded overrides, such as a study's committed runs, by their strategy and
-the strategy settings that differ between its runs); each group reports mean ± std over its runs of the
+Runs are grouped by the Hydra overrides they differ in (``.hydra/overrides.yaml``, or a study's
+``overrides.yaml``; the ``seed`` and the task order ``stream.order`` are what repeats inside a group, overrides
+every run has are left out of the names; runs without recorded overrides by their strategy and the options that
+differ between them: :func:`run_settings`); each group reports mean ± std over its runs of the
 continual-learning metrics (read from each results.json's ``metrics``, computed once by
 ``KnowledgeMatrix.summary``; never recomputed here) and the training time. Writes ``comparison.csv``,
 ``comparison.md`` and ``comparison.png``.
@@ -38,25 +39,42 @@ METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
 IGNORED_OVERRIDES = ("seed", "stream.order", "paths.", "logger", "hydra.", "progress", "debug")
 
 
+SAME_RESULTS = ("eval.mixed_adapters", "eval.shared_trunk", "eval.cache", "train.trunk_cache", "train.compile",
+                "distill.cache")  # fmt: skip
+"""Performance options whose results are identical (benchmarks/README.md's table): never a run's setting."""
+WHERE_AND_SPEED = ("paths.", "logger.", "progress", "resume", "hydra.", "stream.data_dir", *SAME_RESULTS)
+"""Config keys that say where files are or how fast a run goes, never what it computes."""
+NOT_SETTINGS = (*WHERE_AND_SPEED, "stream.order")
+"""Config keys that are not a group's setting: :data:`WHERE_AND_SPEED`, and what repeats inside a group (the task
+order; every key ending in ``seed``)."""
+
+
 @dataclass
 class Run:
     path: Path
     results: dict
     overrides: list[str]
     settings: tuple[str, ...] = ()
-    """Without recorded overrides: the strategy settings that tell this run from other runs of its strategy
-    (:func:`strategy_settings`)."""
+    """Without recorded overrides: the options that tell this run from the others (:func:`run_settings`)."""
+    shared: frozenset[str] = frozenset()
+    """Overrides every compared run has (a study's fixed ones): they tell no group apart and are left out."""
+
+    @property
+    def kept(self) -> list[str]:
+        """The overrides that can set a group: not seeds, orders, paths (:data:`IGNORED_OVERRIDES`)."""
+        return [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
 
     @property
     def group(self) -> str:
-        kept = [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)]
-        return ",".join(sorted(kept)) or ",".join([f"strategy={self.results.get('strategy', '?')}", *self.settings])
+        own = sorted(o for o in self.kept if o not in self.shared)
+        return ",".join(own) or ",".join([f"strategy={self.results.get('strategy', '?')}", *self.settings])
 
 
-def _flat(d: dict, prefix: str) -> dict[str, object]:
+def flat_config(d: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config as ``{"train.lr": value}`` (lists are values)."""
     out: dict[str, object] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -64,22 +82,29 @@ def _override_value(v: object) -> str:
     return json.dumps(v) if v is None or isinstance(v, bool) else str(v)
 
 
-def strategy_settings(results: list[dict]) -> list[tuple[str, ...]]:
-    """Per run, ``strategy.<key>=<value>`` for every strategy setting (results.json ``config.strategy``) whose
-    value differs between runs of the same strategy, so that runs without recorded overrides (a study's committed
-    runs) at two values of a weight are two groups, never pooled. Seeds are what repeats inside a group and are
-    ignored; a key that only some runs have (written by a later version) does not split them."""
-    cfgs = [_flat((r.get("config") or {}).get("strategy") or {}, "strategy.") for r in results]
+def _varying(cfgs: list[dict[str, object]], keys: set[str]) -> list[str]:
+    """``keys`` every config has, with more than one value among them (seeds and :data:`NOT_SETTINGS` aside)."""
+    return [k for k in sorted(keys) if not k.endswith("seed") and not k.startswith(NOT_SETTINGS)
+            and all(k in c for c in cfgs) and len({repr(c[k]) for c in cfgs}) > 1]  # fmt: skip
+
+
+def run_settings(results: list[dict], strategy_only: bool = False) -> list[tuple[str, ...]]:
+    """Per run, ``key=value`` for every option (results.json ``config``) that tells it from the other runs: an
+    option outside ``strategy`` whose value differs between any of them, and a ``strategy.*`` option that differs
+    between runs of the same strategy (``strategy_only``: only these). Runs without recorded overrides (a study's
+    committed runs, runs copied without ``.hydra``) at two aggregators or two λ are then two groups, never pooled.
+    Seeds and task orders are what repeats inside a group; an option only some runs have (written by another lmas
+    version) does not split them; :data:`NOT_SETTINGS` never do."""
+    cfgs = [flat_config(r.get("config") or {}) for r in results]
+    shared = [] if strategy_only else _varying(cfgs, {k for c in cfgs for k in c if not k.startswith("strategy.")})
     by_name: dict[object, list[int]] = {}
     for i, r in enumerate(results):
         by_name.setdefault(r.get("strategy"), []).append(i)
     out: list[tuple[str, ...]] = [()] * len(results)
     for idx in by_name.values():
-        keys = sorted({k for i in idx for k in cfgs[i]} - {"strategy._target_"})
-        varying = [
-            k for k in keys
-            if not k.endswith("seed") and all(k in cfgs[i] for i in idx) and len({repr(cfgs[i][k]) for i in idx}) > 1
-        ]  # fmt: skip
+        own = [cfgs[i] for i in idx]
+        keys = {k for c in own for k in c if k.startswith("strategy.") and k != "strategy._target_"}
+        varying = shared + _varying(own, keys)
         for i in idx:
             out[i] = tuple(f"{k}={_override_value(cfgs[i][k])}" for k in varying)
     return out
@@ -120,14 +145,19 @@ def find_runs(dirs: list[str | Path]) -> list[Run]:
             if not results.get("complete"):
                 print(f"lmas-compare: skipping {f.parent} (run not complete)", file=sys.stderr)
                 continue
-            ov_file = f.parent / ".hydra" / "overrides.yaml"
-            overrides = yaml.safe_load(ov_file.read_text()) if ov_file.is_file() else []
+            files = [f.parent / ".hydra" / "overrides.yaml", f.parent / "overrides.yaml"]  # Hydra's; a study's
+            ov_file = next((o for o in files if o.is_file()), None)
+            overrides = yaml.safe_load(ov_file.read_text()) if ov_file else []
             runs.append(Run(f.parent, results, list(overrides or [])))
     if not runs:
         raise ValueError(f"no complete runs under {', '.join(map(str, dirs))}")
     bare = [r for r in runs if not r.overrides]
-    for r, settings in zip(bare, strategy_settings([r.results for r in bare]), strict=True):
+    for r, settings in zip(bare, run_settings([r.results for r in bare]), strict=True):
         r.settings = settings
+    recorded = [set(r.kept) for r in runs if r.overrides]
+    shared = frozenset(set.intersection(*recorded)) if len(recorded) > 1 else frozenset()
+    for r in runs:
+        r.shared = shared
     streams: dict[str, list[str]] = {}
     for r in runs:
         streams.setdefault(r.results["stream"], []).append(str(r.path))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmas.compare import compare, find_runs, main, mean_std, strategy_settings
+from lmas.compare import compare, find_runs, main, mean_std, run_settings
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], seed: int, acc: float, stream: str = "s") -> None:
@@ -178,7 +178,7 @@ def test_runs_without_overrides_are_grouped_by_strategy_and_the_settings_that_di
     def result(name: str, seed: int, **settings) -> dict:
         return {"strategy": name, "config": {"strategy": {"_target_": name, "seed": seed, **settings}}}
 
-    found = strategy_settings([result("nlora", 0, lambda_l1=0.4, lambda_orth=0.0),
+    found = run_settings([result("nlora", 0, lambda_l1=0.4, lambda_orth=0.0),
                                result("nlora", 1, lambda_l1=0.4, lambda_orth=0.0),
                                result("nlora", 0, lambda_l1=0.0013, lambda_orth=0.0),
                                result("naive", 0), result("naive", 1, buffer={"size": 2}),  # only in one run
@@ -196,3 +196,27 @@ def test_runs_without_overrides_are_grouped_by_strategy_and_the_settings_that_di
     assert set(rows) == {"strategy=nlora,strategy.lambda_l1=0.4", "strategy=nlora,strategy.lambda_l1=0.0013"}
     assert rows["strategy=nlora,strategy.lambda_l1=0.0013"]["avg_acc_mean"] == pytest.approx(0.7)
     assert rows["strategy=nlora,strategy.lambda_l1=0.4"]["n"] == 2
+    # options outside `strategy` split too (the federated study's aggregators); seeds, orders, paths never do
+    def fed(agg: str, seed: int, order: int) -> dict:
+        return {"strategy": "naive", "config": {"seed": seed, "loop": {"aggregator": agg}, "stream": {"order": order},
+                "paths": {"output_dir": f"/x/{seed}"}, "eval": {"cache": f"/c/{seed}"}, "strategy": {"seed": seed}}}
+
+    assert run_settings([fed("local", 0, 4), fed("fedavg", 1, 5), fed("local", 2, 5)]) == [
+        ("loop.aggregator=local",), ("loop.aggregator=fedavg",), ("loop.aggregator=local",)]
+    assert run_settings([fed("local", 0, 4), fed("fedavg", 1, 5)], strategy_only=True) == [(), ()]
+
+
+def test_a_studys_kept_overrides_group_its_runs_and_shared_ones_are_left_out_of_the_names(tmp_path):
+    """experiments/study.py keeps each job's overrides in overrides.yaml: the study's fixed overrides (every run has
+    them) do not appear in the group names."""
+    for i, (agg, seed, acc) in enumerate([("local", 0, 0.5), ("local", 1, 0.7), ("fedavg", 0, 0.8)]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        results = {"complete": True, "stream": "s", "strategy": "naive", "seed": seed,
+                   "metrics": {"agent0": {"avg_acc": acc}}}  # fmt: skip
+        (d / "results.json").write_text(json.dumps(results))
+        (d / "overrides.yaml").write_text(yaml.safe_dump(["experiment=federated", f"loop.aggregator={agg}",
+                                                          f"seed={seed}"]))  # fmt: skip
+    rows = {r["group"]: r for r in compare(find_runs([tmp_path]))}
+    assert set(rows) == {"loop.aggregator=local", "loop.aggregator=fedavg"}
+    assert rows["loop.aggregator=local"]["avg_acc_mean"] == pytest.approx(0.6)

@@ -23,7 +23,7 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmas.compare import strategy_settings
+from lmas.compare import run_settings
 from lmas.metrics import stats
 from lmas.metrics.records import Slot
 
@@ -79,7 +79,7 @@ def load_groups(
 ) -> dict[str, list[stats.RunRecords]]:
     """Every complete run under ``runs_dir`` (with its per-example records), by strategy, in :data:`ORDER`. Runs of
     one strategy at different settings are separate groups, named ``<strategy> <key>=<value>`` (e.g. ``nlora
-    lambda_l1=0.4``: :func:`lmas.compare.strategy_settings`); ``context``: results.json of runs elsewhere whose
+    lambda_l1=0.4``: :func:`lmas.compare.run_settings`); ``context``: results.json of runs elsewhere whose
     settings count too (so that two folders compared with each other name the same setting alike); ``seeds``: only
     the runs of these seeds."""
     root = Path(runs_dir)
@@ -100,7 +100,7 @@ def load_groups(
         runs.append(run)
         streams.setdefault(str(run.results.get("stream")), str(f.parent))
     groups: dict[str, list[stats.RunRecords]] = {}
-    every = strategy_settings([r.results for r in runs] + list(context))
+    every = run_settings([r.results for r in runs] + list(context), strategy_only=True)
     for run, settings in zip(runs, every[: len(runs)], strict=True):
         if seeds is not None and run.results.get("seed") not in seeds:
             continue

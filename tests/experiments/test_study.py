@@ -51,10 +51,13 @@ def test_a_study_keeps_finished_runs_and_skips_them(tmp_path, capsys):
         assert json.loads((kept / "results.json").read_text())["seed"] == seed
         assert (kept / "config.yaml").is_file() and (kept / "per_example" / "initial.npz").is_file()
         assert not (kept / "checkpoint").exists()  # only the small files are kept
+        assert yaml.safe_load((kept / "overrides.yaml").read_text()) == [*spec["overrides"], f"seed={seed}"]
+    (path.parent / "runs" / "seed=1" / "overrides.yaml").unlink()  # as an older study.py kept it
     capsys.readouterr()
     # a later session without the scratch dir: nothing runs again (a command that fails would fail the study)
     assert study.main([str(path), "--scratch", str(tmp_path / "gone"), "--train", "false"]) == 0
     assert capsys.readouterr().out.count("skipped") == 2
+    assert (path.parent / "runs" / "seed=1" / "overrides.yaml").is_file()  # written back from the study
     assert study.main([str(path), "--list"]) == 0
     assert capsys.readouterr().out.split() == ["done", "seed=0", "done", "seed=1"]
     # the study edited after its runs finished: they are stale, neither skipped as done nor run again
