@@ -101,3 +101,5 @@ def test_every_committed_run_is_what_its_study_gives_now(path):
     for job in study.jobs(spec):
         if study.finished(runs / job["name"]):
             assert study.stale(job, runs / job["name"]) == [], f"{path.name}: {job['name']}"
+            kept = yaml.safe_load((runs / job["name"] / "overrides.yaml").read_text())  # what lmas-compare groups by
+            assert kept == job["overrides"], f"{path.name}: {job['name']}"
