@@ -192,6 +192,8 @@ def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
     """One row per group: ``group``, ``n``, ``<metric>_mean``/``_std`` and the costs' (:data:`COSTS`)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
+        if agent is not None and agent not in r.results["metrics"]:
+            raise ValueError(f"{r.path}: no agent {agent!r} in its metrics (it has {', '.join(r.results['metrics'])})")
         groups.setdefault(r.group, []).append(r)
     rows = []
     for name, members in groups.items():
@@ -281,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"lmas-compare: {err}", file=sys.stderr)
         return 2
-    rows = compare(runs, args.agent)
+    try:
+        rows = compare(runs, args.agent)
+    except ValueError as err:
+        print(f"lmas-compare: {err}", file=sys.stderr)
+        return 2
     paths = write_outputs(rows, Path(args.out or args.dirs[0]))
     print(f"{len(runs)} runs, stream {runs[0].results['stream']}\n")
     print(to_markdown(rows))

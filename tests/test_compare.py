@@ -58,6 +58,10 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="different streams"):
         find_runs([tmp_path / "mixed"])
     assert main([str(tmp_path / "empty")]) == 2
+    _fake_run(tmp_path / "agents", "a", ["seed=0"], 0, 0.5)
+    with pytest.raises(ValueError, match=r"a: no agent 'population' in its metrics \(it has agent0\)"):
+        compare(find_runs([tmp_path / "agents"]), agent="population")  # not averaged over the runs that have it
+    assert main([str(tmp_path / "agents"), "--agent", "population"]) == 2
     assert "no results.json" in capsys.readouterr().err
 
 
