@@ -6,6 +6,7 @@
     python experiments/tables.py minilm <run or multirun dir> ...
     python experiments/tables.py self_learning <run or multirun dir> ...
     python experiments/tables.py model_selection <runs dir>
+    python experiments/tables.py agents <runs dir> --baseline s_none [--agents s_kl,s_rkl] [--metrics avg_acc]
     python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
         [--strategies naive,olora,...] [--out table.csv]
     python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir> [--seeds 0,1]
@@ -245,6 +246,45 @@ def model_selection(runs_dir: str) -> str:
     return "\n\n".join(parts)
 
 
+# --- agents: rows of the same runs compared with one of them -----------------------------------------
+def agents(runs_dir: str, baseline: str, names: list[str] | None = None, keys: tuple[str, ...] = ("avg_acc",)) -> str:
+    """Each agent row of the runs (e.g. one student per distillation loss) against the ``baseline`` row of the
+    same runs: the row's metric over the seeds [95% t-interval], and its paired difference from the baseline over
+    the seeds (paired t, Holm-corrected over the table) and over the test items of all seeds (paired bootstrap:
+    item noise given these trained models). A difference is resolved only where the seed-level CI excludes 0
+    and Holm keeps it."""
+    from lmas.metrics.stats import NOT_RESOLVED, holm, load_run, paired_difference, run_interval
+
+    runs = [load_run(f.parent) for f in sorted(Path(runs_dir).glob("*/results.json"))]
+    if not runs:
+        raise SystemExit(f"{runs_dir}: no finished runs (*/results.json)")
+    rows_of = runs[0].results["matrix"]["agents"]
+    names = names or [a for a in rows_of if a != baseline]
+    missing = [a for a in [baseline, *names] if a not in rows_of]
+    if missing:
+        raise SystemExit(f"{runs_dir}: no agent {missing} in the runs (agents: {', '.join(rows_of)})")
+    cells, tests = [], []
+    for a in names:
+        for k in keys:
+            iv = run_interval([r.metric(k, a) for r in runs])
+            seeds = paired_difference(runs, runs, agent=a, agent_b=baseline, keys=[k], level="runs")[k]
+            items = paired_difference(runs, runs, agent=a, agent_b=baseline, keys=[k], level="items")[k]
+            cells.append((a, k, iv, seeds, items))
+            tests.append(seeds.p)
+    adjusted = holm(tests)
+    rows = []
+    for (a, k, iv, seeds, items), p in zip(cells, adjusted, strict=True):
+        resolved = (seeds.low > 0 or seeds.high < 0) and p < 0.05
+        word = "resolved" if resolved else NOT_RESOLVED if not (seeds.low > 0 or seeds.high < 0) else "not after Holm"
+        rows.append([a, k, f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]", _ci(seeds), f"{p:.3f}", word,
+                     _ci(items)])  # fmt: skip
+    n_items = sum(t["n_test"] for t in runs[0].results["tasks"])
+    head = ["agent", "metric", f"mean over {len(runs)} seeds [95% CI]", f"− {baseline}, seeds (paired t)",
+            "p (Holm)", "verdict", f"− {baseline}, items (paired bootstrap)"]  # fmt: skip
+    return (f"{len(runs)} runs (seeds {', '.join(str(r.results.get('seed')) for r in runs)}), {n_items} test items "
+            f"per run, every row paired with `{baseline}` of the same run:\n\n" + table(head, rows))
+
+
 def reproduction_table() -> ModuleType:
     """``experiments/reproduction/table.py``, loaded by path (this script is run as a file, not a package)."""
     import importlib.util
@@ -273,11 +313,20 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--upper", default="strategy=joint", help="the multitask runs (default strategy=joint)")
     r.add_argument("--strategies", help="comma-separated strategies to show (default: every one found)")
     r.add_argument("--out", help="also write the table as CSV to this file")
+    g = sub.add_parser("agents", help="agent rows of the same runs against one of them (CIs, paired, Holm)")
+    g.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/distillation/losses")
+    g.add_argument("--baseline", required=True, help="the row every other is compared with, e.g. s_none")
+    g.add_argument("--agents", help="comma-separated rows to show (default: every other)")
+    g.add_argument("--metrics", default="avg_acc", help="comma-separated metrics (default avg_acc)")
     c = sub.add_parser("protocol_check", help="the reproduction study's protocol check: both protocols' verdicts")
     c.add_argument("runs_dirs", nargs=2, metavar="DIR", help="the fast and the all-layer runs folders, in that order")
     c.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], help="only these seeds, e.g. 0 or 0,1")
     args = parser.parse_args(argv)
+    if args.what == "agents":
+        names = [a for a in (args.agents or "").split(",") if a] or None
+        print(agents(args.runs_dir, args.baseline, names, tuple(args.metrics.split(","))))
+        return
     if args.what == "protocol_check":
         reproduction_table().check_main(args)
         return

@@ -100,3 +100,25 @@ def test_distillation_minilm_and_self_learning(run_lmas, fast_overrides, tmp_pat
 def test_a_directory_without_results_is_named(tmp_path):
     with pytest.raises(SystemExit, match=str(tmp_path)):
         tables.load_runs([str(tmp_path)])
+
+
+def test_agents_compares_rows_of_the_same_runs_with_one_of_them(run_lmas, tmp_path):
+    """The distillation-losses study's table: each student against the untaught one, paired within each run."""
+    from lmas.metrics.stats import holm, load_run, paired_difference, run_interval
+
+    for s in (0, 1):
+        run_lmas(["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", f"seed={s}",
+                  "experiment=distillation/losses", "train.max_steps=1"], tmp_path / "runs" / f"seed={s}")  # fmt: skip
+    md = tables.agents(str(tmp_path / "runs"), "s_none", ["s_kl", "s_gkd"])
+    runs = [load_run(tmp_path / "runs" / f"seed={s}") for s in (0, 1)]
+    rows = _rows(md)
+    assert [r[0] for r in rows] == ["s_kl", "s_gkd"] and md.startswith("2 runs (seeds 0, 1)")
+    ps = []
+    for row in rows:
+        iv = run_interval([r.metric("avg_acc", row[0]) for r in runs])
+        d = paired_difference(runs, runs, agent=row[0], agent_b="s_none", keys=["avg_acc"], level="runs")["avg_acc"]
+        assert row[2] == f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]" and row[3].startswith(f"{d.estimate:+.3f}")
+        ps.append(d.p)
+    assert [r[4] for r in rows] == [f"{p:.3f}" for p in holm(ps)]
+    with pytest.raises(SystemExit, match=r"no agent \['s_xx'\]"):
+        tables.agents(str(tmp_path / "runs"), "s_xx")
