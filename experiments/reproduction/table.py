@@ -148,7 +148,7 @@ def published_ratios(strategy: str) -> list[tuple[float, dict[str, Any]]]:
 def build(
     runs_dir: str | os.PathLike,
     baseline: str = "strategy=naive",
-    upper: str = "strategy=joint",
+    upper: str | None = "strategy=joint",
     strategies: Sequence[str] | None = None,
     *,
     n_resamples: int = 4999,
@@ -157,18 +157,17 @@ def build(
     seeds: Collection[int] | None = None,
 ) -> dict[str, Any]:
     """The table's content: ``rows`` (:func:`stats.comparison_table`), ``info`` per strategy (:func:`describe`),
-    ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors.
-    ``context``, ``seeds``: as for :func:`load_groups`."""
-    base, up = strategy_of(baseline, "--baseline"), strategy_of(upper, "--upper")
+    ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors;
+    ``upper=None``: no gap closure. ``context``, ``seeds``: as for :func:`load_groups`."""
+    base, up = strategy_of(baseline, "--baseline"), strategy_of(upper, "--upper") if upper else None
     groups = load_groups(runs_dir, context, seeds)
     wanted = list(strategies) if strategies else list(groups)
-    for name, why in [(base, "--baseline (SeqLoRA)"), (up, "--upper (multitask)")] + [
-        (s, "--strategies") for s in wanted
-    ]:
+    needed = [(base, "--baseline (SeqLoRA)")] + ([(up, "--upper (multitask)")] if up else [])
+    for name, why in needed + [(s, "--strategies") for s in wanted]:
         if name not in groups:
             raise ValueError(f"{runs_dir}: no complete run of strategy {name!r} ({why}); strategies there: "
                              f"{', '.join(groups) or 'none'}")  # fmt: skip
-    chosen = {s: groups[s] for s in dict.fromkeys([base, *wanted, up])}
+    chosen = {s: groups[s] for s in dict.fromkeys([base, *wanted, *([up] if up else [])])}
     chosen = {s: chosen[s] for s in groups if s in chosen}  # table order
     rows = stats.comparison_table(chosen, base, up, keys=KEYS, n_resamples=n_resamples, seed=seed)
     first = next(iter(chosen.values()))[0]
@@ -339,8 +338,9 @@ def check_main(args: Any) -> None:
     try:
         names = [list(load_groups(d, every, args.seeds)) for d in dirs.values()]
         common = [s for s in names[0] if all(s in n for n in names)]
-        built = {name: build(d, strategies=common, n_resamples=args.resamples, context=every, seeds=args.seeds)
-                 for name, d in dirs.items()}  # fmt: skip
+        upper = "strategy=joint" if "joint" in common else None  # the gap closure is not compared here
+        built = {name: build(d, upper=upper, strategies=common, n_resamples=args.resamples, context=every,
+                             seeds=args.seeds) for name, d in dirs.items()}  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"protocol_check: {err}") from err
     print(agreement_markdown(built))

@@ -231,3 +231,5 @@ def test_protocol_check_sets_the_two_protocols_verdicts_side_by_side(runs, tmp_p
     assert "fast: 3 runs" in printed and "Tests: fast: paired item bootstrap" in printed
     one = table.build(runs, seeds=[1], n_resamples=99)
     assert {i["runs"] for i in one["info"].values()} == {1} and "item bootstrap" in one["rows"][-2]["test"]
+    no_upper = table.build(runs, upper=None, strategies=["naive", "replay"], n_resamples=99)
+    assert set(no_upper["info"]) == {"naive", "replay"} and all(r["metric"] != stats.GAP for r in no_upper["rows"])
