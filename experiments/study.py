@@ -125,10 +125,16 @@ def keep(scratch: Path, dest: Path, overrides: list[str]) -> None:
 
 def run_job(job: dict[str, Any], scratch: Path, dest: Path, train: list[str]) -> int:
     """Run (or resume) one job with lmas-train in ``scratch``; keep its files in ``dest`` once complete."""
+    started = (scratch / "checkpoint").is_dir() or (scratch / "checkpoint.new").is_dir()
+    changed = stale(job, scratch) if (finished(scratch) or started) and (scratch / "config.yaml").is_file() else []
+    if changed:
+        print(f"study: {job['name']}: the run in {scratch} has other options than the study gives now "
+              f"({'; '.join(changed)}); neither kept nor resumed: move it away to start the job afresh", flush=True)
+        return 1
     if finished(scratch):
         keep(scratch, dest, job["overrides"])
         return 0
-    if (scratch / "checkpoint").is_dir() or (scratch / "checkpoint.new").is_dir():
+    if started:
         cmd = [*train, f"resume='{scratch}'"]  # quoted: job names hold '=' and ','
     else:
         cmd = [*train, *job["overrides"], f"hydra.run.dir='{scratch}'"]

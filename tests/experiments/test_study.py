@@ -69,6 +69,13 @@ def test_a_study_keeps_finished_runs_and_skips_them(tmp_path, capsys):
     assert out.count("stale seed=") == 2 and "stream.max_train: 8 -> 16" in out and "neither skipped" in out
     assert study.main([str(path), "--scratch", str(tmp_path / "gone"), "--train", "false"]) == 1
     assert {f: f.read_bytes() for f in (path.parent / "runs").rglob("*") if f.is_file()} == before
+    # nor is a finished or interrupted scratch run of the old options kept or resumed under the new ones
+    (path.parent / "runs").rename(path.parent / "old_runs")
+    capsys.readouterr()
+    assert study.main([str(path), "--scratch", str(scratch), "--train", "false"]) == 1
+    assert capsys.readouterr().out.count("neither kept nor resumed") == 2
+    assert not list((path.parent / "runs").rglob("results.json"))
+    (path.parent / "old_runs").rename(path.parent / "runs")
     # an option that only changes speed or where files go does not make a run stale
     path.write_text(yaml.safe_dump({**spec, "overrides": [*spec["overrides"], "eval.mixed_adapters=false"]}))
     assert study.main([str(path), "--list"]) == 0
