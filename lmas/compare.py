@@ -42,7 +42,7 @@ IGNORED_OVERRIDES = ("seed", "stream.order", "paths.", "logger", "hydra.", "prog
 SAME_RESULTS = ("eval.mixed_adapters", "eval.shared_trunk", "eval.cache", "train.trunk_cache", "train.compile",
                 "distill.cache")  # fmt: skip
 """Performance options whose results are identical (benchmarks/README.md's table): never a run's setting."""
-WHERE_AND_SPEED = ("paths.", "logger.", "progress", "resume", "hydra.", "stream.data_dir", *SAME_RESULTS)
+WHERE_AND_SPEED = ("paths.", "logger.", "progress", "resume", "hydra.", "stream.data_dir", "model.cache", *SAME_RESULTS)
 """Config keys that say where files are or how fast a run goes, never what it computes."""
 NOT_SETTINGS = (*WHERE_AND_SPEED, "stream.order")
 """Config keys that are not a group's setting: :data:`WHERE_AND_SPEED`, and what repeats inside a group (the task
