@@ -41,8 +41,6 @@ import yaml
 from lmas.compare import WHERE_AND_SPEED, flat_config
 
 KEPT = ("results.json", "config.yaml", "per_example")  # what a finished run keeps in the repository
-NOT_COMPARED = WHERE_AND_SPEED
-"""Options that say where files are or how fast a run goes (a kept run made with other values is not stale)."""
 
 
 def load_study(path: str | Path) -> dict[str, Any]:
@@ -98,15 +96,15 @@ def composed(overrides: list[str]) -> dict[str, Any]:
     return flat_config(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 
-def stale(job: dict[str, Any], run_dir: Path, compose: Any = composed) -> list[str]:
+def stale(job: dict[str, Any], run_dir: Path) -> list[str]:
     """How the finished run in ``run_dir`` differs from what ``job`` composes to now: ``key: kept -> now`` for every
-    option both configs have, except :data:`NOT_COMPARED` (an option only one side has comes from another lmas
-    version and is not compared). Empty: the kept run is this job's. A study edited after some of its runs finished
+    option both configs have, except :data:`lmas.compare.WHERE_AND_SPEED` (an option only one side has comes from
+    another lmas version and is not compared). Empty: the kept run is this job's. A study edited after some of its runs finished
     (another preset, a changed override) would otherwise mix two protocols in one table."""
     kept = flat_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    now = compose(job["overrides"])
+    now = composed(job["overrides"])
     return [f"{k}: {kept[k]!r} -> {now[k]!r}" for k in kept
-            if k in now and kept[k] != now[k] and not k.startswith(NOT_COMPARED)]  # fmt: skip
+            if k in now and kept[k] != now[k] and not k.startswith(WHERE_AND_SPEED)]  # fmt: skip
 
 
 def keep(scratch: Path, dest: Path, overrides: list[str]) -> None:

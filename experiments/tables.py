@@ -253,7 +253,7 @@ def agents(runs_dir: str, baseline: str, names: list[str] | None = None, keys: t
     the seeds (paired t, Holm-corrected over the table) and over the test items of all seeds (paired bootstrap:
     item noise given these trained models). A difference is resolved only where the seed-level CI excludes 0
     and Holm keeps it."""
-    from lmas.metrics.stats import NOT_RESOLVED, holm, load_run, paired_difference, run_interval
+    from lmas.metrics.stats import holm, load_run, paired_difference, run_interval, verdict
 
     runs = [load_run(f.parent) for f in sorted(Path(runs_dir).glob("*/results.json"))]
     if not runs:
@@ -274,8 +274,8 @@ def agents(runs_dir: str, baseline: str, names: list[str] | None = None, keys: t
     adjusted = holm(tests)
     rows = []
     for (a, k, iv, seeds, items), p in zip(cells, adjusted, strict=True):
-        resolved = (seeds.low > 0 or seeds.high < 0) and p < 0.05
-        word = "resolved" if resolved else NOT_RESOLVED if not (seeds.low > 0 or seeds.high < 0) else "not after Holm"
+        word = verdict({"metric": k, "diff": seeds.estimate, "diff_low": seeds.low, "diff_high": seeds.high,
+                        "p_holm": p})  # fmt: skip
         rows.append([a, k, f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]", _ci(seeds), f"{p:.3f}", word,
                      _ci(items)])  # fmt: skip
     n_items = sum(t["n_test"] for t in runs[0].results["tasks"])

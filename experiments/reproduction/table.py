@@ -155,12 +155,14 @@ def build(
     seed: int = 0,
     context: Sequence[dict] = (),
     seeds: Collection[int] | None = None,
+    groups: dict[str, list[stats.RunRecords]] | None = None,
 ) -> dict[str, Any]:
     """The table's content: ``rows`` (:func:`stats.comparison_table`), ``info`` per strategy (:func:`describe`),
     ``baseline``, ``upper``, ``stream``. Missing strategies (asked for, or the baseline/upper) are errors;
-    ``upper=None``: no gap closure. ``context``, ``seeds``: as for :func:`load_groups`."""
+    ``upper=None``: no gap closure. ``context``, ``seeds``: as for :func:`load_groups`; ``groups``: its result when
+    the caller has already loaded them."""
     base, up = strategy_of(baseline, "--baseline"), strategy_of(upper, "--upper") if upper else None
-    groups = load_groups(runs_dir, context, seeds)
+    groups = load_groups(runs_dir, context, seeds) if groups is None else groups
     wanted = list(strategies) if strategies else list(groups)
     needed = [(base, "--baseline (SeqLoRA)")] + ([(up, "--upper (multitask)")] if up else [])
     for name, why in needed + [(s, "--strategies") for s in wanted]:
@@ -336,11 +338,11 @@ def check_main(args: Any) -> None:
     dirs = dict(zip(("fast", "all layers"), args.runs_dirs, strict=True))
     every = [json.loads(f.read_text()) for d in dirs.values() for f in sorted(Path(d).rglob("results.json"))]
     try:
-        names = [list(load_groups(d, every, args.seeds)) for d in dirs.values()]
-        common = [s for s in names[0] if all(s in n for n in names)]
+        loaded = {name: load_groups(d, every, args.seeds) for name, d in dirs.items()}
+        common = [s for s in loaded["fast"] if all(s in g for g in loaded.values())]
         upper = "strategy=joint" if "joint" in common else None  # the gap closure is not compared here
-        built = {name: build(d, upper=upper, strategies=common, n_resamples=args.resamples, context=every,
-                             seeds=args.seeds) for name, d in dirs.items()}  # fmt: skip
+        built = {name: build(d, upper=upper, strategies=common, n_resamples=args.resamples, groups=loaded[name])
+                 for name, d in dirs.items()}  # fmt: skip
     except ValueError as err:
         raise SystemExit(f"protocol_check: {err}") from err
     print(agreement_markdown(built))

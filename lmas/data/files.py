@@ -255,7 +255,7 @@ def build_file_task(
     )
 
 
-def _sizes(labels: list[str] | None, n_train: Size, n_val: Size, n_test: Size, seed: int, metric: str) -> dict:
+def _split_options(labels: list[str] | None, n_train: Size, n_val: Size, n_test: Size, seed: int, metric: str) -> dict:
     sizes = {"n_train": n_train, "n_val": n_val, "n_test": n_test}
     return {"labels": labels, **sizes, "split_seed": seed, "metric": metric}
 
@@ -307,7 +307,7 @@ def jsonl_task(
 ) -> Task:
     """Task from a JSON Lines file (one object per line); see the module doc for fields and splits."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
-    split = _sizes(labels, n_train, n_val, n_test, split_seed, metric)
+    split = _split_options(labels, n_train, n_val, n_test, split_seed, metric)
     return _file_task(name, kind, read_jsonl, path, val_path, test_path, conv, **split, meta={"format": "jsonl"})
 
 
@@ -331,7 +331,7 @@ def csv_task(
 ) -> Task:
     """Task from a CSV file with a header row (``delimiter``: ``","``, ``"\\t"``, ...)."""
     conv = {"prompt_field": prompt_field, "answer_field": answer_field, "template": template, "max_chars": max_chars}
-    split = _sizes(labels, n_train, n_val, n_test, split_seed, metric)
+    split = _split_options(labels, n_train, n_val, n_test, split_seed, metric)
     reader = functools.partial(read_csv, delimiter=delimiter)
     return _file_task(name, kind, reader, path, val_path, test_path, conv, **split, meta={"format": "csv"})
 
@@ -396,5 +396,5 @@ def hf_task(
         val_source=val_split and f"{label} split {val_split!r}",
         test_source=test_split and f"{label} split {test_split!r}",
         meta={"format": "hf", "config_name": config_name, "split": split},
-        **_sizes(labels, n_train, n_val, n_test, split_seed, metric),
+        **_split_options(labels, n_train, n_val, n_test, split_seed, metric),
     )

@@ -59,6 +59,7 @@ __all__ = [
     "run_intervals",
     "to_csv",
     "to_markdown",
+    "verdict",
 ]
 """Every key of :meth:`KnowledgeMatrix.summary`, in table order."""
 PAPER_NAMES: dict[str, str] = {"avg_acc": "AP", "forgetting": "F.Ra", "bwt": "BWT", "fwt": "FWT"}
@@ -298,12 +299,13 @@ def comparison_table(
             continue
         r.setdefault("p_holm", shared.get((r["group"], SAME_HYPOTHESIS.get(r["metric"], "")), math.nan))
         r["mark"] = _mark(r["p_holm"])
-        r["verdict"] = _verdict(r, alpha)
+        r["verdict"] = verdict(r, alpha)
     return rows
 
 
-def _verdict(row: Mapping[str, Any], alpha: float) -> str:
-    """Whether the group is better or worse than the baseline, or why the difference is not a result."""
+def verdict(row: Mapping[str, Any], alpha: float = 0.05) -> str:
+    """Whether the group is better or worse than the baseline, or why the difference is not a result (``row``:
+    ``metric``, ``diff``, ``diff_low``, ``diff_high``, ``p_holm``)."""
     if not (row["diff_low"] > 0 or row["diff_high"] < 0):
         return NOT_RESOLVED
     if not row["p_holm"] < alpha:
