@@ -10,10 +10,12 @@
     python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
         [--strategies naive,olora,...] [--out table.csv]
     python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir> [--seeds 0,1]
+    python experiments/tables.py federated <runs dir>
 
 ``reproduction`` is the reproduction study's main table with 95% CIs, paired differences from SeqLoRA (Holm) and
 gap-closure ratios beside the published ones, all computed by ``lmas.metrics.stats`` from the committed runs'
-records (``experiments/reproduction/table.py``).
+records (``experiments/reproduction/table.py``); ``federated`` the federated study's table, each aggregator against
+the local-only baseline of its partition (``experiments/populations/table.py``).
 
 Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
 multirun). Values are read, never recomputed: accuracies from ``matrix`` (rows: agents, then the
@@ -285,12 +287,12 @@ def agents(runs_dir: str, baseline: str, names: list[str] | None = None, keys: t
             f"per run, every row paired with `{baseline}` of the same run:\n\n" + table(head, rows))
 
 
-def reproduction_table() -> ModuleType:
-    """``experiments/reproduction/table.py``, loaded by path (this script is run as a file, not a package)."""
+def study_table(study: str) -> ModuleType:
+    """``experiments/<study>/table.py``, loaded by path (this script is run as a file, not a package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent / "reproduction" / "table.py"
-    spec = importlib.util.spec_from_file_location("reproduction_table", path)
+    path = Path(__file__).resolve().parent / study / "table.py"
+    spec = importlib.util.spec_from_file_location(f"{study}_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -322,16 +324,21 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("runs_dirs", nargs=2, metavar="DIR", help="the fast and the all-layer runs folders, in that order")
     c.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], help="only these seeds, e.g. 0 or 0,1")
+    sub.add_parser("federated", help="the federated study: each aggregator vs local-only, per partition").add_argument(
+        "runs_dir", help="the study's runs folder, e.g. experiments/populations/federated")
     args = parser.parse_args(argv)
+    if args.what == "federated":
+        print(study_table("populations").federated(args.runs_dir))
+        return
     if args.what == "agents":
         names = [a for a in (args.agents or "").split(",") if a] or None
         print(agents(args.runs_dir, args.baseline, names, tuple(args.metrics.split(","))))
         return
     if args.what == "protocol_check":
-        reproduction_table().check_main(args)
+        study_table("reproduction").check_main(args)
         return
     if args.what == "reproduction":
-        reproduction_table().main(args)
+        study_table("reproduction").main(args)
         return
     if args.what == "model_selection":
         print(model_selection(args.runs_dir))

@@ -122,3 +122,39 @@ def test_agents_compares_rows_of_the_same_runs_with_one_of_them(run_lmas, tmp_pa
     assert [r[4] for r in rows] == [f"{p:.3f}" for p in holm(ps)]
     with pytest.raises(SystemExit, match=r"no agent \['s_xx'\]"):
         tables.agents(str(tmp_path / "runs"), "s_xx")
+
+
+def test_federated_compares_each_aggregator_with_local_only_training_of_its_partition(run_lmas, tmp_path):
+    """The federated study's table: mean-client scores, paired by seed with the local baseline of the same partition."""
+    from lmas.metrics.stats import holm, run_interval
+
+    fast = ["model=tiny", "debug=fast", "logger=csv", "experiment=federated", "population.agents=2"]
+    jobs = {f"{a},{s}": [f"loop.aggregator={a}", "loop.rounds=1", f"seed={s}"] for a in ("local", "fedavg") for s in (0, 1)}
+    jobs["centralised,0"] = ["loop=continual", "population.agents=1", "seed=0"]
+    res = {name: run_lmas([*fast, *ov, f"paths.output_dir={tmp_path}"], tmp_path / "runs" / name)
+           for name, ov in jobs.items()}  # fmt: skip
+    md = tables.study_table("populations").federated(str(tmp_path / "runs"))
+    rows = _rows(md)
+    assert [r[:3] for r in rows] == [["IID", "local", "2"], ["IID", "fedavg", "2 (2 paired)"],
+                                     ["pooled (vs IID local)", "centralised", "1 (1 paired)"]]  # fmt: skip
+
+    def client(name, key):  # the mean over the run's agents
+        return sum(m[key] for m in res[name]["metrics"].values()) / len(res[name]["metrics"])
+
+    local = run_interval([client(f"local,{s}", "avg_acc") for s in (0, 1)])
+    assert rows[0][3].startswith(f"{local.estimate:.3f}")
+    diffs = {k: run_interval([client(f"fedavg,{s}", k) - client(f"local,{s}", k) for s in (0, 1)])
+             for k in ("avg_acc", "forgetting")}  # fmt: skip
+    one = {k: client("centralised,0", k) - client("local,0", k) for k in ("avg_acc", "forgetting")}
+    ps = holm([d.p if d.p == d.p else 1.0 for d in diffs.values()] + [1.0, 1.0])
+    for k, cell, p in (("avg_acc", 5, ps[0]), ("forgetting", 7, ps[1])):
+        iv = diffs[k]
+        if iv.low == iv.low:  # two different differences: an interval, its Holm p-value
+            assert rows[1][cell] == f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}] p={p:.3f}"
+        assert rows[2][cell] == f"{one[k]:+.3f}" and rows[2][cell + 1].endswith("(one paired seed)")
+    assert rows[1][-1] != "–" and float(rows[1][-1]) > float(rows[0][-1])  # FedAvg sends adapters every round
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (tmp_path / "runs" / "fedavg,0").rename(alone / "fedavg,0")
+    with pytest.raises(SystemExit, match=r"no local-only baseline .*\['IID'\]"):
+        tables.study_table("populations").federated(str(alone))

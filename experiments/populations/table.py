@@ -1,0 +1,107 @@
+"""The federated study's table (experiments/populations/README.md), from its committed runs.
+
+    python experiments/tables.py federated experiments/populations/federated
+
+Each run is placed by the config it ran with (results.json ``config.loop``): its partition (IID, or the Dirichlet
+α of the label skew) and its aggregator; ``loop=continual`` runs are centralised training on the pooled data, which
+no partition changes. A run's score is its **mean client**: the mean over its agents of each agent's metric (after
+FedAvg, FedProx and FedAvgM every client holds the global adapter, so this is the global model's; local-only
+clients each hold their own, and a user of the federation gets one of them). Every method is compared with the
+local-only baseline **of the same partition** (their clients train on the same shards), paired by seed (the seeds
+resample the training data; the test items are the same in every run): the mean difference over the seeds with its
+paired-t 95% CI and p-value, Holm-corrected over every comparison of the table (``lmas.metrics.stats``). Seeds a
+method or the baseline lacks (a study in progress) are left out of that comparison; ``n`` says how many pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lmas.compare import cost
+from lmas.metrics.stats import NOT_RESOLVED, Interval, holm, load_run, run_interval, verdict
+
+LOCAL = "local"
+CENTRALISED = "centralised"
+KEYS = ("avg_acc", "forgetting")
+
+
+def placement(results: dict, where: object) -> tuple[str | None, str]:
+    """``(partition, method)`` of a run: ``(None, "centralised")`` for training on the pooled data."""
+    loop = (results.get("config") or {}).get("loop") or {}
+    if "aggregator" not in loop:
+        if str(loop.get("_target_", "")).endswith("Federated"):
+            raise SystemExit(f"{where}: a federated run without `config.loop.aggregator`")
+        return None, CENTRALISED
+    alpha = loop.get("alpha")
+    return ("IID" if alpha is None else f"Dirichlet α={alpha}"), str(loop["aggregator"])
+
+
+def mean_client(results: dict, key: str) -> float:
+    """The mean over the run's agents of ``key`` (NaN when no agent has it)."""
+    values = [m[key] for m in results["metrics"].values() if m.get(key) is not None]
+    return float(sum(values) / len(values)) if values else math.nan
+
+
+def _pair_key(results: dict) -> tuple:
+    return results.get("stream"), tuple(t["name"] for t in results.get("tasks") or []), results.get("seed")
+
+
+def federated(runs_dir: str) -> str:
+    """The markdown table: per partition, the local-only baseline and each method's difference from it."""
+    found = sorted(Path(runs_dir).glob("*/results.json"))
+    if not found:
+        raise SystemExit(f"{runs_dir}: no finished runs (*/results.json)")
+    cells: dict[tuple[str | None, str], dict[tuple, dict]] = {}
+    for f in found:
+        res = load_run(f.parent, items=False).results
+        cells.setdefault(placement(res, f.parent), {})[_pair_key(res)] = res
+    partitions = sorted({p for p, _ in cells if p is not None}, key=lambda p: (p != "IID", p))
+    missing = [p for p in partitions if (p, LOCAL) not in cells]
+    if missing:
+        raise SystemExit(f"{runs_dir}: no local-only baseline (loop.aggregator=local) for the partition(s) {missing}")
+    order = {m: i for i, m in enumerate(("fedavg", "fedprox", "fedavgm", "flexlora", CENTRALISED))}
+    rows: list[dict] = []
+    tests: list[tuple[dict, str, Interval | None]] = []
+    for p in partitions:
+        base = cells[(p, LOCAL)]
+        rows.append({"partition": p, "method": LOCAL, "n": str(len(base)), "runs": base})
+        methods = {m for q, m in cells if q == p and m != LOCAL} | ({CENTRALISED} if (None, CENTRALISED) in cells else set())
+        for m in sorted(methods, key=lambda m: (order.get(m, len(order)), m)):
+            runs = cells[(None if m == CENTRALISED else p, m)]
+            common = sorted(set(runs) & set(base), key=repr)
+            row = {"partition": p, "method": m, "n": f"{len(runs)} ({len(common)} paired)", "runs": runs}
+            rows.append(row)
+            for k in KEYS:
+                d = [mean_client(runs[c], k) - mean_client(base[c], k) for c in common]
+                tests.append((row, k, run_interval(d) if d else None))
+    adjusted = holm([iv.p if iv is not None and iv.p == iv.p else 1.0 for _, _, iv in tests])
+    for (row, k, iv), p in zip(tests, adjusted, strict=True):
+        if iv is None or math.isnan(iv.low):
+            row[f"d_{k}"] = "–" if iv is None else f"{iv.estimate:+.3f}"
+            row[f"v_{k}"] = f"{NOT_RESOLVED} ({'no' if iv is None else 'one'} paired seed{'s' if iv is None else ''})"
+        else:
+            row[f"d_{k}"] = f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}] p={p:.3f}"
+            row[f"v_{k}"] = verdict({"metric": k, "diff": iv.estimate, "diff_low": iv.low, "diff_high": iv.high,
+                                     "p_holm": p})  # fmt: skip
+    head = ["partition", "method", "runs", *(f"{k}, mean client [95% CI]" for k in KEYS),
+            *(h for k in KEYS for h in (f"{k} − local [95% CI], p (Holm)", "verdict")), "MB sent per run"]  # fmt: skip
+    lines = [head, ["---"] * len(head)]
+    for r in rows:
+        diffs = [r.get(f"{x}_{k}", "") for k in KEYS for x in ("d", "v")]
+        part = r["partition"] if r["method"] != CENTRALISED else f"pooled (vs {r['partition']} local)"
+        lines.append([part, r["method"], r["n"], *(_level(r["runs"], k) for k in KEYS), *diffs, _mb(r["runs"])])
+    seeds = sorted({s for c in cells.values() for (_, _, s) in c})
+    intro = (f"{len(found)} runs (seeds {', '.join(map(str, seeds))}); each method paired by seed with the local-only "
+             f"baseline of its partition (paired t over seeds, Holm over the {len(tests)} comparisons):\n\n")
+    return intro + "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def _level(runs: dict[tuple, dict], key: str) -> str:
+    iv = run_interval([mean_client(r, key) for r in runs.values()])
+    return f"{iv.estimate:.3f}" + ("" if math.isnan(iv.low) else f" [{iv.low:.3f}, {iv.high:.3f}]")
+
+
+def _mb(runs: dict[tuple, dict]) -> str:
+    values = [v for r in runs.values() if (v := cost(r, "comm_mb")) is not None]
+    return f"{sum(values) / len(values):.3g}" if values else "–"
