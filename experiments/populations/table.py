@@ -56,6 +56,15 @@ def federated(runs_dir: str) -> str:
     for f in found:
         res = load_run(f.parent, items=False).results
         cells.setdefault(placement(res, f.parent), {})[_pair_key(res)] = res
+    digests: dict[str, set[str]] = {}
+    for c in cells.values():
+        for r in c.values():
+            for t in r["tasks"]:  # runs made before lmas recorded the digest are not checked
+                if "test_digest" in t:
+                    digests.setdefault(t["name"], set()).add(t["test_digest"])
+    differ = sorted(t for t, d in digests.items() if len(d) > 1)
+    if differ:
+        raise SystemExit(f"{runs_dir}: the runs' test items differ on {differ} (test_digest); they cannot be paired")
     partitions = sorted({p for p, _ in cells if p is not None}, key=lambda p: (p != "IID", p))
     missing = [p for p in partitions if (p, LOCAL) not in cells]
     if missing:
@@ -94,8 +103,12 @@ def federated(runs_dir: str) -> str:
         part = r["partition"] if r["method"] != CENTRALISED else f"pooled (vs {r['partition']} local)"
         lines.append([part, r["method"], r["n"], *(_level(r["runs"], k) for k in KEYS), *diffs, _mb(r["runs"])])
     seeds = sorted({s for c in cells.values() for (_, _, s) in c})
+    items = {sum(t.get("n_test", 0) for t in r["tasks"]) for c in cells.values() for r in c.values()}
+    if len(items) > 1:
+        raise SystemExit(f"{runs_dir}: the runs have different numbers of test items {sorted(items)}")
     intro = (
-        f"{len(found)} runs (seeds {', '.join(map(str, seeds))}); each method paired by seed with the local-only "
+        f"{len(found)} runs (seeds {', '.join(map(str, seeds))}), {items.pop()} test items per "
+        "run (the same in every run); each method paired by seed with the local-only "
         f"baseline of its partition (paired t over seeds; Holm over the {len(testable)} comparisons with an "
         "interval):\n\n"
     )

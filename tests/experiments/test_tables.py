@@ -136,6 +136,8 @@ def test_federated_compares_each_aggregator_with_local_only_training_of_its_part
            for name, ov in jobs.items()}  # fmt: skip
     md = tables.study_table("populations").federated(str(tmp_path / "runs"))
     rows = _rows(md)
+    n_items = sum(t["n_test"] for t in res["local,0"]["tasks"])
+    assert md.startswith(f"5 runs (seeds 0, 1), {n_items} test items per run")
     assert [r[:3] for r in rows] == [["IID", "local", "2"], ["IID", "fedavg", "2 (2 paired)"],
                                      ["pooled (vs IID local)", "centralised", "1 (1 paired)"]]  # fmt: skip
 
@@ -154,6 +156,10 @@ def test_federated_compares_each_aggregator_with_local_only_training_of_its_part
             assert rows[1][cell] == f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}] p={p:.3f}"
         assert rows[2][cell] == f"{one[k]:+.3f}" and rows[2][cell + 1].endswith("(one paired seed)")
     assert rows[1][-1] != "–" and float(rows[1][-1]) > float(rows[0][-1])  # FedAvg sends adapters every round
+    moved = tmp_path / "runs" / "local,1" / "results.json"
+    moved.write_text(moved.read_text().replace(res["local,1"]["tasks"][0]["test_digest"], "0" * 64))
+    with pytest.raises(SystemExit, match="test items differ"):
+        tables.study_table("populations").federated(str(tmp_path / "runs"))
     alone = tmp_path / "alone"
     alone.mkdir()
     (tmp_path / "runs" / "fedavg,0").rename(alone / "fedavg,0")
