@@ -96,12 +96,14 @@ def federated(runs_dir: str) -> str:
         row[f"v_{k}"] = verdict({"metric": k, "diff": iv.estimate, "diff_low": iv.low, "diff_high": iv.high,
                                  "p_holm": p})  # fmt: skip
     head = ["partition", "method", "runs", *(f"{k}, mean client [95% CI]" for k in KEYS),
-            *(h for k in KEYS for h in (f"{k} − local [95% CI], p (Holm)", "verdict")), "MB sent per run"]  # fmt: skip
+            *(h for k in KEYS for h in (f"{k} − local [95% CI], p (Holm)", "verdict")), "MB sent per run",
+            "training s per run"]  # fmt: skip
     lines = [head, ["---"] * len(head)]
     for r in rows:
         diffs = [r.get(f"{x}_{k}", "") for k in KEYS for x in ("d", "v")]
         part = r["partition"] if r["method"] != CENTRALISED else f"pooled (vs {r['partition']} local)"
-        lines.append([part, r["method"], r["n"], *(_level(r["runs"], k) for k in KEYS), *diffs, _mb(r["runs"])])
+        costs = [_cost(r["runs"], "comm_mb"), _cost(r["runs"], "train_s")]
+        lines.append([part, r["method"], r["n"], *(_level(r["runs"], k) for k in KEYS), *diffs, *costs])
     seeds = sorted({s for c in cells.values() for (_, _, s) in c})
     items = {sum(t.get("n_test", 0) for t in r["tasks"]) for c in cells.values() for r in c.values()}
     if len(items) > 1:
@@ -120,6 +122,7 @@ def _level(runs: dict[tuple, dict], key: str) -> str:
     return f"{iv.estimate:.3f}" + ("" if math.isnan(iv.low) else f" [{iv.low:.3f}, {iv.high:.3f}]")
 
 
-def _mb(runs: dict[tuple, dict]) -> str:
-    values = [v for r in runs.values() if (v := cost(r, "comm_mb")) is not None]
+def _cost(runs: dict[tuple, dict], key: str) -> str:
+    """The mean over the runs of one of :data:`lmas.compare.COSTS` (MB sent, seconds)."""
+    values = [v for r in runs.values() if (v := cost(r, key)) is not None]
     return f"{sum(values) / len(values):.3g}" if values else "–"
