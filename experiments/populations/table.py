@@ -10,7 +10,8 @@ clients each hold their own, and a user of the federation gets one of them). Eve
 local-only baseline **of the same partition** (their clients train on the same shards), paired by seed (the seeds
 resample the training data; the test items are the same in every run): the mean difference over the seeds with its
 paired-t 95% CI and p-value, Holm-corrected over every comparison of the table (``lmas.metrics.stats``). Seeds a
-method or the baseline lacks (a study in progress) are left out of that comparison; ``n`` says how many pairs.
+method or the baseline lacks (a study in progress) are left out of that comparison; the runs column says how
+many pairs it has.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def mean_client(results: dict, key: str) -> float:
 
 
 def _pair_key(results: dict) -> tuple:
+    """What pairs two runs, as in ``lmas.metrics.stats``: the same stream, task order and seed."""
     return results.get("stream"), tuple(t["name"] for t in results.get("tasks") or []), results.get("seed")
 
 
@@ -65,6 +67,9 @@ def federated(runs_dir: str) -> str:
     differ = sorted(t for t, d in digests.items() if len(d) > 1)
     if differ:
         raise SystemExit(f"{runs_dir}: the runs' test items differ on {differ} (test_digest); they cannot be paired")
+    items = {sum(t.get("n_test", 0) for t in r["tasks"]) for c in cells.values() for r in c.values()}
+    if len(items) > 1:
+        raise SystemExit(f"{runs_dir}: the runs have different numbers of test items {sorted(items)}")
     partitions = sorted({p for p, _ in cells if p is not None}, key=lambda p: (p != "IID", p))
     missing = [p for p in partitions if (p, LOCAL) not in cells]
     if missing:
@@ -105,9 +110,6 @@ def federated(runs_dir: str) -> str:
         costs = [_cost(r["runs"], "comm_mb"), _cost(r["runs"], "train_s")]
         lines.append([part, r["method"], r["n"], *(_level(r["runs"], k) for k in KEYS), *diffs, *costs])
     seeds = sorted({s for c in cells.values() for (_, _, s) in c})
-    items = {sum(t.get("n_test", 0) for t in r["tasks"]) for c in cells.values() for r in c.values()}
-    if len(items) > 1:
-        raise SystemExit(f"{runs_dir}: the runs have different numbers of test items {sorted(items)}")
     intro = (
         f"{len(found)} runs (seeds {', '.join(map(str, seeds))}), {items.pop()} test items per "
         "run (the same in every run); each method paired by seed with the local-only "
