@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from lmas.compare import cost
-from lmas.metrics.stats import NOT_RESOLVED, Interval, holm, load_run, run_interval, verdict
+from lmas.metrics.stats import NOT_RESOLVED, Interval, holm, load_run, pair_key_of, run_interval, verdict
 
 LOCAL = "local"
 CENTRALISED = "centralised"
@@ -44,11 +44,6 @@ def mean_client(results: dict, key: str) -> float:
     return float(sum(values) / len(values)) if values else math.nan
 
 
-def _pair_key(results: dict) -> tuple:
-    """What pairs two runs, as in ``lmas.metrics.stats``: the same stream, task order and seed."""
-    return results.get("stream"), tuple(t["name"] for t in results.get("tasks") or []), results.get("seed")
-
-
 def federated(runs_dir: str) -> str:
     """The markdown table: per partition, the local-only baseline and each method's difference from it."""
     found = sorted(Path(runs_dir).glob("*/results.json"))
@@ -57,7 +52,7 @@ def federated(runs_dir: str) -> str:
     cells: dict[tuple[str | None, str], dict[tuple, dict]] = {}
     for f in found:
         res = load_run(f.parent, items=False).results
-        cells.setdefault(placement(res, f.parent), {})[_pair_key(res)] = res
+        cells.setdefault(placement(res, f.parent), {})[pair_key_of(res)] = res
     digests: dict[str, set[str]] = {}
     for c in cells.values():
         for r in c.values():

@@ -53,6 +53,7 @@ __all__ = [
     "holm",
     "item_intervals",
     "load_run",
+    "pair_key_of",
     "paired_difference",
     "plot_intervals",
     "run_interval",
@@ -71,7 +72,7 @@ GAP = "gap_closure"
 NOT_RESOLVED = "not resolved at this sample size"
 
 
-def _pair_key(results: dict) -> tuple[Any, ...]:
+def pair_key_of(results: dict) -> tuple[Any, ...]:
     """What pairs runs of two strategies: the same stream, task order and seed (orders of one benchmark share the
     stream's name, so the task order is part of the key)."""
     order = tuple(t.get("name") for t in results.get("tasks") or [])
@@ -80,7 +81,7 @@ def _pair_key(results: dict) -> tuple[Any, ...]:
 
 # ---------------------------------------------------------------------------- comparisons
 def _pairs(
-    *groups: Sequence[RunRecords], pair_key: Callable[[dict], Any] = _pair_key, first: bool = False
+    *groups: Sequence[RunRecords], pair_key: Callable[[dict], Any] = pair_key_of, first: bool = False
 ) -> list[tuple[RunRecords, ...]]:
     """Runs of the groups matched by ``pair_key`` (stream, task order and seed); unmatched runs are an error.
 
@@ -182,8 +183,8 @@ def gap_closure(
     whose seed the upper bound has not been run with yet (a study in progress) is left out of the ratio (``n``
     counts the triples used); a method run without a baseline partner is an error.
     """
-    have_upper = {_pair_key(r.results) for r in upper}
-    triples = _pairs([r for r in method if _pair_key(r.results) in have_upper], baseline, upper, first=True)
+    have_upper = {pair_key_of(r.results) for r in upper}
+    triples = _pairs([r for r in method if pair_key_of(r.results) in have_upper], baseline, upper, first=True)
     if level == "auto":
         level = "runs" if len(triples) >= min_runs or not _have_records(triples) else "items"
     s_bar, u_bar = (float(np.mean([t[i].metric(key, agent) for t in triples])) for i in (1, 2))
