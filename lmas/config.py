@@ -173,9 +173,7 @@ def _adapter_transfer(r: Reader) -> None:
     task: peft's single-adapter merge types (all but cat and svd) cannot merge their sum, and merge_init/lorahub/swarm
     write the trainable adapter before the strategy adds the new task's one (overwriting the last task's).
     topology.max_rank grows adapters: strategies with per-parameter state of a fixed shape cannot follow."""
-    from lmas.strategies.lwf import LwF
     from lmas.strategies.olora import IncLoRA
-    from lmas.strategies.regularizers import EWC, L2
     from lmas.transfer.init import MergeInit
     from lmas.transfer.merge import OWN_METHODS, STACK_EXACT
     from lmas.transfer.policy import LoraHub
@@ -193,8 +191,7 @@ def _adapter_transfer(r: Reader) -> None:
         if bad:
             why = f"strategy={stacking[0]} {STACKS}, and merge method(s) {', '.join(map(str, bad))} (peft's"
             r.fail(key, value, why + f" add_weighted_adapter) merge single adapters; use {', '.join(ok)}")
-    fixed = [getattr(c, "name", c.__name__) for _, c in strategies
-             if issubclass(c, (EWC, L2, LwF)) or c.__module__ == "lmas.training.avalanche"]  # fmt: skip
+    fixed = [getattr(c, "name", c.__name__) for _, c in strategies if getattr(c, "shape_bound", False)]
     if fixed and r.get("topology.max_rank") is not None:
         why = f"grows an agent's adapter during the run, but strategy {fixed[0]} {FIXED}; use topology.max_rank=null"
         r.fail("topology.max_rank", r.get("topology.max_rank"), why + " or a strategy without such state")

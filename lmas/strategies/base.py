@@ -30,7 +30,9 @@ class Strategy:
 
     name = "naive"
     fit_backend = "lightning"  # how an experience is trained: lmas.training.fit.LightningFit (or "avalanche")
-    shape_bound = False  # per-agent state tied to the shape of the agent's adapter (anchors): its rank must stay
+    # per-agent state tied to the shape of the agent's adapter (anchors, a teacher copy): its rank must stay, so the
+    # config check refuses topology.max_rank and PBT refuses loop.pbt.space.rank with it
+    shape_bound = False
 
     def train_examples(self, agent: str, task: Task, seen: list[Task]) -> list[tuple[Example, str]]:
         """(example, task kind) pairs to train on in this experience; ``seen`` excludes ``task``."""

@@ -52,6 +52,7 @@ class LwF(Strategy):
     """
 
     name = "lwf"
+    shape_bound = True  # its teacher is a spare adapter at the population's LoRA rank
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0) -> None:
         if alpha < 0:

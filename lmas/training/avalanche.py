@@ -208,7 +208,9 @@ class AvalancheStrategy(Strategy):
         shuffle: shuffle each experience's batches (Avalanche's own sampler).
     """
 
+    name = "avalanche"  # each instance: avalanche/<method>
     fit_backend = "avalanche"
+    shape_bound = True  # Avalanche's own strategy object holds per-parameter state (importances, anchors)
 
     def __init__(
         self,

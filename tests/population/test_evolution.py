@@ -221,8 +221,10 @@ def test_stacking_strategies_and_one_agent_are_refused(run_lmas, tmp_path):
         run_lmas([*FAST, "loop.method=swarm", "strategy=inclora", f"paths.output_dir={tmp_path}"], tmp_path / "a")
     with pytest.raises(ValueError, match="evolution needs 2 or more"):
         run_lmas([*FAST, "population.agents=1", f"paths.output_dir={tmp_path}"], tmp_path / "b")
-    with pytest.raises(ValueError, match="loop.pbt.space.rank: strategy=ewc keeps per-agent state of the adapter's"):
-        run_lmas([*FAST, "strategy=ewc", "+loop.pbt.space.rank=[2,8]", f"paths.output_dir={tmp_path}"], tmp_path / "d")
+    for strategy in ("ewc", "lwf"):  # LwF: its teacher copy is a spare adapter at the population's rank
+        with pytest.raises(ValueError, match=f"loop.pbt.space.rank: strategy={strategy} keeps per-agent state of the"):
+            run_lmas([*FAST, f"strategy={strategy}", "+loop.pbt.space.rank=[2,8]", f"paths.output_dir={tmp_path}"],
+                     tmp_path / f"d{strategy}")  # fmt: skip
     with pytest.raises(ValueError, match=r"loop.method=pbt: strategy=\S+ trains with Avalanche"):
         run_lmas([*FAST, "strategy=avalanche/ewc", f"paths.output_dir={tmp_path}"], tmp_path / "e")
     with pytest.raises(ValueError, match=r"loop.pbt.space.strategy.lam: strategy=naive has no 'lam'"):

@@ -193,6 +193,8 @@ def _errors(compose, overrides) -> str:
      "topology.max_rank=32: grows an agent's adapter during the run, but strategy ewc"),
     (["population=peer_to_peer", "topology.max_rank=32", "strategy=replay_lwf"],
      "but strategy lwf keeps per-parameter state"),
+    (["population=peer_to_peer", "topology.max_rank=32", "strategy=opcm"], "but strategy opcm keeps per-parameter"),
+    (["population=peer_to_peer", "topology.max_rank=32", "strategy=avalanche/ewc"], "but strategy avalanche keeps"),
 ])
 def test_config_check_refuses_transfers_a_strategy_cannot_follow(compose, overrides, expected):
     assert expected in _errors(compose, overrides)
