@@ -85,10 +85,10 @@ def finished(run_dir: Path) -> bool:
 
 def composed(overrides: list[str]) -> dict[str, Any]:
     """The config lmas-train composes from ``overrides`` now, resolved and flat (``train.lr``: value)."""
-    import lmas  # noqa: F401 - registers the typed config sections with Hydra's ConfigStore
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import lmas  # noqa: F401 - registers the typed config sections with Hydra's ConfigStore
     from lmas.confdir import config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -99,8 +99,8 @@ def composed(overrides: list[str]) -> dict[str, Any]:
 def stale(job: dict[str, Any], run_dir: Path) -> list[str]:
     """How the finished run in ``run_dir`` differs from what ``job`` composes to now: ``key: kept -> now`` for every
     option both configs have, except :data:`lmas.compare.WHERE_AND_SPEED` (an option only one side has comes from
-    another lmas version and is not compared). Empty: the kept run is this job's. A study edited after some of its runs finished
-    (another preset, a changed override) would otherwise mix two protocols in one table."""
+    another lmas version and is not compared). Empty: the kept run is this job's. A study edited after some of its
+    runs finished (another preset, a changed override) would otherwise mix two protocols in one table."""
     kept = flat_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     now = composed(job["overrides"])
     return [f"{k}: {kept[k]!r} -> {now[k]!r}" for k in kept

@@ -11,11 +11,13 @@
         [--strategies naive,olora,...] [--out table.csv]
     python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir> [--seeds 0,1]
     python experiments/tables.py federated <runs dir>
+    python experiments/tables.py merge_methods <runs dir> [--baseline merged_exact]
 
 ``reproduction`` is the reproduction study's main table with 95% CIs, paired differences from SeqLoRA (Holm) and
 gap-closure ratios beside the published ones, all computed by ``lmas.metrics.stats`` from the committed runs'
 records (``experiments/reproduction/table.py``); ``federated`` the federated study's table, each aggregator against
-the local-only baseline of its partition (``experiments/populations/table.py``).
+the local-only baseline of its partition (``experiments/populations/table.py``); ``merge_methods`` each merge
+method's quality, expert gap and cost against the exact merge (``experiments/knowledge_transfer/table.py``).
 
 Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
 multirun). Values are read, never recomputed: accuracies from ``matrix`` (rows: agents, then the
@@ -33,6 +35,10 @@ import statistics
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lmas.metrics.intervals import Interval
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -54,7 +60,7 @@ def load_runs(paths: list[str]) -> list[dict]:
 def final(run: dict) -> dict[str, dict[str, float | None]]:
     """``{row: {task: value}}`` after the last round (rows: agents, then ``population`` where a topology answers)."""
     m = run["matrix"]
-    return {a: dict(zip(m["tasks"], row)) for a, row in zip(m["agents"], m["values"][-1])}
+    return {a: dict(zip(m["tasks"], row, strict=True)) for a, row in zip(m["agents"], m["values"][-1], strict=True)}
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
@@ -153,7 +159,7 @@ def distillation(specs: list[dict], joints: list[dict]) -> str:
     """Every agent's final test accuracy per task (mean ± sd over the runs, usually seeds)."""
     tasks = specs[0]["matrix"]["tasks"]
     rows: dict[str, list[dict[str, float]]] = {
-        "untrained model": [dict(zip(tasks, r["matrix"]["initial"][0])) for r in specs]}
+        "untrained model": [dict(zip(tasks, r["matrix"]["initial"][0], strict=True)) for r in specs]}
     for run in specs:
         for agent, accs in final(run).items():
             rows.setdefault(agent, []).append(accs)
@@ -175,7 +181,7 @@ def minilm(runs: list[dict]) -> str:
         m, seed = run["matrix"], str(run["seed"])
         rows.append([seed, "–", "untrained model", *[fmt(v) for v in m["initial"][0]]])
         rows += [[seed, str(r), agent, *[fmt(v) for v in accs]]
-                 for r, values in enumerate(m["values"]) for agent, accs in zip(m["agents"], values)]
+                 for r, values in enumerate(m["values"]) for agent, accs in zip(m["agents"], values, strict=True)]
         teacher: dict[str, dict[str, float]] = {}
         for agent in run["agents"].values():
             for e in agent["history"]:
@@ -193,9 +199,9 @@ def self_learning(runs: list[dict]) -> str:
         sl = run["config"].get("selflearn") or run["config"]["loop"]  # runs before the loop group: `selflearn`
         m = run["matrix"]
         rows = []
-        for cyc, values in zip(run["self_learning"], m["values"]):
+        for cyc, values in zip(run["self_learning"], m["values"], strict=False):
             r = cyc["cycle"]
-            accs = dict(zip(m["agents"], values))[sl["student"]]
+            accs = dict(zip(m["agents"], values, strict=True))[sl["student"]]
             label = "true labels (seed)" if r == 0 else "; ".join(
                 f"{t} {st['kept']}/{st['arrived']} ({fmt(st['precision'], 2)})" for t, st in cyc["tasks"].items())
             gate = "–" if r == 0 else ("accepted" if cyc["accepted"] else "rejected, restored")
@@ -207,8 +213,8 @@ def self_learning(runs: list[dict]) -> str:
 
 
 # --- model_selection ------------------------------------------------------------------------------
-def _ci(iv) -> str:
-    return f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]" + (f" p={iv.p:.3f}" if iv.p == iv.p else "")
+def _ci(iv: Interval) -> str:
+    return iv.show(signed=True, p=True)
 
 
 def model_selection(runs_dir: str) -> str:
@@ -244,7 +250,8 @@ def model_selection(runs_dir: str) -> str:
         for level in ("runs", "items"):
             d = paired_difference(runs, runs, agent=x, agent_b=y, keys=["avg_acc", "forgetting"], level=level)
             diff_rows.append([f"{x} − {y}", level, _ci(d["avg_acc"]), _ci(d["forgetting"]), d["avg_acc"].method])
-    parts += ["Paired differences [95% CI], p:", table(["difference", "level", "avg_acc", "forgetting", "how"], diff_rows)]
+    head = ["difference", "level", "avg_acc", "forgetting", "how"]
+    parts += ["Paired differences [95% CI], p:", table(head, diff_rows)]
     return "\n\n".join(parts)
 
 
@@ -326,7 +333,14 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], help="only these seeds, e.g. 0 or 0,1")
     sub.add_parser("federated", help="the federated study: each aggregator vs local-only, per partition").add_argument(
         "runs_dir", help="the study's runs folder, e.g. experiments/populations/federated")
+    m = sub.add_parser("merge_methods", help="the merge-methods study: quality, expert gap, cost; each vs a baseline")
+    m.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/knowledge_transfer/merge_methods")
+    m.add_argument("--baseline", default="merged_exact", help="the merged agent compared with (default merged_exact)")
+    m.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
     args = parser.parse_args(argv)
+    if args.what == "merge_methods":
+        print(study_table("knowledge_transfer").merge_methods(args.runs_dir, args.baseline, args.resamples))
+        return
     if args.what == "federated":
         print(study_table("populations").federated(args.runs_dir))
         return

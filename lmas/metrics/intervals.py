@@ -37,6 +37,15 @@ class Interval:
     method: str
     p: float = math.nan
 
+    def show(self, signed: bool = False, p: bool = False) -> str:
+        """``0.512 [0.431, 0.590]`` (``signed``: ``+0.012 [-0.031, +0.055]``; ``p``: then ``p=0.412`` where known);
+        the estimate alone where there is no interval (one run)."""
+        f = "{:+.3f}" if signed else "{:.3f}"
+        text = f.format(self.estimate)
+        if not math.isnan(self.low):
+            text += f" [{f.format(self.low)}, {f.format(self.high)}]"
+        return text + (f" p={self.p:.3f}" if p and self.p == self.p else "")
+
     @property
     def resolved(self) -> bool:
         """Whether the interval excludes 0 (False when it is unknown)."""

@@ -165,3 +165,54 @@ def test_federated_compares_each_aggregator_with_local_only_training_of_its_part
     (tmp_path / "runs" / "fedavg,0").rename(alone / "fedavg,0")
     with pytest.raises(SystemExit, match=r"no local-only baseline .*\['IID'\]"):
         tables.study_table("populations").federated(str(alone))
+
+
+def test_merge_methods_scores_each_merge_against_the_exact_one_with_its_expert_gap_and_cost(run_lmas, tmp_path):
+    """The merge-methods study's table: per-task scores, mean over tasks, the gap to each task's specialist, the
+    seed-level paired difference from merged_exact (Holm) and the item-level one, the merge's runtime."""
+    import numpy as np
+
+    from lmas.metrics.records import load_run
+    from lmas.metrics.stats import holm, run_interval
+
+    fast = ["model=tiny", "debug=fast", "logger=csv", "experiment=knowledge_transfer/merge_methods",
+            "transfer.methods=[exact,linear,ties,della]"]  # fmt: skip
+    res = {s: run_lmas([*fast, f"seed={s}", f"paths.output_dir={tmp_path}"], tmp_path / "runs" / f"seed={s}")
+           for s in (0, 1)}  # fmt: skip
+    table = tables.study_table("knowledge_transfer")
+    md = table.merge_methods(str(tmp_path / "runs"), resamples=999)
+    rows = {r[0]: r for r in _rows(md)}
+    merged = ["merged_exact", "merged_linear", "merged_ties", "merged_della"]
+    assert list(rows) == ["bbc", "chat", "math", *merged]
+    tasks = res[0]["matrix"]["tasks"]
+    records = {s: load_run(tmp_path / "runs" / f"seed={s}") for s in (0, 1)}
+
+    def score(s, agent, t):  # from the per-example records after the last round
+        rec = records[s]
+        return float(rec.rounds[max(rec.rounds)][f"{agent}/{t}"].mean())
+
+    assert md.startswith("2 runs (seeds 0, 1), test items per task: " + ", ".join(
+        f"{t} {next(x['n_test'] for x in res[0]['tasks'] if x['name'] == t)}" for t in tasks))  # fmt: skip
+    for agent, row in rows.items():
+        assert row[1:4] == [f"{np.mean([score(s, agent, t) for s in (0, 1)]):.3f}" for t in tasks]
+        mean = run_interval([float(np.mean([score(s, agent, t) for t in tasks])) for s in (0, 1)])
+        assert row[4].startswith(f"{mean.estimate:.3f}")
+        gap = [float(np.mean([score(s, t, t) - score(s, agent, t) for t in tasks])) for s in (0, 1)]  # specialist t
+        assert row[5].startswith(f"{run_interval(gap).estimate:.3f}")
+    assert rows["merged_exact"][8] == "baseline" and rows["bbc"][8] == "specialist" and rows["bbc"][-1] == "–"
+    diffs = {a: run_interval([float(np.mean([score(s, a, t) - score(s, "merged_exact", t) for t in tasks]))
+                              for s in (0, 1)]) for a in merged[1:]}  # fmt: skip
+    for a, d in diffs.items():
+        assert rows[a][6].startswith(f"{d.estimate:+.3f}") and rows[a][9].startswith(f"{d.estimate:+.3f}")
+    testable = [a for a, d in diffs.items() if d.low == d.low]
+    for a, p in zip(testable, holm([diffs[a].p for a in testable]), strict=True):
+        assert rows[a][7] == f"{p:.3f}"
+    runtime = np.mean([next(e["merge_s"] for e in r["agents"]["merged_della"]["history"] if e["event"] ==
+                            "merge_methods") for r in res.values()])  # fmt: skip
+    assert rows["merged_della"][10] == f"{runtime:.3g}" and float(rows["merged_della"][10]) > 0
+    with pytest.raises(SystemExit, match=r"no merged agent 'merged_svd' \(merged agents: merged_exact, "):
+        table.merge_methods(str(tmp_path / "runs"), baseline="merged_svd")
+    moved = tmp_path / "runs" / "seed=1" / "results.json"
+    moved.write_text(moved.read_text().replace(res[1]["tasks"][0]["test_digest"], "0" * 64))
+    with pytest.raises(SystemExit, match="the test items differ"):
+        table.merge_methods(str(tmp_path / "runs"))

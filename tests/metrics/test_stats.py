@@ -227,6 +227,13 @@ def test_holm_by_hand():
     assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
 
 
+def test_interval_text_for_tables():
+    iv = Interval(0.0123, -0.0311, 0.0554, 3, "t", 0.4121)
+    assert iv.show() == "0.012 [-0.031, 0.055]"
+    assert iv.show(signed=True, p=True) == "+0.012 [-0.031, +0.055] p=0.412"
+    assert Interval(0.5, math.nan, math.nan, 1, "one run").show(signed=True, p=True) == "+0.500"  # no interval, no p
+
+
 # ---------------------------------------------------------------------------- comparisons
 def test_paired_difference_has_the_known_sign(tmp_path):
     better = [load_run(sequence_run(tmp_path / f"good{s}", seed=s, skill=0.15)) for s in range(3)]
