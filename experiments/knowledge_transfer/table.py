@@ -116,8 +116,8 @@ def merge_methods(runs_dir: str, baseline: str = "merged_exact", resamples: int 
         d = r["seeds"]
         r["p"], r["verdict"] = f"{p:.3f}", verdict({"metric": "mean", "diff": d.estimate, "diff_low": d.low,
                                                     "diff_high": d.high, "p_holm": p})  # fmt: skip
-    seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
-    head = ["agent", *tasks, f"mean over tasks [95% CI, {seeds}]", "expert gap [95% CI]",
+    n_seeds = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+    head = ["agent", *tasks, f"mean over tasks [95% CI, {n_seeds}]", "expert gap [95% CI]",
             f"− {baseline}, seeds (paired t)", "p (Holm)", "verdict", f"− {baseline}, items (paired bootstrap)",
             "merge s", "residual"]  # fmt: skip
     lines = [head, ["---"] * len(head)]
