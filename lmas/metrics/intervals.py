@@ -21,6 +21,11 @@ KEYS: tuple[str, ...] = (
 )  # fmt: skip
 
 
+EQUAL = 1e-6
+"""Run-level values closer than this (relative to their size) are equal: the knowledge matrix holds float32 values,
+so one accuracy reached along two paths differs by ~1e-8, and a paired t on such differences would be all noise."""
+
+
 @dataclass(frozen=True)
 class Interval:
     """An estimate with its confidence interval.
@@ -59,7 +64,8 @@ def run_interval(
 
     ``method="t"`` (default): Student's t-interval and one-sample t-test (:func:`scipy.stats.ttest_1samp`;
     on paired differences this is the paired t-test); ``"bootstrap"``: :func:`scipy.stats.bootstrap`
-    percentile interval (no p-value). One value: no interval (NaN); equal values: a zero-width one.
+    percentile interval (no p-value). One value: no interval (NaN); equal values (up to :data:`EQUAL`): a zero-width
+    one, with p = 1 at 0 and NaN otherwise (not a test: a t statistic needs a spread).
     """
     if method not in ("t", "bootstrap"):
         raise ValueError(f"run_interval: method must be 't' or 'bootstrap', got {method!r}")
@@ -70,8 +76,9 @@ def run_interval(
     mean = float(x.mean())
     if n == 1:
         return Interval(mean, math.nan, math.nan, 1, "one run: no interval")
-    if np.ptp(x) == 0.0:
-        return Interval(mean, mean, mean, n, f"{n} equal values", 1.0 if mean == 0.0 else math.nan)
+    if np.ptp(x) <= EQUAL * max(1.0, float(np.abs(x).max())):
+        # equal up to float32 rounding (the matrix's precision): a t statistic of that spread would be noise
+        return Interval(mean, mean, mean, n, f"{n} equal values", 1.0 if abs(mean) <= EQUAL else math.nan)
     if method == "t":
         res = scipy.stats.ttest_1samp(x, 0.0)
         ci = res.confidence_interval(confidence)

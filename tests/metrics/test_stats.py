@@ -227,6 +227,15 @@ def test_holm_by_hand():
     assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
 
 
+def test_run_values_equal_up_to_float32_rounding_are_not_a_significant_difference():
+    """Three seeds that each differ by one test item of 80 (float32 matrix values: equal up to ~1e-8) once gave a
+    paired t of p < 0.001; they are equal values, a zero-width interval and no test."""
+    iv = run_interval([-0.012499988079071045, -0.012499988079071045, -0.012500017881393433])
+    assert iv.method == "3 equal values" and iv.low == iv.high == pytest.approx(-0.0125) and math.isnan(iv.p)
+    assert run_interval([1e-9, -1e-9, 0.0]).p == 1.0  # equal to 0
+    assert run_interval([0.0125, 0.0125, 0.025]).p == pytest.approx(0.0572, abs=1e-3)  # a real spread: a t-test
+
+
 def test_interval_text_for_tables():
     iv = Interval(0.0123, -0.0311, 0.0554, 3, "t", 0.4121)
     assert iv.show() == "0.012 [-0.031, 0.055]"
