@@ -285,7 +285,7 @@ def agents(runs_dir: str, baseline: str, names: list[str] | None = None, keys: t
     for (a, k, iv, seeds, items), p in zip(cells, adjusted, strict=True):
         word = verdict({"metric": k, "diff": seeds.estimate, "diff_low": seeds.low, "diff_high": seeds.high,
                         "p_holm": p})  # fmt: skip
-        rows.append([a, k, f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]", _ci(seeds), f"{p:.3f}", word,
+        rows.append([a, k, iv.show(), _ci(seeds), f"{p:.3f}", word,
                      _ci(items)])  # fmt: skip
     n_items = sum(t["n_test"] for t in runs[0].results["tasks"])
     head = ["agent", "metric", f"mean over {len(runs)} seeds [95% CI]", f"− {baseline}, seeds (paired t)",
