@@ -156,7 +156,7 @@ class ContinualLoop:
         examples = strategy.train_examples(agent, task, seen)
         log.info("round %d: %s trains on %s (%d examples, %s)", round_idx, agent, task.name, len(examples), task.kind)
         labels = self.stream.label_space(self.stream.index(task.name), self.evaluator.seen_index(round_idx))
-        offset, exp = self.state.step, Experience(agent, task, examples, strategy, seed, lr)
+        offset, exp = self.state.step, Experience(agent, task, examples, strategy, seed, lr, round_idx)
         on_loss = lambda step, loss: self.log.train_loss(agent, offset + step, loss)  # noqa: E731
         curve = lambda: self.evaluator.val_score(agent, task, labels)  # noqa: E731
         result = self.backends[strategy.fit_backend].fit(exp, on_loss, curve)

@@ -9,7 +9,7 @@ Compose it with any CL strategy (``distill=<preset>`` does ``Compose([strategy, 
 Teachers (``teachers``):
 
 * ``peers`` — every other agent that has learnt something (trained or received knowledge);
-* ``specialists`` — per-task routing: the agents that trained the current task teach it;
+* ``specialists`` — per-task routing: the agents that trained the current task in an earlier round teach it;
 * a list of agent names;
 * plus ``external`` teachers (label distributions from another architecture, e.g. MiniLM). With several bases
   (``population=bases``), teachers on another base than the student teach classification like external ones, by
@@ -162,6 +162,7 @@ class Distill(Strategy):
         self.current: TeacherCache | None = None
         self.val_acc: list[float] | None = None
         self.task: Task | None = None
+        self.round: int | None = None  # the round of the experience being trained (None outside a loop: any round)
         self._rows: set[tuple[str, str]] = set()
         self._live: TeacherCache | None = None  # uncached: this batch's teachers' outputs
         self._taught: list[str] = []  # teachers of the last experience (for the agent's history)
@@ -185,12 +186,10 @@ class Distill(Strategy):
         """The agent teachers of ``agent`` for ``task`` (never the student itself)."""
         if self.teachers == "peers":
             return [n for n, a in population.agents.items() if n != agent and a.history]
-        if self.teachers == "specialists":
-            return [
-                n
-                for n, a in population.agents.items()
-                if n != agent and any(e.event == "trained" and e.task == task.name for e in a.history)
-            ]
+        if self.teachers == "specialists":  # trained it before this round: the round's order never decides who teaches
+            before = self.round if self.round is not None else float("inf")
+            done = lambda a: any(e.event == "trained" and e.task == task.name and e.round < before for e in a.history)  # noqa: E731
+            return [n for n, a in population.agents.items() if n != agent and done(a)]
         everyone = self.everyone or population.names
         unknown = [t for t in self.teachers if t not in everyone]
         if unknown:
@@ -201,6 +200,7 @@ class Distill(Strategy):
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         pop, agent = module.population, module.agent
         self.task, self.current, self.on_policy_steps, self.routed = task, None, 0, {}
+        self.round = module.round_idx
         if self.students is not None and agent not in self.students:
             return
         self._rows = {(ex.prompt, ex.answer) for ex in task.train}

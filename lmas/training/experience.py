@@ -107,6 +107,7 @@ class IncrementalLM(L.LightningModule):
         self.trunk = trunk  # a lmas.lm.trunk.SharedTrunk: the frozen bottom layers cached per example
         self.losses: list[float] = []  # per-step total loss, read by the loop for curves
         self.examples: Sequence[tuple[Example, str]] = ()  # the experience's data; batch["index"] points here
+        self.round_idx: int | None = None  # the loop's round of this experience (None outside a loop)
 
     def on_train_start(self) -> None:
         if self.trunk is not None:

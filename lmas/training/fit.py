@@ -40,6 +40,7 @@ class Experience:
     strategy: Strategy
     seed: int
     lr: float | None = None  # the learning rate of this fit (None: train.lr); population evolution sets it per agent
+    round_idx: int | None = None  # the loop's round (strategies read it from the module: module.round_idx)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class LightningFit:
             warmup_steps=cfg.warmup_steps,
             trunk=self.trunk,
         )
-        module.examples = exp.examples
+        module.examples, module.round_idx = exp.examples, exp.round_idx
         self.population.activate(exp.agent)
         strategy.before_task(module, exp.task)
         callbacks: list[L.Callback] = [_StepLogger(cfg.log_every, on_loss)]

@@ -219,6 +219,30 @@ def test_specialists_route_each_task_to_the_agents_that_trained_it(tiny_base, ne
         Distill(teachers=["zz"]).teachers_for(pop, "c", news)
 
 
+def test_specialists_are_the_agents_that_trained_the_task_in_an_earlier_round(tiny_base, news):
+    """Students trained one after the other in a round are not each other's specialists: who teaches a student must
+    not depend on the order its round trains them in (the distillation losses study once taught its third student
+    by the specialist and the two students before it)."""
+    pop = Population(tiny_base, agents=["spec", "s1", "s2"], lora={"r": 4, "alpha": 8})
+    pop.agents["spec"].history.append({"round": 0, "event": "trained", "task": "news"})
+    pop.agents["s1"].history.append({"round": 1, "event": "trained", "task": "news"})  # earlier in round 1
+    d = Distill(teachers="specialists")
+    d.round = 1
+    assert d.teachers_for(pop, "s2", news) == ["spec"]
+    d.round = 2  # a later round: s1 is a specialist now
+    assert d.teachers_for(pop, "s2", news) == ["spec", "s1"]
+    d.round = None  # outside a loop: every agent that trained it
+    assert d.teachers_for(pop, "s2", news) == ["spec", "s1"]
+
+
+def test_every_student_of_the_losses_preset_is_taught_by_the_task_specialist_alone(run_lmas, fast_overrides, tmp_path):
+    res = run_lmas([*fast_overrides, "experiment=distillation/losses"], tmp_path / "run")
+    for student in ("s_kl", "s_rkl", "s_jsd", "s_gkd", "s_skew"):
+        events = [e for e in res["agents"][student]["history"] if e["event"] == "trained"]
+        assert [(e["task"], e["teachers"]) for e in events] == [(t, [t]) for t in ("bbc", "chat", "math")], student
+    assert all("teachers" not in e for e in res["agents"]["s_none"]["history"])
+
+
 def test_minilm_teacher_teaches_a_smollm2_tokenizer_student_through_labels(tiny_base, news, tmp_path):
     """A BERT-architecture teacher with its own tokenizer; the student (SmolLM2 tokenizer) learns
     from its label distributions."""
