@@ -200,7 +200,7 @@ class Distill(Strategy):
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         pop, agent = module.population, module.agent
         self.task, self.current, self.on_policy_steps, self.routed = task, None, 0, {}
-        self.round = module.round_idx
+        self.round = getattr(module, "round_idx", None)  # None: a module outside a loop (any round)
         if self.students is not None and agent not in self.students:
             return
         self._rows = {(ex.prompt, ex.answer) for ex in task.train}
