@@ -115,8 +115,7 @@ def federated(runs_dir: str) -> str:
 
 
 def _level(runs: dict[tuple, dict], key: str) -> str:
-    iv = run_interval([mean_client(r, key) for r in runs.values()])
-    return f"{iv.estimate:.3f}" + ("" if math.isnan(iv.low) else f" [{iv.low:.3f}, {iv.high:.3f}]")
+    return run_interval([mean_client(r, key) for r in runs.values()]).show()
 
 
 def _cost(runs: dict[tuple, dict], key: str) -> str:
