@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--seeds", type=lambda v: [int(x) for x in v.split(",")], help="only these seeds, e.g. 0 or 0,1")
     sub.add_parser("federated", help="the federated study: each aggregator vs local-only, per partition").add_argument(
         "runs_dir", help="the study's runs folder, e.g. experiments/populations/federated")
+    sl = sub.add_parser("self_learning_study", help="the self-learning study: each rule's gain over round 0 (CIs)")
+    sl.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/distillation/self_learning")
+    sl.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
     m = sub.add_parser("merge_methods", help="the merge-methods study: quality, expert gap, cost; each vs a baseline")
     m.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/knowledge_transfer/merge_methods")
     m.add_argument("--baseline", default="merged_exact", help="the merged agent compared with (default merged_exact)")
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.what == "merge_methods":
         print(study_table("knowledge_transfer").merge_methods(args.runs_dir, args.baseline, args.resamples))
+        return
+    if args.what == "self_learning_study":
+        print(study_table("distillation").self_learning_study(args.runs_dir, args.resamples))
         return
     if args.what == "federated":
         print(study_table("populations").federated(args.runs_dir))

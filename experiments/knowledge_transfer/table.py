@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import scipy.stats
 
 from lmas.data.task import TOKEN_WEIGHTED
-from lmas.metrics.intervals import Interval, bootstrap_intervals
+from lmas.metrics.intervals import Interval, item_mean_difference
 from lmas.metrics.stats import NOT_RESOLVED, RunRecords, holm, load_run, run_interval, verdict
 
 EVENT = "merge_methods"
@@ -142,18 +141,5 @@ def merge_methods(runs_dir: str, baseline: str = "merged_exact", resamples: int 
 
 
 def _item_difference(X: list[dict], tasks: list[str], agent: str, baseline: str, resamples: int) -> Interval:
-    """Mean over runs and tasks of ``agent − baseline`` with a bootstrap over each task's test items (the same
-    resampled items in every run: they share the test set), and its two-sided p-value."""
-    D = [np.stack([x[agent, t] - x[baseline, t] for x in X]) for t in tasks]  # per task: (runs, N)
-
-    def statistic(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.mean([d[:, i].mean(-1).mean(0) for d, i in zip(D, idx, strict=True)], axis=0)
-
-    samples = tuple(np.arange(d.shape[1]) for d in D)
-    n = sum(d.shape[1] for d in D)
-    label = f"paired item bootstrap, {len(X)} run(s), {n} items"
-    if all(not d.any() for d in D):  # the same answer on every item of every run: nothing to resample
-        return Interval(0.0, 0.0, 0.0, n, label + " (identical answers)", 1.0)
-    res = scipy.stats.bootstrap(samples, statistic, n_resamples=resamples, vectorized=True, paired=False,
-                                method="percentile", rng=np.random.default_rng(0))  # fmt: skip
-    return bootstrap_intervals({"mean": float(statistic(*samples))}, res, n, label, True)["mean"]
+    """Mean over runs and tasks of ``agent − baseline``, bootstrapped over each task's test items."""
+    return item_mean_difference([np.stack([x[agent, t] - x[baseline, t] for x in X]) for t in tasks], resamples)

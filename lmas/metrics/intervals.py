@@ -196,6 +196,27 @@ def bootstrap_intervals(point: dict[str, float], res: Any, n: int, label: str, w
     }
 
 
+def item_mean_difference(diffs: Sequence[np.ndarray], resamples: int = 4999, seed: int = 0) -> Interval:
+    """Mean over runs and strata (tasks) of paired per-item differences, with a percentile bootstrap that resamples
+    each stratum's test items (the same resampled items in every run: the runs share the test set) and its
+    two-sided p-value. ``diffs``: per stratum a ``(runs, N)`` array of (A − B) outcomes on the same items."""
+    D = [np.atleast_2d(np.asarray(d, dtype=float)) for d in diffs]
+    if not D or len({d.shape[0] for d in D}) != 1:
+        raise ValueError(f"item_mean_difference: need per-stratum arrays of the same runs, got {[d.shape for d in D]}")
+
+    def statistic(*idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.mean([d[:, i].mean(-1).mean(0) for d, i in zip(D, idx, strict=True)], axis=0)
+
+    samples = tuple(np.arange(d.shape[1]) for d in D)
+    n = sum(d.shape[1] for d in D)
+    label = f"paired item bootstrap, {D[0].shape[0]} run(s), {n} items"
+    if all(not d.any() for d in D):  # the same outcome on every item of every run: nothing to resample
+        return Interval(0.0, 0.0, 0.0, n, label + " (identical answers)", 1.0)
+    res = scipy.stats.bootstrap(samples, statistic, n_resamples=resamples, vectorized=True, paired=False,
+                                method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
+    return bootstrap_intervals({"mean": float(statistic(*samples))}, res, n, label, True)["mean"]
+
+
 def item_intervals(
     run: RunRecords | str | os.PathLike,
     agent: str | None = None,

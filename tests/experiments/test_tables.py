@@ -216,3 +216,53 @@ def test_merge_methods_scores_each_merge_against_the_exact_one_with_its_expert_g
     moved.write_text(moved.read_text().replace(res[1]["tasks"][0]["test_digest"], "0" * 64))
     with pytest.raises(SystemExit, match="the test items differ"):
         table.merge_methods(str(tmp_path / "runs"))
+
+
+def test_self_learning_study_gives_each_rule_its_gain_over_round_0_and_compares_the_rules(run_lmas, tmp_path):
+    """The self-learning study's table: per labelling rule, the student after round 0 and after the last cycle,
+    each task's gain and the mean's (seed-level paired t, Holm over the table; item bootstrap), the pseudo-labels
+    summed over cycles and seeds; then the two rules paired by seed."""
+    import numpy as np
+
+    from lmas.metrics.records import load_run
+    from lmas.metrics.stats import holm, run_interval
+
+    fast = ["model=tiny", "debug=fast", "logger=csv", "experiment=self_learning", "loop.seed_labels=4",
+            "loop.chunk=6", "loop.cycles=2", "stream.split_seed=${seed}", f"paths.output_dir={tmp_path}"]  # fmt: skip
+    runs = tmp_path / "runs"
+    res = {(rule, s): run_lmas([*fast, f"loop.labelling={rule}", f"seed={s}"], runs / f"{rule}-{s}")
+           for rule in ("agreement", "confidence") for s in (0, 1)}  # fmt: skip
+    table = tables.study_table("distillation")
+    md = table.self_learning_study(str(runs), resamples=999)
+    rows = {r[0]: r for r in _rows(md.split("\n\nThe rules")[0])}
+    assert list(rows) == ["agreement", "confidence"]
+    tasks = res["agreement", 0]["matrix"]["tasks"]
+    rec = {k: load_run(runs / f"{k[0]}-{k[1]}") for k in res}
+
+    def acc(k, r, t):
+        return float(rec[k].rounds[r][f"student/{t}"].mean())
+
+    tests = []
+    for rule in rows:
+        cyc = [c for s in (0, 1) for c in res[rule, s]["self_learning"] if c["cycle"] > 0]
+        kept = sum(st["kept"] for c in cyc for st in c["tasks"].values())
+        arrived = sum(st["arrived"] for c in cyc for st in c["tasks"].values())
+        assert rows[rule][1:3] == ["2", f"{kept}/{arrived}"]
+        assert rows[rule][4] == f"{sum(c['accepted'] for c in cyc)}/{len(cyc)}"
+        before = run_interval([float(np.mean([acc((rule, s), 0, t) for t in tasks])) for s in (0, 1)])
+        assert rows[rule][5] == before.show()
+        for j, on in enumerate([[t] for t in tasks] + [tasks]):
+            g = run_interval([float(np.mean([acc((rule, s), 2, t) - acc((rule, s), 0, t) for t in on]))
+                              for s in (0, 1)])  # fmt: skip
+            assert rows[rule][7 + j].startswith(g.show(signed=True)), (rule, on, rows[rule][7 + j])
+            tests += [g] if g.low == g.low else []
+    final = {k: float(np.mean([acc(k, 2, t) for t in tasks])) for k in res}
+    d = run_interval([final["confidence", s] - final["agreement", s] for s in (0, 1)])
+    tests += [d] if d.low == d.low else []
+    tail = md.split("\n\nThe rules")[1]
+    assert f"confidence − agreement {d.show(signed=True)}" in tail
+    for iv, p in zip(tests, holm([iv.p for iv in tests]), strict=True):
+        assert f"{iv.show(signed=True)}, Holm p {p:.3f}" in md
+    run_lmas(["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}"], runs / "plain")
+    with pytest.raises(SystemExit, match=r"without a `self_learning` record .*plain"):
+        table.self_learning_study(str(runs))
