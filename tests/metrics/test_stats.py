@@ -397,3 +397,20 @@ def test_runs_pair_by_stream_task_order_and_seed(tmp_path):
     b = [run("b5", ["y", "x"], 0), run("b4", ["x", "y"], 0)]
     pairs = _pairs(a, b)
     assert [(p.path.name, q.path.name) for p, q in pairs] == [("a4", "b4"), ("a5", "b5")]
+
+
+def test_item_mean_difference_averages_runs_then_items_then_strata_and_resamples_each_stratum():
+    from lmas.metrics.intervals import item_mean_difference
+
+    a = np.array([[1, 0, 0, 1], [1, 1, 0, 1]])  # stratum 1: 2 runs x 4 items -> run means 0.5, 0.75
+    b = np.array([[0, 0, 0, 0, 0, 1], [0, 0, -1, 0, 0, 0]])  # stratum 2: run means 1/6, -1/6
+    iv = item_mean_difference([a, b], resamples=999)
+    assert iv.estimate == pytest.approx((0.625 + 0.0) / 2) and iv.n == 10
+    assert iv.low <= iv.estimate <= iv.high and iv.low < iv.high and 0 <= iv.p <= 1
+    assert "2 run(s), 10 items" in iv.method
+    same = item_mean_difference([np.zeros((3, 5)), np.zeros((3, 2))])
+    assert (same.estimate, same.low, same.high, same.p) == (0.0, 0.0, 0.0, 1.0)
+    ones = item_mean_difference([np.ones((1, 40))], resamples=999)  # every item +1: nothing can move it
+    assert ones.estimate == ones.low == ones.high == 1.0 and ones.p < 0.01
+    with pytest.raises(ValueError, match=r"same runs, got \[\(2, 4\), \(1, 6\)\]"):
+        item_mean_difference([a, b[:1]])
