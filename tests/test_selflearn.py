@@ -72,7 +72,8 @@ def _loop_with_votes(run_lmas, fast_overrides, tmp_path, monkeypatch, votes, lab
 def test_agreement_and_confidence_labelling(fast_overrides, tmp_path, run_lmas, monkeypatch):
     from lmas.data.sources import bbc_topics
 
-    task = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)  # conf/stream/self_learning.yaml
+    # conf/stream/self_learning.yaml, resampled as experiment=self_learning does (stream.split_seed: ${seed}, 0)
+    task = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160).resampled(0)
     gold = [task.labels.index(ex.answer) for ex in task.train[4:10]]
     n_lab = len(task.labels)
     votes = torch.full((2, 6, n_lab), 0.01)
@@ -125,7 +126,7 @@ def test_strategies_see_only_the_labelled_pool_never_the_withheld_labels(fast_ov
     res = run_lmas(fast_overrides + SMALL + ["strategy=joint"], tmp_path / "sl")
     from lmas.data.sources import bbc_topics
 
-    bbc = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160)
+    bbc = bbc_topics("bbc", n_train=160, n_val=20, n_test=40, max_chars=160).resampled(0)  # split_seed: ${seed}
     seed_rows = [(ex.prompt, ex.answer) for ex in bbc.train[:4]]
     kept = [c["tasks"]["bbc"]["kept"] for c in res["self_learning"]]
     # training chat in cycle r, the bbc rows a strategy sees: the seed, plus accepted cycles' pseudo-labels
