@@ -37,18 +37,10 @@ def _student_outcomes(run: RunRecords, tasks: list[str]) -> tuple[dict[str, np.n
     last = max(run.rounds)
     if last != len(m["values"]) - 1 or 0 not in run.rounds:
         raise SystemExit(f"{run.path}/per_example: rounds {sorted(run.rounds)} but the matrix has {len(m['values'])}")
-    out: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] = ({}, {})
-    for r, into in ((0, out[0]), (last, out[1])):
-        for t in tasks:
-            key = f"{student}/{t}"
-            if key not in run.rounds[r]:
-                raise SystemExit(f"{run.path}/per_example/round{r:03d}.npz: no array {key!r}")
-            x = np.asarray(run.rounds[r][key], dtype=float)
-            stored = m["values"][r][m["agents"].index(student)][m["tasks"].index(t)]
-            if x.ndim != 1 or not math.isclose(float(x.mean()), stored, rel_tol=1e-4, abs_tol=1e-6):
-                raise SystemExit(f"{run.path}/per_example: {key} round {r} gives {x.mean()}, the matrix {stored}")
-            into[t] = x
-    return out
+    try:
+        return ({t: run.outcomes(0, student, t) for t in tasks}, {t: run.outcomes(last, student, t) for t in tasks})
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
 
 
 def _pseudo_labels(runs: list[RunRecords]) -> tuple[str, str, str]:

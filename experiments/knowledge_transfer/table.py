@@ -47,20 +47,10 @@ def _outcomes(run: RunRecords, tasks: list[str], agents: list[str]) -> dict[tupl
     """``(agent, task) -> (N,)`` per-item outcomes after the last round, checked against the run's matrix."""
     if not run.rounds:
         raise SystemExit(f"{run.path}: no per_example/ records; the merge table resamples test items")
-    last = max(run.rounds)
-    m = run.results["matrix"]
-    out = {}
-    for a in agents:
-        for t in tasks:
-            key = f"{a}/{t}"
-            if key not in run.rounds[last]:
-                raise SystemExit(f"{run.path}/per_example/round{last:03d}.npz: no array {key!r}")
-            x = np.asarray(run.rounds[last][key], dtype=float)
-            stored = m["values"][last][m["agents"].index(a)][m["tasks"].index(t)]
-            if x.ndim != 1 or not math.isclose(float(x.mean()), stored, rel_tol=1e-4, abs_tol=1e-6):
-                raise SystemExit(f"{run.path}/per_example: {key} gives {x.mean()} but the matrix has {stored}")
-            out[a, t] = x
-    return out
+    try:
+        return {(a, t): run.outcomes(max(run.rounds), a, t) for a in agents for t in tasks}
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
 
 
 def merge_methods(runs_dir: str, baseline: str = "merged_exact", resamples: int = 4999) -> str:

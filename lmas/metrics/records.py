@@ -47,6 +47,22 @@ class RunRecords:
         value = self.results["metrics"].get(agent or self.agent, {}).get(key)
         return math.nan if value is None else float(value)
 
+    def outcomes(self, round_idx: int, agent: str, task: str) -> np.ndarray:
+        """``(N,)`` per-item scores of ``agent`` on an accuracy, exact-match or ROUGE-L ``task`` after ``round_idx``,
+        checked against the run's matrix (any agent of the matrix, also one that trained nothing, e.g. a merge)."""
+        where = f"{self.path}/per_example/round{round_idx:03d}.npz"
+        if not self.rounds or round_idx not in self.rounds:
+            raise ValueError(f"{where}: no such per-example record (rounds: {sorted(self.rounds or {})})")
+        key = f"{agent}/{task}"
+        if key not in self.rounds[round_idx]:
+            raise ValueError(f"{where}: no array {key!r}")
+        x = np.asarray(self.rounds[round_idx][key], dtype=float)
+        m = self.results["matrix"]
+        stored = m["values"][round_idx][m["agents"].index(agent)][m["tasks"].index(task)]
+        if x.ndim != 1 or not math.isclose(float(x.mean()), stored, rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(f"{where}: {key} gives {x.mean()} (shape {x.shape}) but the matrix has {stored}")
+        return x
+
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:

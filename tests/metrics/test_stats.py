@@ -165,6 +165,25 @@ def test_missing_or_foreign_records_are_errors_naming_the_file(tmp_path):
         load_run(tmp_path / "nothing")
 
 
+def test_one_agents_outcomes_of_a_round_are_read_and_checked_against_the_matrix(tmp_path):
+    path = sequence_run(tmp_path / "r", n=50)
+    run = load_run(path)
+    with np.load(path / "per_example" / "round001.npz") as f:
+        stored = f["agent0/b"]
+    x = run.outcomes(1, "agent0", "b")
+    assert x.dtype == float and np.array_equal(x, stored)
+    assert x.mean() == pytest.approx(run.results["matrix"]["values"][1][0][1], rel=1e-6)
+    with pytest.raises(ValueError, match=r"round007\.npz: no such per-example record \(rounds: \[0, 1, 2\]\)"):
+        run.outcomes(7, "agent0", "a")
+    with pytest.raises(ValueError, match=r"round001\.npz: no array 'agent0/z'"):
+        run.outcomes(1, "agent0", "z")
+    run.rounds[1]["agent0/b"] = 1 - stored  # records of another run: the matrix disagrees
+    with pytest.raises(ValueError, match=r"round001\.npz: agent0/b gives .* but the matrix has"):
+        run.outcomes(1, "agent0", "b")
+    with pytest.raises(ValueError, match=r"shape \(50, 2\)"):  # a perplexity task is not a per-item score
+        run.outcomes(1, "agent0", "c")
+
+
 def test_a_perplexity_array_of_the_wrong_shape_is_an_error(tmp_path):
     path = sequence_run(tmp_path / "r")
     f = path / "per_example" / "round000.npz"
