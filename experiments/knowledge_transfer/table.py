@@ -47,8 +47,9 @@ def _outcomes(run: RunRecords, tasks: list[str], agents: list[str]) -> dict[tupl
     """``(agent, task) -> (N,)`` per-item outcomes after the last round, checked against the run's matrix."""
     if not run.rounds:
         raise SystemExit(f"{run.path}: no per_example/ records; the merge table resamples test items")
+    last = max(run.rounds)
     try:
-        return {(a, t): run.outcomes(max(run.rounds), a, t) for a in agents for t in tasks}
+        return {(a, t): run.outcomes(last, a, t) for a in agents for t in tasks}
     except ValueError as err:
         raise SystemExit(str(err)) from err
 
