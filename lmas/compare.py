@@ -33,9 +33,11 @@ from pathlib import Path
 
 import yaml
 
-from lmas.metrics.stats import PAPER_NAMES
+from lmas.metrics.stats import KEYS, PAPER_NAMES
 
-METRICS = ("avg_acc", "forgetting", "bwt", "fwt", "plasticity")
+METRICS = KEYS
+"""Every metric a run's summary may hold (classification, perplexity, general-ability probes); a table shows those
+its runs have."""
 IGNORED_OVERRIDES = ("seed", "stream.order", "paths.", "logger", "hydra.", "progress", "debug")
 
 
@@ -188,8 +190,15 @@ def cost(results: dict, key: str) -> float | None:
     return results.get("timings", {}).get(key)
 
 
+def metrics_of(runs: list[Run], agent: str | None = None) -> list[str]:
+    """The :data:`METRICS` every run has for ``agent`` (default: each run's first): what the statistics compare."""
+    have = [set(r.results["metrics"].get(agent or next(iter(r.results["metrics"])), {})) for r in runs]
+    return [k for k in METRICS if all(k in h for h in have)]
+
+
 def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
-    """One row per group: ``group``, ``n``, ``<metric>_mean``/``_std`` and the costs' (:data:`COSTS`)."""
+    """One row per group: ``group``, ``n``, ``<metric>_mean``/``_std`` for the :data:`METRICS` all its runs have, and
+    the costs' (:data:`COSTS`)."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         if agent is not None and agent not in r.results["metrics"]:
@@ -198,15 +207,9 @@ def compare(runs: list[Run], agent: str | None = None) -> list[dict]:
     rows = []
     for name, members in groups.items():
         row: dict = {"group": name, "n": len(members), "seeds": sorted(m.results.get("seed") for m in members)}
-        for key in METRICS:
-            vals = []
-            for m in members:
-                who = agent or next(iter(m.results["metrics"]))
-                value = m.results["metrics"].get(who, {}).get(key)
-                if value is not None:
-                    vals.append(value)
-            if vals:
-                row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals)
+        for key in metrics_of(members, agent):  # a cell never averages over only some of its group's runs
+            vals = [m.results["metrics"][agent or next(iter(m.results["metrics"]))][key] for m in members]
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std(vals)
         for key in COSTS:
             vals = [v for m in members if (v := cost(m.results, key)) is not None]
             if vals:
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             baseline = resolve_group(args.baseline, list(groups))
             upper = resolve_group(args.upper, list(groups)) if args.upper else None
-            srows = stats.comparison_table(groups, baseline, upper, args.agent)
+            srows = stats.comparison_table(groups, baseline, upper, args.agent, keys=metrics_of(runs, args.agent))
         except ValueError as err:
             print(f"lmas-compare: {err}", file=sys.stderr)
             return 2

@@ -105,12 +105,14 @@ def test_baseline_adds_paired_statistics_over_real_runs(tmp_path, run_lmas, fast
     assert "comparison_stats.md" in capsys.readouterr().out
 
 
-def _matrix_run(root: Path, strategy: str, seed: int, a_last: float) -> Path:
+def _matrix_run(root: Path, strategy: str, seed: int, a_last: float, probe_last: float | None = None) -> Path:
     """A finished two-task run (results.json with its matrix and metrics, no per-example records), grouped by
-    its overrides; ``a_last``: task a's score after the last round (sets forgetting and avg_acc)."""
+    its overrides; ``a_last``: task a's score after the last round (sets forgetting and avg_acc); ``probe_last``:
+    with a general-ability probe ``p`` (0.6 untrained), its score after the last round."""
     from lmas.metrics import KnowledgeMatrix
 
-    km = KnowledgeMatrix(["agent0"], ["a", "b"], {"a": "accuracy", "b": "accuracy"})
+    tasks = ["a", "b"] + (["p"] if probe_last is not None else [])
+    km = KnowledgeMatrix(["agent0"], tasks, dict.fromkeys(tasks, "accuracy"), probes=tasks[2:])
     for t in ("a", "b"):
         km.record_initial("agent0", t, 0.25)
     for r, (va, vb) in enumerate([(0.8, 0.3), (a_last, 0.7)]):
@@ -118,6 +120,10 @@ def _matrix_run(root: Path, strategy: str, seed: int, a_last: float) -> Path:
         km.record(r, "agent0", "a", va)
         km.record(r, "agent0", "b", vb)
         km.mark_trained(r, "agent0", "ab"[r])
+    if probe_last is not None:
+        km.record_initial("agent0", "p", 0.6)
+        km.record(0, "agent0", "p", 0.6)
+        km.record(1, "agent0", "p", probe_last)
     d = root / f"{strategy}{seed}"
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"strategy={strategy}", f"seed={seed}"]))
@@ -160,6 +166,27 @@ def test_paper_names_and_a_group_with_fewer_seeds_than_the_baseline(tmp_path, ca
     _matrix_run(tmp_path / "runs", "seqft", 3, 0.3)
     assert main([str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive"]) == 2
     assert re.search(r"without a partner.*seqft3", capsys.readouterr().err)
+
+
+def test_probe_metrics_are_shown_and_compared_when_every_run_has_them(tmp_path):
+    """Runs with a general-ability probe: probe_acc and probe_forgetting are columns of both tables, and the paired
+    difference of probe_forgetting is the mean of the per-seed differences; a run without probes drops them."""
+    naive, replay = {0: 0.4, 1: 0.5}, {0: 0.55, 1: 0.6}
+    for s in (0, 1):
+        _matrix_run(tmp_path / "runs", "naive", s, 0.5, probe_last=naive[s])
+        _matrix_run(tmp_path / "runs", "replay", s, 0.6, probe_last=replay[s])
+    out = tmp_path / "cmp"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive"]) == 0
+    assert "| probe_acc | probe_forgetting |" in (out / "comparison.md").read_text().splitlines()[0]
+    rows = {(r["group"], r["metric"]): r for r in csv.DictReader((out / "comparison_stats.csv").open())}
+    lost = rows["strategy=replay", "probe_forgetting"]  # (0.6 - replay) - (0.6 - naive), averaged over seeds
+    assert float(lost["diff"]) == pytest.approx(sum(naive[s] - replay[s] for s in (0, 1)) / 2)
+    assert float(rows["strategy=naive", "probe_forgetting"]["mean"]) == pytest.approx(0.6 - 0.45)
+    _matrix_run(tmp_path / "runs", "naive", 2, 0.5)  # no probe: naive's probe cells would average 2 of its 3 runs
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--baseline", "strategy=naive"]) == 0
+    table = {r["group"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    assert table["strategy=naive"]["probe_acc_mean"] == "" and float(table["strategy=replay"]["probe_acc_mean"]) > 0
+    assert "probe" not in (out / "comparison_stats.md").read_text()  # the statistics compare what every run has
 
 
 def test_a_baseline_may_name_only_the_overrides_that_single_out_its_group():
