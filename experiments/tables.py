@@ -5,6 +5,7 @@
     python experiments/tables.py distillation <specialists runs> ... [--joint <joint runs> ...]
     python experiments/tables.py minilm <run or multirun dir> ...
     python experiments/tables.py self_learning <run or multirun dir> ...
+    python experiments/tables.py probes <run or multirun dir> ...
     python experiments/tables.py model_selection <runs dir>
     python experiments/tables.py agents <runs dir> --baseline s_none [--agents s_kl,s_rkl] [--metrics avg_acc]
     python experiments/tables.py reproduction <runs dir> [--baseline strategy=naive --upper strategy=joint]
@@ -212,6 +213,31 @@ def self_learning(runs: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+def probes(runs: list[dict]) -> str:
+    """Per general-ability probe (scored, never trained) and strategy: the untrained model's score, each run's after
+    the last round (by seed) and their mean change (first agent's row)."""
+    names = list(dict.fromkeys(p for run in runs for p in run["matrix"].get("probes", [])))
+    if not names:
+        raise SystemExit("no general-ability probes in these runs (they run with probes=general)")
+    by: dict[str, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        by.setdefault(run["strategy"], []).append(run)
+    rows = []
+    for probe in names:
+        for strategy, members in by.items():
+            before, after = [], []
+            for run in members:
+                m = run["matrix"]
+                if probe not in m["tasks"]:
+                    raise SystemExit(f"{run['dir']}: no probe {probe!r} (its probes: {m.get('probes', [])})")
+                before.append(m["initial"][0][m["tasks"].index(probe)])
+                after.append(final(run)[m["agents"][0]][probe])
+            change = statistics.mean(a - b for a, b in zip(after, before, strict=True))
+            rows.append([probe, strategy, fmt(statistics.mean(before)), ", ".join(fmt(a) for a in after),
+                         f"{change:+.3f}", ", ".join(str(r["seed"]) for r in members)])
+    return table(["probe", "strategy", "untrained", "after the last round (per seed)", "mean change", "seeds"], rows)
+
+
 # --- model_selection ------------------------------------------------------------------------------
 def _ci(iv: Interval) -> str:
     return iv.show(signed=True, p=True)
@@ -308,7 +334,7 @@ def study_table(study: str) -> ModuleType:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    for name in ("forward_transfer", "topologies", "self_learning", "minilm"):
+    for name in ("forward_transfer", "topologies", "self_learning", "minilm", "probes"):
         sub.add_parser(name).add_argument("runs", nargs="+")
     sub.choices["forward_transfer"].add_argument("--plot", help="also draw the learning curves into this PNG")
     d = sub.add_parser("distillation")
@@ -374,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
         print(distillation(runs, load_runs(args.joint) if args.joint else []))
     elif args.what == "minilm":
         print(minilm(runs))
+    elif args.what == "probes":
+        print(probes(runs))
     else:
         print(self_learning(runs))
 

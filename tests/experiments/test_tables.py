@@ -266,3 +266,29 @@ def test_self_learning_study_gives_each_rule_its_gain_over_round_0_and_compares_
     run_lmas(["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}"], runs / "plain")
     with pytest.raises(SystemExit, match=r"without a `self_learning` record .*plain"):
         table.self_learning_study(str(runs))
+
+
+def test_probes_gives_each_strategys_probe_scores_before_and_after_its_runs():
+    """Per probe and strategy: the untrained score, each seed's after the last round, their mean change; runs
+    without probes are refused by name."""
+    from lmas.metrics import KnowledgeMatrix
+
+    def run(strategy: str, seed: int, after: float) -> dict:
+        km = KnowledgeMatrix(["agent0"], ["a", "p"], {"a": "accuracy", "p": "accuracy"}, probes=["p"])
+        km.record_initial("agent0", "a", 0.2)
+        km.record_initial("agent0", "p", 0.6)
+        km.start_round()
+        km.record(0, "agent0", "a", 0.9)
+        km.record(0, "agent0", "p", after)
+        km.mark_trained(0, "agent0", "a")
+        return {"strategy": strategy, "seed": seed, "matrix": km.to_dict(), "dir": f"{strategy}{seed}"}
+
+    runs = [run("naive", 1, 0.5), run("naive", 0, 0.4), run("replay", 0, 0.7)]
+    assert _rows(tables.probes(runs)) == [
+        ["p", "naive", "0.600", "0.400, 0.500", "-0.150", "0, 1"],
+        ["p", "replay", "0.600", "0.700", "+0.100", "0"],
+    ]
+    bare = run("naive", 2, 0.5)
+    bare["matrix"]["probes"] = []
+    with pytest.raises(SystemExit, match="no general-ability probes"):
+        tables.probes([bare])
