@@ -31,6 +31,7 @@ from lmas.tracking import report
 from lmas.tracking.round_log import RoundLog
 from lmas.tracking.trackers import Tracker
 from lmas.training.fit import Experience
+from lmas.transfer.consolidate import library
 from lmas.transfer.policy import Transfer
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ class ContinualLoop:
         measured = self.evaluator.similarity(self.knowing())
         if measured is not None:
             self.state.similarity.append({"round": r, **measured})
+        self.state.library.append({"round": r, **self.log.library(r, library(self.population, self.knowing()))})
         self.log.round(r, self.state.matrix, self.state.messages, self.state.events, self.state.answers[r], measured)
         self.log.matrix(r, self.state.matrix, self.run_dir / "knowledge_matrix.png")
         if self.save_adapters:

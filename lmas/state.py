@@ -2,11 +2,11 @@
 
 :class:`RunState` holds the knowledge matrix, the global step, the timings, what the allocation
 assigned and what the topology answered per round, the transfer/exchange records, the learning and
-loss curves, the similarity measurements, the message counts, the prompt-truncation counts and the
-round body's own record (e.g. self-learning's cycles and labelled pool). :meth:`RunState.to_dict` is
-JSON-safe; :meth:`RunState.from_dict` rebuilds it exactly. The checkpoint stores ``to_dict()`` next to
-the adapters, the strategy's and the allocation's state and the random-number generators; results.json
-is built from the same fields (:meth:`RunState.results`).
+loss curves, the similarity measurements, the knowledge library's size per round, the message counts,
+the prompt-truncation counts and the round body's own record (e.g. self-learning's cycles and labelled
+pool). :meth:`RunState.to_dict` is JSON-safe; :meth:`RunState.from_dict` rebuilds it exactly. The
+checkpoint stores ``to_dict()`` next to the adapters, the strategy's and the allocation's state and the
+random-number generators; results.json is built from the same fields (:meth:`RunState.results`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class RunState:
     curves: dict[str, list[list[float]]] = field(default_factory=dict)  # agent/task -> [[step, value], ...]
     loss_curves: dict[str, list[float]] = field(default_factory=dict)  # agent/task -> per-step training loss
     similarity: list[dict] = field(default_factory=list)  # per round with >= 2 knowing agents
+    library: list[dict] = field(default_factory=list)  # per round: the knowing agents' units and bytes
     messages: MessageLog = field(default_factory=MessageLog)
     truncated: int = 0  # examples whose prompt was cut to max_length (the encoder counts them)
     body: dict[str, Any] = field(default_factory=dict)  # the round body's own record (JSON-safe)
@@ -68,6 +69,7 @@ class RunState:
             "curves": self.curves,
             "loss_curves": self.loss_curves,
             "similarity": self.similarity,
+            "library": self.library,
             "messages": self.messages.state_dict(),
             "truncated": self.truncated,
             "body": self.body,
@@ -88,6 +90,7 @@ class RunState:
             curves=dict(d["curves"]),
             loss_curves=dict(d["loss_curves"]),
             similarity=list(d.get("similarity", [])),
+            library=list(d.get("library", [])),
             messages=messages,
             truncated=int(d["truncated"]),
             body=dict(d.get("body", {})),
@@ -105,6 +108,7 @@ class RunState:
             "loss_curves": self.loss_curves,
             "learning_curves": self.curves,
             "similarity": self.similarity,
+            "library": self.library,
             "timings": dict(self.timings),
             "truncated_prompts": self.truncated,
         }

@@ -15,7 +15,8 @@ import pytest
 from lmas.loop import ContinualLoop
 from lmas.train import resume_config, run
 
-COMPARED = ("matrix", "metrics", "loss_curves", "learning_curves", "agents", "population", "truncated_prompts")
+COMPARED = ("matrix", "metrics", "loss_curves", "learning_curves", "agents", "population", "truncated_prompts",
+            "library")
 
 
 def _same(a: dict, b: dict, tol: float = 1e-5) -> None:

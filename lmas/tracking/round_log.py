@@ -11,6 +11,7 @@ key                                            x-axis      what
 ``transfer/<agent>/<event>_residual``          round       a merge's relative truncation error of ΔW (0 = exact)
 ``cascade/<task>/escalation_rate``             round       hierarchical topology: share of escalated examples
 ``similarity/<a>~<b>/weights|predictions``     round       inter-agent similarity (>= 2 knowing agents)
+``library/units``, ``library/bytes``           round       the knowing agents' distinct LoRA updates, their size
 ``self_learning/accepted``                     round       the self-learning gate's decision
 ``self_learning/<task>/coverage|precision``    round       pseudo-labels kept, and their precision
 =============================================  ==========  ==================================================
@@ -78,6 +79,11 @@ class RoundLog:
                     metrics[f"similarity/{pair}/{kind}"] = value
         self.tracker.log(metrics, "round", r)
         return metrics
+
+    def library(self, r: int, lib: dict[str, int]) -> dict[str, int]:
+        """The knowledge library's size after round ``r`` (:func:`lmas.transfer.consolidate.library`), logged."""
+        self.tracker.log({f"library/{k}": v for k, v in lib.items()}, "round", r)
+        return lib
 
     def self_learning(self, r: int, record: dict) -> None:
         """A self-learning cycle's decision and each task's pseudo-label coverage and precision."""

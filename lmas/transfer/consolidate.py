@@ -37,6 +37,7 @@ from lmas.transfer.policy import Transfer, knowing_peers
 from lmas.transfer.task_vectors import elect_and_fuse
 
 if TYPE_CHECKING:
+    from lmas.population.bases import Bases
     from lmas.population.population import Population
 
 
@@ -85,15 +86,17 @@ def content_key(update: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def library(population: Population, agents: Sequence[str]) -> dict[str, int]:
-    """Units (distinct contents) and bytes (every adapter's parameters, each distinct unit once) of ``agents``."""
+def library(population: Population | Bases, agents: Sequence[str]) -> dict[str, int]:
+    """The knowledge library of ``agents``: units (distinct updates) and bytes (every adapter's parameters, each
+    distinct unit once). The loop records it every round (results.json ``library``); the units are the agents' LoRA
+    adapters, so knowledge a strategy writes into the base (seqft, osf) is not in it."""
     seen: dict[str, int] = {}
     for a in agents:
-        update = {m: delta(x, y) for m, (x, y) in agent_factors(population, a).items()}
-        key = content_key(update)
+        pop = population.of(a)
+        key = content_key({m: delta(x, y) for m, (x, y) in agent_factors(pop, a).items()})
         if key not in seen:
-            seen[key] = sum(v.numel() * v.element_size() for ad in population.agents[a].adapters
-                            for v in population.adapter_state(a, ad).values())  # fmt: skip
+            seen[key] = sum(v.numel() * v.element_size() for ad in pop.agents[a].adapters
+                            for v in pop.adapter_state(a, ad).values())  # fmt: skip
     return {"units": len(seen), "bytes": sum(seen.values())}
 
 

@@ -64,3 +64,25 @@ def test_a_consolidation_fuses_duplicates_reranks_and_shrinks_the_library(make_p
     assert (before["units"], after["units"]) == (3, 2) and after["bytes"] < before["bytes"]
     assert records[0]["library"] == {"before": before, "after": after}
     assert Consolidate(every=2).apply(pop, 1) == []  # not due
+
+
+def test_every_run_records_its_library_per_round_and_consolidation_shrinks_it(run_lmas, fast_overrides, tmp_path):
+    """results.json ``library``: after each round, the knowing agents' units and bytes; without consolidation every
+    unit keeps its size, with re-ranking (a budget of 0.5) the library after a consolidating round is its record's
+    ``after`` (smaller than its ``before``) plus the units of agents that learnt for the first time in that round."""
+    base = fast_overrides + ["population.agents=2", "allocation=round_robin"]
+    plain = run_lmas(base, tmp_path / "none")
+    knowing = [len({a for rnd in plain["population"]["assignments"][: r + 1]
+                   for a, _ in rnd}) for r in range(len(plain["library"]))]
+    assert [e["round"] for e in plain["library"]] == list(range(len(plain["matrix"]["values"])))
+    assert [e["units"] for e in plain["library"]] == knowing and knowing[-1] == 2
+    unit = plain["library"][0]["bytes"]
+    assert unit > 0 and all(e["bytes"] == e["units"] * unit for e in plain["library"])
+    merged = run_lmas(base + ["transfer=consolidate", "transfer.every=1", "transfer.budget=0.5"], tmp_path / "cons")
+    reranked = {e["round"]: e for a in merged["agents"].values() for e in a["history"] if e.get("method") == "rerank"}
+    assert reranked, "the 0.5 budget re-ranks some unit"
+    for r, rec in reranked.items():  # consolidated before the round's training; an agent new in round r adds a unit
+        assert rec["library"]["after"]["bytes"] < rec["library"]["before"]["bytes"]
+        new = knowing[r] - knowing[r - 1]
+        assert merged["library"][r]["bytes"] == rec["library"]["after"]["bytes"] + new * unit
+    assert merged["library"][-1]["bytes"] < plain["library"][-1]["bytes"]
