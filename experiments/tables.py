@@ -13,12 +13,15 @@
     python experiments/tables.py protocol_check <fast runs dir> <all-layer runs dir> [--seeds 0,1]
     python experiments/tables.py federated <runs dir>
     python experiments/tables.py merge_methods <runs dir> [--baseline merged_exact]
+    python experiments/tables.py consolidation <runs dir> [--agent population]
 
 ``reproduction`` is the reproduction study's main table with 95% CIs, paired differences from SeqLoRA (Holm) and
 gap-closure ratios beside the published ones, all computed by ``lmas.metrics.stats`` from the committed runs'
 records (``experiments/reproduction/table.py``); ``federated`` the federated study's table, each aggregator against
 the local-only baseline of its partition (``experiments/populations/table.py``); ``merge_methods`` each merge
-method's quality, expert gap and cost against the exact merge (``experiments/knowledge_transfer/table.py``).
+method's quality, expert gap and cost against the exact merge (``experiments/knowledge_transfer/table.py``);
+``consolidation`` the library's size and the population's accuracy with and without consolidation
+(``experiments/consolidation/table.py``).
 
 Each argument is a run directory (with ``results.json``) or a directory holding several (a Hydra
 multirun). Values are read, never recomputed: accuracies from ``matrix`` (rows: agents, then the
@@ -366,7 +369,13 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/knowledge_transfer/merge_methods")
     m.add_argument("--baseline", default="merged_exact", help="the merged agent compared with (default merged_exact)")
     m.add_argument("--resamples", type=int, default=4999, help="bootstrap resamples (default 4999)")
+    k = sub.add_parser("consolidation", help="the consolidation study: library size and accuracy, with and without")
+    k.add_argument("runs_dir", help="the study's runs folder, e.g. experiments/consolidation/runs")
+    k.add_argument("--agent", default="population", help="the row compared (default population)")
     args = parser.parse_args(argv)
+    if args.what == "consolidation":
+        print(study_table("consolidation").consolidation(args.runs_dir, args.agent))
+        return
     if args.what == "merge_methods":
         print(study_table("knowledge_transfer").merge_methods(args.runs_dir, args.baseline, args.resamples))
         return

@@ -292,3 +292,39 @@ def test_probes_gives_each_strategys_probe_scores_before_and_after_its_runs():
     bare["matrix"]["probes"] = []
     with pytest.raises(SystemExit, match="no general-ability probes"):
         tables.probes([bare])
+
+
+def test_consolidation_gives_each_arms_library_and_accuracy_and_their_paired_difference(run_lmas, tmp_path):
+    """The consolidation study's tables from tiny runs (2 seeds per arm): each arm's library after the last round
+    and the population's metrics (t-intervals over the runs), consolidate − none paired by seed with Holm over the
+    three comparisons, and the library's kB per round."""
+    from lmas.metrics.stats import holm, run_interval
+
+    fast = ["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", "population.agents=2",
+            "allocation=round_robin", "topology=master_worker"]  # fmt: skip
+    res = {(t, s): run_lmas([*fast, f"transfer={t}", f"seed={s}"]
+                            + (["transfer.every=1", "transfer.budget=0.5"] if t == "consolidate" else []),
+                            tmp_path / "runs" / f"transfer={t},seed={s}")
+           for t in ("none", "consolidate") for s in (0, 1)}  # fmt: skip
+    md = tables.study_table("consolidation").consolidation(str(tmp_path / "runs"))
+    arms, diffs, per_round = (_rows(part) for part in md.split("\n\n")[1::2])
+    kb = {k: r["library"][-1]["bytes"] / 1024 for k, r in res.items()}
+    for row, arm in zip(arms, ("none", "consolidate"), strict=True):
+        assert row[:2] == [arm, "2 (0, 1)"]
+        assert row[3] == run_interval([kb[arm, s] for s in (0, 1)]).show()
+        assert row[4] == run_interval([res[arm, s]["metrics"]["population"]["avg_acc"] for s in (0, 1)]).show()
+    want = {"library_kb": run_interval([kb["consolidate", s] - kb["none", s] for s in (0, 1)]),
+            **{k: run_interval([res["consolidate", s]["metrics"]["population"][k]
+                                - res["none", s]["metrics"]["population"][k] for s in (0, 1)])
+               for k in ("avg_acc", "forgetting")}}  # fmt: skip
+    assert [r[0] for r in diffs] == list(want) and want["library_kb"].estimate < 0  # re-ranked: smaller
+    for row, (k, iv), p in zip(diffs, want.items(), holm([iv.p for iv in want.values()]), strict=True):
+        assert row[1] == iv.show(signed=True) and row[3] == f"{p:.3g}", k
+    rounds = len(res["none", 0]["library"])
+    assert [r[0] for r in per_round] == [str(r) for r in range(rounds)]
+    assert per_round[-1][1:] == [f"{(kb[t, 0] + kb[t, 1]) / 2:.1f}" for t in ("none", "consolidate")]
+    import shutil
+
+    shutil.copytree(tmp_path / "runs" / "transfer=none,seed=0", tmp_path / "none_only" / "seed=0")
+    with pytest.raises(SystemExit, match="runs of both arms are needed"):
+        tables.study_table("consolidation").consolidation(str(tmp_path / "none_only"))
