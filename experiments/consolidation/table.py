@@ -35,7 +35,7 @@ def _arms(runs_dir: str) -> dict[str, list[RunRecords]]:
         raise SystemExit(f"{runs_dir}: no finished runs (*/results.json)")
     arms: dict[str, list[RunRecords]] = {a: [] for a in ARMS}
     for f in found:
-        run = load_run(f.parent)
+        run = load_run(f.parent, items=False)  # run-level statistics: no per-example records needed
         transfer = run.results["population"]["transfer"]
         if transfer not in arms:
             raise SystemExit(f"{f.parent}: transfer {transfer!r}, the study compares {' and '.join(ARMS)}")
