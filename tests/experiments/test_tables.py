@@ -301,7 +301,7 @@ def test_consolidation_gives_each_arms_library_and_accuracy_and_their_paired_dif
     from lmas.metrics.stats import holm, run_interval
 
     fast = ["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", "population.agents=2",
-            "allocation=round_robin", "topology=master_worker"]  # fmt: skip
+            "allocation=round_robin", "topology=master_worker", "eval.next_task=false"]  # fmt: skip (as the study)
     res = {(t, s): run_lmas([*fast, f"transfer={t}", f"seed={s}"]
                             + (["transfer.every=1", "transfer.budget=0.5"] if t == "consolidate" else []),
                             tmp_path / "runs" / f"transfer={t},seed={s}")
