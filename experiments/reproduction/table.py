@@ -207,7 +207,7 @@ def _runs_cell(i: dict[str, Any]) -> str:
 
     lo, hi = min(i["items"].values(), default=0), max(i["items"].values(), default=0)
     items = "" if not i["items"] else f"; {lo if lo == hi else f'{lo}–{hi}'} test items/task"
-    return f"{i['runs']} ({n(i['seeds'], 'seed')} × {n(i['orders'], 'order')}){items}"
+    return f"{i['runs']} ({n(i['seeds'], 'seed')}, {n(i['orders'], 'order')}){items}"
 
 
 def markdown(table: dict[str, Any]) -> str:
@@ -218,7 +218,7 @@ def markdown(table: dict[str, Any]) -> str:
     out = [f"Stream `{table['stream']}`, runs under `{table['dir']}`; 95% CIs (docs/statistics.md). Values are "
            "lmas' metrics under the papers' names too; SAPT's F.Ra, BWT and FWT are defined differently "
            "(docs/statistics.md, Paper names).", "",
-           "| strategy | in the papers | runs (seeds × orders); test items | " + " | ".join(map(_head, KEYS)) + " |",
+           "| strategy | in the papers | runs (distinct seeds, orders); test items | " + " | ".join(map(_head, KEYS)) + " |",
            "|---|---|---|" + "---|" * len(KEYS)]  # fmt: skip
     for s, i in info.items():
         cells = [_ci(at[s, k]["mean"], at[s, k]["low"], at[s, k]["high"]) if (s, k) in at else "–" for k in KEYS]

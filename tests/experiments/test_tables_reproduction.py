@@ -91,7 +91,7 @@ def test_the_table_is_lmas_metrics_stats_on_the_same_runs(runs, tmp_path, capsys
         s = row[0]
         assert row[1] == table.PAPER_METHOD[s]
         span = str(n_items[0]) if min(n_items) == max(n_items) else f"{min(n_items)}–{max(n_items)}"
-        assert row[2] == f"2 (2 seeds × 1 order); {span} test items/task"
+        assert row[2] == f"2 (2 seeds, 1 order); {span} test items/task"
         for cell, key in zip(row[3:], table.KEYS, strict=True):
             r = at[s, key]
             assert cell == _ci(r["mean"], r["low"], r["high"]), (s, key)
