@@ -244,12 +244,15 @@ def markdown(table: dict[str, Any]) -> str:
         if r is None:
             continue
         resolved = r["low"] > 0 or r["high"] < 0  # False for NaN
+        diff = at.get((s, "avg_acc"), {}).get("verdict", "")
         if math.isnan(r["mean"]):
             word = f"undefined: {up} = {base} on avg_acc"
-        elif resolved:
-            word = "resolved: closes part of the gap" if r["low"] > 0 else "resolved: below SeqLoRA"
-        else:
+        elif not resolved:
             word = stats.NOT_RESOLVED
+        elif diff not in ("better", "worse"):  # the ratio is resolved only as far as the difference it divides
+            word = f"CI excludes 0, but the avg_acc difference is {diff or 'untested'}"
+        else:
+            word = "resolved: closes part of the gap" if r["low"] > 0 else "resolved: below SeqLoRA"
         pub = "; ".join(f"{g:.2f} ({e['setting']})" for g, e in published_ratios(s)) or "–"
         out.append(f"| {s} | {_ci(r['mean'], r['low'], r['high'])} | {word} | {pub} | {r['ci']} |")
     out += ["", "Published average accuracies (%):"]

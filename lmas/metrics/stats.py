@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
 from lmas.metrics.intervals import (
     KEYS,
@@ -38,6 +37,7 @@ from lmas.metrics.intervals import (
     holm,
     item_bootstrap,
     item_intervals,
+    ratio_interval,
     run_interval,
     run_intervals,
 )
@@ -56,6 +56,7 @@ __all__ = [
     "pair_key_of",
     "paired_difference",
     "plot_intervals",
+    "ratio_interval",
     "run_interval",
     "run_intervals",
     "to_csv",
@@ -175,9 +176,10 @@ def gap_closure(
     """``(method - baseline) / (upper - baseline)`` of ``key`` (ratio of the means over paired runs).
 
     0: no better than the baseline (SeqLoRA), 1: as good as the upper bound (multitask). The triples
-    are ``method``'s runs with their partners (same stream, task order, seed). The three
-    are resampled together: over run triples (same stream and seed; ``level="runs"``, percentile
-    :func:`scipy.stats.bootstrap` with ``paired=True``) or over test items (``"items"``);
+    are ``method``'s runs with their partners (same stream, task order, seed). Over run triples
+    (``level="runs"``): Fieller's interval for the ratio of the paired means (:func:`ratio_interval`, the ratios
+    the paired t-test of ``(m - s) - R (u - s)`` does not reject; it excludes 0 exactly when the paired t of
+    ``method - baseline`` does, with its p-value); over test items (``"items"``): the three resampled together;
     ``"auto"``: runs with at least ``min_runs`` triples or without per-example records, items otherwise.
     Where the upper bound's mean equals the baseline's, the ratio is undefined: NaN, no interval. A method run
     whose seed the upper bound has not been run with yet (a study in progress) is left out of the ratio (``n``
@@ -198,15 +200,10 @@ def gap_closure(
     n = len(triples)
     if level == "runs":
         m, s, u = (np.array([t[i].metric(key, agent) for t in triples]) for i in range(3))
-        est = float(ratio(m, s, u))
         if n < 2:
-            return Interval(est, math.nan, math.nan, n, "one run triple: no interval")
-        res = scipy.stats.bootstrap(
-            (m, s, u), ratio, n_resamples=n_resamples, paired=True, confidence_level=confidence,
-            method="percentile", rng=np.random.default_rng(seed),
-        )  # fmt: skip
-        ci = res.confidence_interval
-        return Interval(est, float(ci.low), float(ci.high), n, f"paired bootstrap over {n} run triples")
+            return Interval(float(ratio(m, s, u)), math.nan, math.nan, n, "one run triple: no interval")
+        iv = ratio_interval(m - s, u - s, confidence)
+        return Interval(iv.estimate, iv.low, iv.high, n, iv.method.replace(" runs", " run triples"), iv.p)
     if level != "items":
         raise ValueError(f"gap_closure: level must be 'auto', 'runs' or 'items', got {level!r}")
     slots = [Slot(r, agent) for t in triples for r in t]

@@ -317,14 +317,53 @@ def test_gap_closure_by_hand(tmp_path):
     triples = [[run(x, k + d, seed) for seed, d in enumerate((0, 2, -2))] for x, k in (("m", 60), ("s", 40), ("u", 80))]
     gr = stats.gap_closure(*triples, n_resamples=999)
     assert gr.estimate == pytest.approx((0.6 - 0.4) / (0.8 - 0.4))  # ratio of the means over seeds
-    assert gr.n == 3 and gr.method == "paired bootstrap over 3 run triples"
+    assert gr.n == 3 and gr.method == "Fieller (t), 3 run triples"
     assert gr.low <= 0.5 <= gr.high
+    assert (gr.low, gr.high) == pytest.approx((0.5, 0.5))  # every seed shifts all three alike: no spread
+    # Fieller's interval of the ratio of paired means, by hand: a = m - s = (.20, .21, .21), b = u - s = (.40, .39, .39)
+    spread = [[run(x, k + d, seed) for seed, d in enumerate(ds)] for x, k, ds in
+              (("m2", 60, (0, 3, -1)), ("s2", 40, (0, 2, -2)), ("u2", 80, (0, 1, -3)))]  # fmt: skip
+    gs = stats.gap_closure(*spread, n_resamples=999)
+    a, b = np.array([0.20, 0.21, 0.21]), np.array([0.40, 0.39, 0.39])
+    va, vb, vab = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3, np.cov(a, b)[0, 1] / 3  # 1/90000, 1/90000, -1/90000
+    t2 = scipy.stats.t.ppf(0.975, 2) ** 2
+    qa, qb, qc = b.mean() ** 2 - t2 * vb, a.mean() * b.mean() - t2 * vab, a.mean() ** 2 - t2 * va
+    lo, hi = ((qb - r * math.sqrt(qb * qb - qa * qc)) / qa for r in (1, -1))
+    assert gs.estimate == pytest.approx(0.62 / 1.18) and (lo, hi) == pytest.approx((0.47176, 0.58315), abs=1e-5)
+    assert (gs.low, gs.high) == pytest.approx((lo, hi), abs=1e-6)
+    assert gs.p == pytest.approx(scipy.stats.ttest_1samp(a, 0.0).pvalue)  # the paired t of method - baseline
     # a study in progress: the method and the baseline have a seed the upper bound does not have yet
     extra = [*m, run("one_m", 70, 1)], [*s, run("one_s", 40, 1)]
     partial = stats.gap_closure(*extra, u, n_resamples=999)
     assert partial.n == 1 and partial.estimate == pytest.approx(0.5)  # seed 1 left out of the ratio
     with pytest.raises(ValueError, match="without a partner"):  # a method run the baseline lacks is still an error
         stats.gap_closure([*m, run("one_m", 70, 2)], s, [*u, run("one_u", 80, 2)], n_resamples=99)
+
+
+def test_ratio_interval_is_the_set_of_ratios_the_paired_t_test_does_not_reject():
+    rng = np.random.default_rng(3)
+    for n, noise in ((3, 0.02), (5, 0.03), (5, 0.01), (8, 0.05)):
+        b = 0.1 + rng.normal(0.0, noise, n)  # multitask - SeqLoRA per run
+        a = 0.02 + 0.5 * (b - 0.1) + rng.normal(0.0, noise, n)  # method - SeqLoRA, correlated with b
+        iv = stats.ratio_interval(a, b)
+        assert iv.estimate == pytest.approx(a.mean() / b.mean()) and iv.n == n
+        grid = np.linspace(-3.0, 3.0, 6001)
+        kept = grid[[scipy.stats.ttest_1samp(a - r * b, 0.0).pvalue >= 0.05 for r in grid]]
+        if math.isinf(iv.low):
+            assert kept[0] == grid[0] or kept[-1] == grid[-1]  # the accepted set runs off the grid
+            continue
+        assert iv.low == pytest.approx(kept[0], abs=1e-3) and iv.high == pytest.approx(kept[-1], abs=1e-3)
+        # 0 is outside exactly when the paired t of a rejects: the gap closure agrees with the difference's test
+        assert iv.resolved == (scipy.stats.ttest_1samp(a, 0.0).pvalue < 0.05)
+
+
+def test_ratio_interval_is_unbounded_when_the_denominator_is_not_resolved_and_checks_its_input():
+    iv = stats.ratio_interval([0.01, 0.03, -0.02], [0.05, -0.04, 0.02])
+    assert (iv.low, iv.high) == (-math.inf, math.inf) and "unbounded" in iv.method and not iv.resolved
+    assert math.isnan(stats.ratio_interval([0.1], [0.2]).low)
+    assert stats.ratio_interval([0.1, 0.1], [0.2, 0.2]).show() == "0.500 [0.500, 0.500]"  # equal runs: no spread
+    with pytest.raises(ValueError, match="paired 1-d values"):
+        stats.ratio_interval([0.1, 0.2], [0.2])
 
 
 def test_comparison_table_marks_verdicts_and_outputs(tmp_path):
