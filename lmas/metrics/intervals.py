@@ -91,14 +91,15 @@ def run_interval(
     return Interval(mean, float(ci.low), float(ci.high), n, f"bootstrap over {n} runs")
 
 
-def ratio_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> Interval:
+def ratio_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, unit: str = "run") -> Interval:
     """A CI for ``mean(a) / mean(b)`` over paired run-level values (Fieller's theorem, Student's t).
 
     The interval is every ratio ``R`` that the paired t-test of ``a - R * b`` does not reject: the
     roots of ``(ā - R b̄)² = t² (V_aa - 2R V_ab + R² V_bb)`` (``V``: the (co)variances of the means,
     ``t``: the two-sided quantile with ``n - 1`` degrees of freedom). It excludes 0 exactly when the t-test
     of ``a`` rejects (``p`` is that test's), so a gap closure and the paired difference it divides agree. Where
-    ``b̄`` itself is not resolved from 0 (``b̄² <= t² V_bb``) the set is unbounded: ``(-inf, inf)``.
+    ``b̄`` itself is not resolved from 0 (``b̄² <= t² V_bb``) the set is unbounded: ``(-inf, inf)``. ``unit`` names
+    one pair in the method text (``"run"``, ``"run triple"``).
     """
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.ndim != 1:
@@ -106,8 +107,8 @@ def ratio_interval(a: Sequence[float], b: Sequence[float], confidence: float = 0
     n = len(x)
     est = float(x.mean() / y.mean()) if y.mean() != 0 else math.nan
     if n < 2:
-        return Interval(est, math.nan, math.nan, n, "one run: no interval")
-    label = f"Fieller (t), {n} runs"
+        return Interval(est, math.nan, math.nan, n, f"one {unit}: no interval")
+    label = f"Fieller (t), {n} {unit}s"
     p = run_interval(x.tolist(), confidence).p
     cov = np.cov(x, y, ddof=1) / n
     t2 = float(scipy.stats.t.ppf(0.5 + confidence / 2, n - 1)) ** 2

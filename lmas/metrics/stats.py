@@ -200,10 +200,7 @@ def gap_closure(
     n = len(triples)
     if level == "runs":
         m, s, u = (np.array([t[i].metric(key, agent) for t in triples]) for i in range(3))
-        if n < 2:
-            return Interval(float(ratio(m, s, u)), math.nan, math.nan, n, "one run triple: no interval")
-        iv = ratio_interval(m - s, u - s, confidence)
-        return Interval(iv.estimate, iv.low, iv.high, n, iv.method.replace(" runs", " run triples"), iv.p)
+        return ratio_interval(m - s, u - s, confidence, unit="run triple")
     if level != "items":
         raise ValueError(f"gap_closure: level must be 'auto', 'runs' or 'items', got {level!r}")
     slots = [Slot(r, agent) for t in triples for r in t]
