@@ -51,6 +51,7 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["strategy=replay"],
     ["strategy=olora"],
     ["strategy=opcm"],
+    ["strategy=seqft"],
     ["population=master_worker"],
     ["population=peer_to_peer", "eval.curve_every=1"],
     ["loop=federated", "population.agents=2", "loop.aggregator=fedavgm", "loop.clients_per_round=1"],
@@ -62,7 +63,7 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["population=bases", "+population.bases.enc={_target_:lmas.models.providers.tiny_encoder}",
      "population.agents={a:model,e:enc}", "allocation=broadcast", "stream=bbc_class_incremental"],
     ["experiment=encoder_pretraining", "model=tiny_encoder"],
-], ids=["ewc", "replay", "olora", "opcm", "master_worker", "p2p", "federated", "pbt", "qd", "two_bases",
+], ids=["ewc", "replay", "olora", "opcm", "seqft", "master_worker", "p2p", "federated", "pbt", "qd", "two_bases",
         "consolidate", "encoder_agent", "encoder_pretraining"])
 def test_resume_after_a_crash_gives_the_uninterrupted_results(extra, fast_overrides, tmp_path, run_lmas, compose,
                                                               monkeypatch):

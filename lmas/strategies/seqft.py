@@ -4,13 +4,18 @@ This strategy changes the *shared* base model: every agent of a population sits 
 base weights, so it is refused for populations of more than one agent. The agent's LoRA adapter
 keeps training as well (it is part of the model). Use it only to compare against full
 fine-tuning; the base stays modified after the run.
+
+Checkpoints: after its first task the state holds every base parameter (the whole model: ~540 MB for
+SmolLM2-135M in float32, rewritten after every round), restored into the base at the next ``before_task``
+after a resume — the next thing a resumed single-agent run does — so a SeqFT run resumes exactly.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lmas.data.task import Task
 from lmas.strategies.base import Strategy
@@ -31,6 +36,8 @@ class SeqFT(Strategy):
 
     def __init__(self) -> None:
         self.tasks = 0  # experiences trained: from the first on, the base differs from the model's files
+        self.base: dict[str, nn.Parameter] = {}  # the fine-tuned base parameters (live), by name
+        self._restore_base: dict[str, Tensor] = {}  # those of a checkpoint, written into the base at the next task
 
     def before_task(self, module: IncrementalLM, task: Task) -> None:
         agents = list(module.population.agents)
@@ -39,21 +46,38 @@ class SeqFT(Strategy):
                 f"SeqFT fine-tunes the shared base model, so it needs a single-agent population; "
                 f"this one has {len(agents)} agents ({agents})"
             )
-        for p in base_parameters(module.net).values():
+        params = base_parameters(module.net)
+        saved = self._restore_base
+        if saved:
+            extra, missing = sorted(saved.keys() - params.keys()), sorted(params.keys() - saved.keys())
+            if extra or missing:
+                raise ValueError(
+                    f"strategy=seqft: the checkpoint's base parameters do not match this model's: {len(extra)} not in "
+                    f"the model {extra[:2]}, {len(missing)} of the model not in the checkpoint {missing[:2]}; resume "
+                    "with the model the run was started with"
+                )
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(saved[name])
+            self._restore_base = {}
+        for p in params.values():
             p.requires_grad_(True)
 
     def after_task(self, module: IncrementalLM, task: Task) -> None:
-        for p in base_parameters(module.net).values():
+        self.base = base_parameters(module.net)
+        for p in self.base.values():
             p.requires_grad_(False)
         self.tasks += 1
 
     def state_dict(self) -> dict:
-        return {"tasks": self.tasks}
+        return {"tasks": self.tasks, "base": {n: p.detach() for n, p in self.base.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """A checkpoint holds the adapters, not the fine-tuned base: a run that has trained cannot resume."""
-        if state.get("tasks"):
+        """The fine-tuned base of the checkpoint, written into the model at the next task (module doc)."""
+        self.tasks = int(state["tasks"])
+        if self.tasks and not state.get("base"):
             raise ValueError(
-                "strategy=seqft: the fine-tuned base weights are not checkpointed (only the adapters are), so this "
-                "run cannot be resumed exactly; start it again"
+                "strategy=seqft: this checkpoint was written before lmas saved SeqFT's fine-tuned base (it holds the "
+                "adapters only), so the run cannot be resumed exactly; start it again"
             )
+        self._restore_base = dict(state.get("base") or {})

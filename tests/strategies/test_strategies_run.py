@@ -237,6 +237,35 @@ def test_seqft_trains_the_base_and_refuses_populations(tiny_base, tasks, tmp_pat
     assert not any(p.requires_grad for n, p in pop.model.named_parameters() if "lora_" not in n)
 
 
+def test_seqft_state_holds_the_fine_tuned_base_and_restores_it_at_the_next_task(tiny_base, tasks, tmp_path):
+    """A checkpoint of SeqFT carries every base parameter; a fresh SeqFT loaded from it writes them into an untrained
+    base before it trains again. A checkpoint without them (lmas before it saved them) or of another model is
+    refused with a message."""
+    from lmas.models.providers import tiny
+    from lmas.strategies.seqft import base_parameters
+
+    strategy = SeqFT()
+    pop, base, _, _ = _run(strategy, tiny_base, tasks, tmp_path)
+    state = strategy.state_dict()
+    trained = {n: p.detach().clone() for n, p in base_parameters(pop.model).items()}
+    assert state["tasks"] == len(tasks) and state["base"].keys() == trained.keys()
+    assert all(torch.equal(state["base"][n], t) for n, t in trained.items())
+    untrained = tiny(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, seed=0)  # as tiny_base
+    fresh, other = SeqFT(), Population(untrained, agents=1, lora={"r": 4, "alpha": 8}, seed=0)
+    fresh.load_state_dict(state)
+    assert not all(torch.equal(p, trained[n]) for n, p in base_parameters(other.model).items())  # untrained
+    module = type("M", (), {"net": other.model, "population": other})()
+    fresh.before_task(module, tasks[0])
+    assert all(torch.equal(p, trained[n]) for n, p in base_parameters(other.model).items())
+    assert all(p.requires_grad for p in base_parameters(other.model).values())
+    with pytest.raises(ValueError, match="cannot be resumed exactly"):
+        SeqFT().load_state_dict({"tasks": 1})
+    wrong = SeqFT()
+    wrong.load_state_dict({"tasks": 1, "base": {"not.a.parameter": torch.zeros(1)}})
+    with pytest.raises(ValueError, match="'not.a.parameter'"):
+        wrong.before_task(module, tasks[0])
+
+
 def test_seqft_refuses_more_than_one_agent(tiny_base, tasks, tmp_path):
     with pytest.raises(ValueError, match="single-agent"):
         _run(SeqFT(), tiny_base, tasks, tmp_path, agents=2)
