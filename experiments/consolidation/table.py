@@ -6,12 +6,15 @@ Each run is placed by the transfer it ran with (results.json ``population.transf
 Per arm: the knowledge library after the last round (results.json ``library``: distinct units and their kB) and the
 row's avg_acc and forgetting, each with its 95% t-interval over the runs. Then ``consolidate − none``, paired by
 seed (seeds resample the training data; the test items are the same in every run): the library's kB and the
-metrics, paired t over the seed pairs, Holm over the table's comparisons (``lmas.metrics.stats``). Last, the
-library's kB after every round, mean over each arm's runs: its size against the stream.
+metrics, paired t over the seed pairs, Holm over the table's comparisons (``lmas.metrics.stats``). Then the
+library's kB after every round, mean over each arm's runs: its size against the stream. Last, the accuracy kept on
+each task after the last round (the row's last line of the knowledge matrix): each arm's mean over its runs and
+``consolidate − none`` paired by seed, Holm over the tasks.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -52,6 +55,13 @@ def kb(run: RunRecords, r: int = -1) -> float:
     return run.results["library"][r]["bytes"] / 1024
 
 
+def final(run: RunRecords, agent: str, task: str) -> float:
+    """``agent``'s score on ``task`` after the last round (NaN where the matrix has no entry)."""
+    m = run.results["matrix"]
+    value = m["values"][-1][m["agents"].index(agent)][m["tasks"].index(task)]
+    return math.nan if value is None else float(value)
+
+
 def _iv(values: list[float], signed: bool = False) -> str:
     return run_interval(values).show(signed=signed)
 
@@ -84,11 +94,19 @@ def consolidation(runs_dir: str, agent: str = "population") -> str:
     rounds = len(pairs[0][0].results["library"])
     per_round = [[str(r), *[f"{statistics.mean(kb(run, r) for run in arms[a]):.1f}" for a in ARMS]]
                  for r in range(rounds)]  # fmt: skip
+    tasks = pairs[0][0].results["matrix"]["tasks"]
+    kept = {t: run_interval([final(a, agent, t) - final(b, agent, t) for a, b in pairs]) for t in tasks}
+    kept_holm = dict(zip(tasks, holm([iv.p for iv in kept.values()]), strict=True))
+    per_task = [[t, *[f"{statistics.mean(final(r, agent, t) for r in arms[a]):.3f}" for a in ARMS],
+                 iv.show(signed=True), f"{kept_holm[t]:.3g}"] for t, iv in kept.items()]  # fmt: skip
     return "\n\n".join([
         f"Row `{agent}`; library after the last round; 95% t-intervals over the runs:\n\n" + _table(head, rows),
         f"consolidate − none, paired t over {len(pairs)} seed pairs, Holm over the {len(diffs)} comparisons:\n\n"
         + _table(["metric", "difference [95% CI]", "p", "p (Holm)", "verdict"], drows),
         "Library kB after each round (mean over each arm's runs):\n\n" + _table(["round", *ARMS], per_round),
+        f"Accuracy kept on each task after the last round (row `{agent}`; each arm's mean over its runs; consolidate"
+        f" − none, paired t over {len(pairs)} seed pairs, Holm over the {len(tasks)} tasks):\n\n"
+        + _table(["task", *ARMS, "consolidate − none [95% CI]", "p (Holm)"], per_task),
     ])  # fmt: skip
 
 

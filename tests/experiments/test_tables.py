@@ -297,7 +297,7 @@ def test_probes_gives_each_strategys_probe_scores_before_and_after_its_runs():
 def test_consolidation_gives_each_arms_library_and_accuracy_and_their_paired_difference(run_lmas, tmp_path):
     """The consolidation study's tables from tiny runs (2 seeds per arm): each arm's library after the last round
     and the population's metrics (t-intervals over the runs), consolidate − none paired by seed with Holm over the
-    three comparisons, and the library's kB per round."""
+    three comparisons, the library's kB per round, and each task's accuracy after the last round."""
     from lmas.metrics.stats import holm, run_interval
 
     fast = ["model=tiny", "debug=fast", "logger=csv", f"paths.output_dir={tmp_path}", "population.agents=2",
@@ -307,7 +307,7 @@ def test_consolidation_gives_each_arms_library_and_accuracy_and_their_paired_dif
                             tmp_path / "runs" / f"transfer={t},seed={s}")
            for t in ("none", "consolidate") for s in (0, 1)}  # fmt: skip
     md = tables.study_table("consolidation").consolidation(str(tmp_path / "runs"))
-    arms, diffs, per_round = (_rows(part) for part in md.split("\n\n")[1::2])
+    arms, diffs, per_round, per_task = (_rows(part) for part in md.split("\n\n")[1::2])
     kb = {k: r["library"][-1]["bytes"] / 1024 for k, r in res.items()}
     for row, arm in zip(arms, ("none", "consolidate"), strict=True):
         assert row[:2] == [arm, "2 (0, 1)"]
@@ -323,6 +323,13 @@ def test_consolidation_gives_each_arms_library_and_accuracy_and_their_paired_dif
     rounds = len(res["none", 0]["library"])
     assert [r[0] for r in per_round] == [str(r) for r in range(rounds)]
     assert per_round[-1][1:] == [f"{(kb[t, 0] + kb[t, 1]) / 2:.1f}" for t in ("none", "consolidate")]
+    m = res["none", 0]["matrix"]
+    last = {k: r["matrix"]["values"][-1][m["agents"].index("population")] for k, r in res.items()}
+    assert [r[0] for r in per_task] == m["tasks"]
+    for j, row in enumerate(per_task):
+        assert row[1:3] == [f"{(last[t, 0][j] + last[t, 1][j]) / 2:.3f}" for t in ("none", "consolidate")]
+        diff = run_interval([last["consolidate", s][j] - last["none", s][j] for s in (0, 1)])
+        assert row[3] == diff.show(signed=True)
     import shutil
 
     shutil.copytree(tmp_path / "runs" / "transfer=none,seed=0", tmp_path / "none_only" / "seed=0")
