@@ -320,6 +320,7 @@ def load_round(run_dir: Path, population: Population, allocation: Allocation, st
     restore_population(population, state["adapters"], folder / "adapters", state["histories"])
     allocation.load_state_dict(state["allocation"])
     strategy.load_state_dict(state["strategy"])
+    strategy.restore_model(population)
     set_rng_state(state["rng"])
     log.info("resumed %s after round %d (from %s)", run_dir, state["round"], folder)
     return int(state["round"]), state["run"]

@@ -325,5 +325,6 @@ class SelfLearning(RoundBody):
                 Event(r, "rejected", details={"restored_to_round": r - 1, "undone": [e.to_dict() for e in undone]})
             )
         self.loop.strategy.load_state_dict(snap["strategy"])
+        self.loop.strategy.restore_model(pop)
         self.loop.allocation.load_state_dict(snap["allocation"])
         pop.activate(pop.names[0])

@@ -51,7 +51,7 @@ def _crash_in_round(monkeypatch, crash_round: int) -> None:
     ["strategy=replay"],
     ["strategy=olora"],
     ["strategy=opcm"],
-    ["strategy=seqft"],
+    ["strategy=seqft", "allocation=competence"],  # competence scores the model before the next task trains
     ["population=master_worker"],
     ["population=peer_to_peer", "eval.curve_every=1"],
     ["loop=federated", "population.agents=2", "loop.aggregator=fedavgm", "loop.clients_per_round=1"],

@@ -22,6 +22,7 @@ from torch import Tensor
 from lmas.data.task import Example, Task
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lmas.population.population import Population
     from lmas.training.experience import IncrementalLM
 
 
@@ -79,3 +80,7 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict`."""
+
+    def restore_model(self, population: Population) -> None:
+        """Right after :meth:`load_state_dict` (a resume, a self-learning rollback): write into the population's model
+        what the state holds of the model itself (SeqFT's fine-tuned base), before anything scores it."""

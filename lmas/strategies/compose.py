@@ -11,6 +11,7 @@ from lmas.data.task import Example, Task
 from lmas.strategies.base import Strategy
 
 if TYPE_CHECKING:
+    from lmas.population.population import Population
     from lmas.training.experience import IncrementalLM
 
 
@@ -103,3 +104,7 @@ class Compose(Strategy):
             raise ValueError(f"Compose: saved parts {[s['name'] for s in saved]} != {[p.name for p in self.parts]}")
         for p, s in zip(self.parts, saved, strict=True):
             p.load_state_dict(s["state"])
+
+    def restore_model(self, population: Population) -> None:
+        for p in self.parts:
+            p.restore_model(population)

@@ -29,8 +29,8 @@ preserved directions exact under any optimizer (an lmas option; peft's behaviour
 peft 0.21.2's layer adds the update as a delta (``U_low S_low V_low - U_low_init S_low_init
 V_low_init``), so the docs' ``model.unload()`` between tasks would drop it; ``merge`` keeps it.
 
-Checkpoints: the state holds the adapted weights, restored into the base at the next
-``before_task`` after a resume (the next thing a resumed single-agent run does).
+Checkpoints: the state holds the adapted weights, written back into the base by :meth:`OSF.restore_model`
+as soon as the state is loaded (a resume, a self-learning rollback).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from lmas.data.task import Task
 from lmas.strategies.seqft import SeqFT
 
 if TYPE_CHECKING:
+    from lmas.population.population import Population
     from lmas.training.experience import IncrementalLM
 
 ADAPTER = "osf"  # peft's adapter name for the OSF factors while a task trains
@@ -119,7 +120,7 @@ class OSF(SeqFT):
         self.preserve_first, self.preserve_step, self.preserve_max = preserve_first, preserve_step, preserve_max
         self.project_weights = project_weights
         self.weights: dict[str, Tensor] = {}  # the adapted base weights, by module path (live parameters)
-        self._restore: dict[str, Tensor] = {}  # weights of a checkpoint, written into the base at the next task
+        self._restore: dict[str, Tensor] = {}  # weights of a loaded state, until restore_model writes them
         self._wrapped: dict[str, tuple[nn.Module, OSFLinear]] = {}
 
     def fraction(self, t: int) -> float:
@@ -134,13 +135,6 @@ class OSF(SeqFT):
         targets = lora_base_layers(net)
         if not targets:
             raise ValueError("strategy=osf: the model has no LoRA layers whose base weights OSF could adapt")
-        for path, weight in self._restore.items():
-            if path not in targets:
-                raise ValueError(
-                    f"strategy=osf: the checkpoint's weight {path} is not a LoRA layer's base of this model"
-                )
-            targets[path][1].weight.data.copy_(weight)
-        self._restore = {}
         config, fraction = OSFConfig(), self.fraction(self.tasks)
         for path, (lora_layer, linear) in targets.items():
             rank = preserved_rank(min(linear.weight.shape), fraction)
@@ -171,3 +165,16 @@ class OSF(SeqFT):
         """Unlike SeqFT's, OSF's state holds the adapted weights: the run resumes exactly."""
         self.tasks = int(state["tasks"])
         self._restore = dict(state["weights"])
+
+    def restore_model(self, population: Population) -> None:
+        """Write the loaded state's adapted weights into the LoRA layers' base weights of the population's model."""
+        saved, self._restore = self._restore, {}
+        targets = lora_base_layers(population.model) if saved else {}
+        for path, weight in saved.items():
+            if path not in targets:
+                raise ValueError(
+                    f"strategy=osf: the checkpoint's weight {path} is not a LoRA layer's base of this model"
+                )
+            linear = targets[path][1]
+            linear.weight.data.copy_(weight)
+            self.weights[path] = linear.weight

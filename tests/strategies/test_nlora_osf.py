@@ -233,6 +233,7 @@ def test_osf_state_restores_the_adapted_base_into_a_fresh_model(tiny_base, tasks
         lora={"r": 4, "alpha": 8},
         seed=0,
     )
+    fresh.restore_model(other)  # the loader's call right after load_state_dict
     module = IncrementalLM(other, "agent0", fresh, PromptEncoder(other.tokenizer, 48))
     fresh.before_task(module, tasks[0])
     for path, weight in strategy.weights.items():

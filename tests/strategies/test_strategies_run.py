@@ -237,10 +237,10 @@ def test_seqft_trains_the_base_and_refuses_populations(tiny_base, tasks, tmp_pat
     assert not any(p.requires_grad for n, p in pop.model.named_parameters() if "lora_" not in n)
 
 
-def test_seqft_state_holds_the_fine_tuned_base_and_restores_it_at_the_next_task(tiny_base, tasks, tmp_path):
+def test_seqft_state_holds_the_fine_tuned_base_and_restore_model_writes_it_back(tiny_base, tasks, tmp_path):
     """A checkpoint of SeqFT carries every base parameter; a fresh SeqFT loaded from it writes them into an untrained
-    base before it trains again. A checkpoint without them (lmas before it saved them) or of another model is
-    refused with a message."""
+    base at restore_model (what the loader calls right after load_state_dict, before anything scores the model).
+    A checkpoint without them (lmas before it saved them) or of another model is refused with a message."""
     from lmas.models.providers import tiny
     from lmas.strategies.seqft import base_parameters
 
@@ -254,16 +254,15 @@ def test_seqft_state_holds_the_fine_tuned_base_and_restores_it_at_the_next_task(
     fresh, other = SeqFT(), Population(untrained, agents=1, lora={"r": 4, "alpha": 8}, seed=0)
     fresh.load_state_dict(state)
     assert not all(torch.equal(p, trained[n]) for n, p in base_parameters(other.model).items())  # untrained
-    module = type("M", (), {"net": other.model, "population": other})()
-    fresh.before_task(module, tasks[0])
+    fresh.restore_model(other)
     assert all(torch.equal(p, trained[n]) for n, p in base_parameters(other.model).items())
-    assert all(p.requires_grad for p in base_parameters(other.model).values())
+    assert torch.equal(fresh.state_dict()["base"][next(iter(trained))], next(iter(trained.values())))
     with pytest.raises(ValueError, match="cannot be resumed exactly"):
         SeqFT().load_state_dict({"tasks": 1})
     wrong = SeqFT()
     wrong.load_state_dict({"tasks": 1, "base": {"not.a.parameter": torch.zeros(1)}})
     with pytest.raises(ValueError, match="'not.a.parameter'"):
-        wrong.before_task(module, tasks[0])
+        wrong.restore_model(other)
 
 
 def test_seqft_refuses_more_than_one_agent(tiny_base, tasks, tmp_path):
