@@ -119,7 +119,10 @@ def test_the_table_is_lmas_metrics_stats_on_the_same_runs(runs, tmp_path, capsys
         if (r["low"] > 0 or r["high"] < 0) and not called:
             assert row[2].startswith("CI excludes 0, but the avg_acc difference is ")
         assert row[2].startswith("undefined") == math.isnan(r["mean"])  # multitask = SeqLoRA: no ratio
-        assert row[3] == "–"  # no published SeqLoRA + multitask pair for these
+        published = {"inclora": ((66.4 - 43.7) / (80.0 - 43.7), (61.2 - 1.6) / (76.5 - 1.6)),
+                     "replay": ((57.8 - 43.7) / (80.0 - 43.7), (54.2 - 1.6) / (76.5 - 1.6))}[row[0]]
+        assert row[3] == "; ".join(f"{g:.2f} ({e['setting']})" for g, (_, e) in
+                                   zip(published, table.published_ratios(row[0]), strict=True))  # O-LoRA's Table 1
     # the CLI prints the same and writes the CSV with stats' unrounded numbers
     tables.main(["reproduction", str(runs), "--out", str(tmp_path / "t.csv")])
     printed = capsys.readouterr().out
@@ -131,7 +134,11 @@ def test_the_table_is_lmas_metrics_stats_on_the_same_runs(runs, tmp_path, capsys
 
 
 def test_published_ratios_need_the_method_seqlora_and_multitask_of_one_source(monkeypatch):
-    assert table.published_ratios("olora") == []  # NOTES.md gives no SeqLoRA beside a multitask number
+    standard, long, logs = table.PUBLISHED  # O-LoRA's Table 1 (standard, long sequence), its run logs (no MTL)
+    assert table.published_ratios("olora") == [(pytest.approx((75.8 - 43.7) / (80.0 - 43.7)), standard),
+                                               (pytest.approx((69.6 - 1.6) / (76.5 - 1.6)), long)]
+    assert table.published_ratios("nlora") == [(pytest.approx((72.4 - 1.6) / (76.5 - 1.6)), long)]
+    assert table.published_ratios("opcm") == [] and table.published_ratios("joint") == []
     entry = {"source": "a paper", "setting": "x", "avg_acc": {"olora": 75.0, "naive": 60.0, "joint": 80.0}}
     monkeypatch.setattr(table, "PUBLISHED", (entry,))
     assert table.published_ratios("olora") == [(pytest.approx(0.75), entry)]
