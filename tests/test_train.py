@@ -84,6 +84,9 @@ def test_every_experiment_preset_runs_fast(preset, fast_overrides, tmp_path, run
     assert results["complete"]
     assert len(results["tasks"]) >= 2
     assert any(results["metrics"].values())  # some agent trained and has CL metrics
+    if preset.startswith("reproduction/"):  # the papers' preset scores by generation, the CPU protocols by rank
+        want = "exact_match" if preset == "reproduction/paper" else "accuracy"
+        assert {t["metric"] for t in results["tasks"]} == {want}
 
 
 def test_the_protocol_check_preset_differs_from_the_cpu_protocol_only_where_lora_sits(compose, monkeypatch):

@@ -27,6 +27,14 @@ Prompts (``prompt_style``): ``olora`` (default for classification) is O-LoRA's `
 Input: <input>\\nOutput:``. The answer is the label (SuperNI: the first acceptable output; all of them are kept,
 aligned with the val/test examples, in ``Task.meta["answers"]``).
 
+Scoring (``classification_scoring``): ``rank`` (default) scores a classification task by rank classification over
+its labels (the highest log-likelihood label after the prompt; a model cannot answer outside the label set);
+``generate`` scores it as the papers do, by the greedy answer's exact match with the label (cut at the first
+newline, normalised as :func:`lmas.evaluation.scoring.normalise_answer`): the task becomes a ``generation`` task
+with metric ``exact_match``, its labels still listed in the prompt and kept in ``Task.meta["class_labels"]``, so an
+answer that is no label at all scores 0 — the output-format forgetting the papers' SeqLoRA shows. SuperNI tasks
+are scored by ``generation_metric``.
+
 Data quirks handled: instances answered ``"-"`` (MNLI's items without a gold label) or with no non-empty answer
 (six of SuperNI's reddit_tifu train instances) are dropped and counted (``meta["unlabeled_dropped"]``); a
 ``labels.json`` that shares no label with the instances (SAPT's qqp lists False/True, its instances answer no/yes)
@@ -58,6 +66,7 @@ CUT_SEED = 0  # the seed of the cut that makes a missing split (never split_seed
 TEST_SEED = 0  # the seed of the shuffle before max_eval
 PromptStyle = Literal["olora", "sapt"]
 GENERATION_METRICS = ("rouge_l", "exact_match")
+CLASSIFICATION_SCORING = ("rank", "generate")
 
 
 @dataclass
@@ -121,6 +130,7 @@ class Options:
     max_chars: int | None = None
     cut_fraction: float = 0.25
     generation_metric: str = "rouge_l"
+    classification_scoring: str = "rank"
 
     def check(self) -> None:
         def count(v: Any, lo: int) -> bool:
@@ -138,6 +148,12 @@ class Options:
                 self.generation_metric,
                 self.generation_metric in GENERATION_METRICS,
                 "rouge_l or exact_match",
+            ),
+            (
+                "classification_scoring",
+                self.classification_scoring,
+                self.classification_scoring in CLASSIFICATION_SCORING,
+                "rank or generate",
             ),
         ):
             if not ok:
@@ -184,6 +200,7 @@ def _build(source: Source, instructions: dict[str, str], opts: Options) -> Task:
     unlabeled = sum(len(rows) for _, rows in read.values()) - sum(map(len, pools.values()))
     kind: TaskKind = "generation" if task.layout == "superni" else "classification"
     labels, labels_note = source.labels_of(pools) if kind == "classification" else (None, None)
+    generated = kind == "classification" and opts.classification_scoring == "generate"
     test_from = "test" if "test" in pools else "dev" if "dev" in pools else None
     note = None
     if "train" in pools and test_from:
@@ -248,16 +265,19 @@ def _build(source: Source, instructions: dict[str, str], opts: Options) -> Task:
     }
     if kind == "generation":
         meta["answers"] = {"val": [outs for _, _, outs in val_rows], "test": [outs for _, _, outs in test_rows]}
+    if generated:  # the papers' scoring: the label set stays in the prompt, the model must write the label
+        meta["class_labels"] = labels
+        meta["scoring_note"] = "classification_scoring=generate: greedy answer, exact match with the label"
     return Task(
         name=task.name,
-        kind=kind,
+        kind="generation" if generated else kind,
         train=examples(train_rows),
         val=examples(val_rows),
         test=examples(test_rows),
-        labels=labels,
+        labels=None if generated else labels,
         source=str(task.path),
         meta=meta,
-        metric=opts.generation_metric if kind == "generation" else "",
+        metric="exact_match" if generated else opts.generation_metric if kind == "generation" else "",
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from lmas.data.cl_benchmark import ORDERS, cl_stream, cl_task
 from lmas.data.cl_layouts import ENV, canonical, find_tasks
+from lmas.data.task import Example
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data" / "cl_benchmark"
@@ -163,6 +164,33 @@ def test_superni_generation_answers_kept_aligned(sapt_dir):
                 f"Definition: Do task002_qa.\n\nNow complete the following example -\nInput: task002_qa question {i}"
                 "\nOutput:"
             )
+
+
+def test_classification_scoring_generate_is_the_same_task_scored_by_exact_match(sapt_dir, tiny_base):
+    """classification_scoring=generate: the same items and prompts (labels listed), a generation task scored by the
+    greedy answer's exact match with the label; every per-example 1/0 is that comparison, recomputed here."""
+    from lmas.evaluation.scoring import evaluate_scored, greedy_answers, normalise_answer
+    from lmas.lm.encoding import PromptEncoder
+
+    ranked = cl_task("agnews", data_dir=sapt_dir, val_size=10)
+    task = cl_task("agnews", data_dir=sapt_dir, val_size=10, classification_scoring="generate")
+    assert (task.kind, task.metric, task.labels) == ("generation", "exact_match", None)
+    assert task.meta["class_labels"] == TOPICS and "exact match" in task.describe()["scoring_note"]
+    for split in ("train", "val", "test"):
+        assert getattr(task, split) == getattr(ranked, split)  # same examples, prompts listing the options
+    enc = PromptEncoder(tiny_base.tokenizer, 64)
+    answers = greedy_answers(tiny_base.model, enc, [ex.prompt for ex in task.test], 4, 8)
+    # an untrained model writes no label: make every other item's gold its own answer, so both outcomes occur
+    task.test = [Example(ex.prompt, a if i % 2 == 0 else ex.answer) for i, (a, ex) in
+                 enumerate(zip(answers, task.test, strict=True))]  # fmt: skip
+    scored = evaluate_scored(tiny_base.model, enc, task, "test", batch_size=8, max_new_tokens=4)
+    want = [float(normalise_answer(a) == normalise_answer(ex.answer)) for a, ex in zip(answers, task.test, strict=True)]
+    assert set(want[::2]) == {1.0} and 0.0 in want  # hits and misses
+    assert scored.per_example.tolist() == want and scored.value == pytest.approx(sum(want) / len(want))
+    superni = cl_task("task002_qa", data_dir=sapt_dir, val_size=5, classification_scoring="generate")
+    assert superni.metric == "rouge_l" and "class_labels" not in superni.meta  # generation_metric scores SuperNI
+    with pytest.raises(ValueError, match=r"classification_scoring='greedy': expected rank or generate"):
+        cl_task("agnews", data_dir=sapt_dir, classification_scoring="greedy")
 
 
 # ---------------------------------------------------------------------------- splits
@@ -461,7 +489,7 @@ def test_superni_rouge_l_and_long_sequence_rank_scoring_on_smollm2():
         assert 0.0 <= scored.per_example.min() and scored.per_example.max() <= 1.0
         if task.metric == "rouge_l":  # each item: ROUGE-L of the greedy answer against its best reference
             preds = greedy_answers(base.model, enc, [ex.prompt for ex in task.test], 24, 6)
-            want = [rouge_l(p, ex.answers) for p, ex in zip(preds, task.test)]
+            want = [rouge_l(p, ex.answers) for p, ex in zip(preds, task.test, strict=True)]
             assert scored.per_example.tolist() == pytest.approx(want, abs=1e-6)
         else:
             assert task.kind == "classification" and set(scored.per_example.tolist()) <= {0, 1}
