@@ -32,8 +32,8 @@ its labels (the highest log-likelihood label after the prompt; a model cannot an
 ``generate`` scores it as the papers do, by the greedy answer's exact match with the label (cut at the first
 newline, normalised as :func:`lmas.evaluation.scoring.normalise_answer`): the task becomes a ``generation`` task
 with metric ``exact_match``, its labels still listed in the prompt and kept in ``Task.meta["class_labels"]``, so an
-answer that is no label at all scores 0 — the output-format forgetting the papers' SeqLoRA shows. SuperNI tasks
-are scored by ``generation_metric``.
+answer that is no label at all scores 0 (a loss of the answer format counts, as in the papers). SuperNI tasks are
+scored by ``generation_metric``.
 
 Data quirks handled: instances answered ``"-"`` (MNLI's items without a gold label) or with no non-empty answer
 (six of SuperNI's reddit_tifu train instances) are dropped and counted (``meta["unlabeled_dropped"]``); a
@@ -200,7 +200,6 @@ def _build(source: Source, instructions: dict[str, str], opts: Options) -> Task:
     unlabeled = sum(len(rows) for _, rows in read.values()) - sum(map(len, pools.values()))
     kind: TaskKind = "generation" if task.layout == "superni" else "classification"
     labels, labels_note = source.labels_of(pools) if kind == "classification" else (None, None)
-    generated = kind == "classification" and opts.classification_scoring == "generate"
     test_from = "test" if "test" in pools else "dev" if "dev" in pools else None
     note = None
     if "train" in pools and test_from:
@@ -265,6 +264,7 @@ def _build(source: Source, instructions: dict[str, str], opts: Options) -> Task:
     }
     if kind == "generation":
         meta["answers"] = {"val": [outs for _, _, outs in val_rows], "test": [outs for _, _, outs in test_rows]}
+    generated = kind == "classification" and opts.classification_scoring == "generate"
     if generated:  # the papers' scoring: the label set stays in the prompt, the model must write the label
         meta["class_labels"] = labels
         meta["scoring_note"] = "classification_scoring=generate: greedy answer, exact match with the label"
